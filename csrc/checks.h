@@ -1,0 +1,178 @@
+// Argument checks shared by the CPU and CUDA kernels. Messages name the op,
+// the argument and the bad value.
+//
+// Shape, dtype and device checks read only metadata and always run. Value
+// checks (NaN/inf, negative entries, rows of p that do not sum to 1) have to
+// read the data, which on a GPU means a device-to-host sync. The CPU kernels
+// always run them; the CUDA kernels run them only when value checks are
+// switched on (torch.ops.mvm.set_value_checks(True), or MVM_CHECK_VALUES=1 in
+// the environment at import), so that the default CUDA path never syncs.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <sstream>
+#include <string>
+
+namespace mvm {
+
+// Tolerance on |sum_i p_i - 1| for a row of sampling probabilities. The
+// sampler draws against the row's own cumulative total, so a row that is off
+// by rounding is harmless; this only catches p that was never normalised.
+constexpr double kSumTolerance = 1e-4;
+
+bool value_checks_enabled();
+
+// Whether `t`'s values must be checked in this call: always on the CPU,
+// opt-in elsewhere.
+inline bool should_check_values(const at::Tensor& t) {
+  return t.device().is_cpu() || value_checks_enabled();
+}
+
+inline std::string shape_str(at::IntArrayRef sizes) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < sizes.size(); ++i) s << (i ? ", " : "") << sizes[i];
+  s << (sizes.size() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t,
+                              bool allow_half) {
+  const auto dt = t.scalar_type();
+  const bool ok = dt == at::kFloat || dt == at::kDouble ||
+                  (allow_half && (dt == at::kHalf || dt == at::kBFloat16));
+  TORCH_CHECK(ok, "mvm::", op, ": ", name, " must be ",
+              allow_half ? "float32, float64, float16 or bfloat16" : "float32 or float64",
+              ", got ", dt);
+}
+
+inline void check_same_device(const char* op, const char* name_a, const at::Tensor& a,
+                              const char* name_b, const at::Tensor& b) {
+  TORCH_CHECK(a.device() == b.device(), "mvm::", op, ": ", name_a, " and ", name_b,
+              " must be on the same device, got ", a.device(), " and ", b.device());
+}
+
+inline void check_draws(const char* op, int64_t c) {
+  TORCH_CHECK(c >= 1, "mvm::", op, ": c (the number of draws) must be >= 1, got ", c);
+}
+
+// No NaN or inf anywhere in t.
+inline void check_finite(const char* op, const char* name, const at::Tensor& t) {
+  if (t.numel() == 0) return;
+  TORCH_CHECK(at::isfinite(t).all().item<bool>(), "mvm::", op, ": ", name,
+              " must be finite, got a NaN or inf");
+}
+
+// Finite and >= 0 everywhere.
+inline void check_nonnegative(const char* op, const char* name, const at::Tensor& t) {
+  if (t.numel() == 0) return;
+  check_finite(op, name, t);
+  const double lowest = t.min().item<double>();
+  TORCH_CHECK(lowest >= 0.0, "mvm::", op, ": ", name, " must be non-negative, got ", lowest);
+}
+
+// Rows of p (last dim) are probability vectors: finite, >= 0, sum to 1.
+inline void check_probabilities(const char* op, const char* name, const at::Tensor& p) {
+  if (p.numel() == 0) return;
+  check_nonnegative(op, name, p);
+  const auto err = (p.sum(-1, /*keepdim=*/false, at::kDouble) - 1.0).abs();
+  const int64_t row = err.argmax().item<int64_t>();
+  const double worst = err.reshape(-1)[row].item<double>();
+  TORCH_CHECK(worst <= kSumTolerance, "mvm::", op, ": every row of ", name,
+              " must sum to 1 (within ", kSumTolerance, "), row ", row, " sums to ",
+              1.0 + (p.select(0, row).sum(at::kDouble).item<double>() - 1.0));
+}
+
+// sample_rows sees x as (N, H, W, C) (a 3-d x (N, M, C) is (N, 1, M, C)) with
+// any strides; row i of a sample is pixel (i / W, i % W).
+struct RowLayout {
+  int64_t H, W, C;
+  int64_t sN, sH, sW, sC;
+};
+
+struct SampleShape {
+  int64_t N, H, W, C, M, P;
+  RowLayout layout(const at::Tensor& t) const {
+    if (t.dim() == 3) return {1, W, C, t.stride(0), 0, t.stride(1), t.stride(2)};
+    return {H, W, C, t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+  }
+};
+
+inline SampleShape check_sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c) {
+  constexpr const char* op = "sample_rows";
+  TORCH_CHECK(x.dim() == 4 || x.dim() == 3, "mvm::", op,
+              ": x must have shape (N, H, W, C) or (N, M, C), got ", shape_str(x.sizes()));
+  check_float_dtype(op, "x", x, /*allow_half=*/true);
+  check_float_dtype(op, "p", p, /*allow_half=*/false);
+  check_same_device(op, "x", x, "p", p);
+  check_draws(op, c);
+  SampleShape s;
+  s.N = x.size(0);
+  s.H = x.dim() == 4 ? x.size(1) : 1;
+  s.W = x.size(-2);
+  s.C = x.size(-1);
+  s.M = s.H * s.W;
+  TORCH_CHECK(p.dim() == 2 && p.size(1) == s.M && p.size(0) >= 1, "mvm::", op,
+              ": p must have shape (P, M) with M = ", x.dim() == 4 ? "H*W" : "x.size(1)", " = ", s.M,
+              ", got ", shape_str(p.sizes()));
+  TORCH_CHECK(s.M >= 1, "mvm::", op, ": x must have at least one row (M = H*W >= 1), got ",
+              shape_str(x.sizes()));
+  s.P = p.size(0);
+  TORCH_CHECK(s.N % s.P == 0, "mvm::", op, ": x's batch N = ", s.N,
+              " must be a multiple of p's rows P = ", s.P, " (sample n uses p[n % P])");
+  if (should_check_values(p)) check_probabilities(op, "p", p);
+  return s;
+}
+
+// The argument checks of the row ops, one function per op so that every
+// device runs the same ones (metadata always; values per should_check_values).
+
+inline void check_project_simplex(const at::Tensor& v, double z) {
+  constexpr const char* op = "project_simplex";
+  check_float_dtype(op, "v", v, /*allow_half=*/false);
+  TORCH_CHECK(v.dim() >= 1, "mvm::", op, ": v must have at least 1 dimension, got a scalar");
+  TORCH_CHECK(std::isfinite(z) && z > 0.0, "mvm::", op, ": z must be finite and > 0, got ", z);
+  TORCH_CHECK(v.size(-1) > 0 || v.numel() == 0, "mvm::", op, ": v's last dimension must be non-empty");
+  if (should_check_values(v)) check_finite(op, "v", v);
+}
+
+inline void check_mvm_step(const at::Tensor& p, const at::Tensor& alpha, int64_t c, double lr) {
+  constexpr const char* op = "mvm_step";
+  check_float_dtype(op, "p", p, /*allow_half=*/false);
+  check_float_dtype(op, "alpha", alpha, /*allow_half=*/false);
+  check_same_device(op, "p", p, "alpha", alpha);
+  TORCH_CHECK(p.dim() >= 1, "mvm::", op, ": p must have at least 1 dimension, got a scalar");
+  TORCH_CHECK(p.sizes() == alpha.sizes(), "mvm::", op, ": alpha must have p's shape ",
+              shape_str(p.sizes()), ", got ", shape_str(alpha.sizes()));
+  TORCH_CHECK(p.scalar_type() == alpha.scalar_type(), "mvm::", op,
+              ": p and alpha must have the same dtype, got ", p.scalar_type(), " and ",
+              alpha.scalar_type());
+  TORCH_CHECK(p.size(-1) > 0 || p.numel() == 0, "mvm::", op, ": p's last dimension must be non-empty");
+  check_draws(op, c);
+  TORCH_CHECK(std::isfinite(lr) && lr >= 0.0, "mvm::", op, ": lr must be finite and >= 0, got ", lr);
+  if (should_check_values(p)) {
+    check_nonnegative(op, "p", p);
+    check_nonnegative(op, "alpha", alpha);
+  }
+}
+
+// Returns true for method "kkt", false for "pgd".
+inline bool check_solve_mvm(const at::Tensor& alpha, int64_t c, c10::string_view method,
+                            int64_t max_iter, double tol) {
+  constexpr const char* op = "solve_mvm";
+  check_float_dtype(op, "alpha", alpha, /*allow_half=*/false);
+  TORCH_CHECK(alpha.dim() >= 1, "mvm::", op, ": alpha must have at least 1 dimension (B, M), got a scalar");
+  TORCH_CHECK(alpha.size(-1) > 0 || alpha.numel() == 0, "mvm::", op, ": alpha's last dimension (M) must be non-empty");
+  check_draws(op, c);
+  const bool kkt = method == "kkt";
+  TORCH_CHECK(kkt || method == "pgd", "mvm::", op, ": method must be \"kkt\" or \"pgd\", got \"",
+              std::string(method), "\"");
+  TORCH_CHECK(max_iter >= 1, "mvm::", op, ": max_iter must be >= 1, got ", max_iter);
+  TORCH_CHECK(std::isfinite(tol) && tol >= 0.0, "mvm::", op, ": tol must be finite and >= 0, got ", tol);
+  if (should_check_values(alpha)) check_nonnegative(op, "alpha", alpha);
+  return kkt;
+}
+
+}  // namespace mvm

@@ -1,0 +1,212 @@
+// Per-row arithmetic shared by the CPU and CUDA kernels. Everything here is a
+// C10_HOST_DEVICE inline function on plain scalars, so the CPU tests exercise
+// exactly the arithmetic the GPU runs; only the parallel structure differs.
+#pragma once
+
+#include <ATen/core/PhiloxRNGEngine.h>
+#include <c10/macros/Macros.h>
+#include <cmath>
+#include <cstdint>
+
+namespace mvm {
+
+// Iteration bounds: every loop in the ops ends, whatever the input (NaN too).
+constexpr int kRowSearchIters = 200;   // per-row KKT search (safeguarded Newton)
+constexpr int kLambdaSearchIters = 200;  // outer KKT search on log(lambda)
+// A row whose probability is this small is evaluated at the floor in the
+// gradient: the exact gradient at p = 0 is infinite (see mvm_step's docs).
+constexpr double kProbFloor = 1e-12;
+
+// pi(p) = 1 - (1 - p)^c, the probability that a row is drawn at least once in
+// c draws. Written with expm1/log1p: the naive form loses every digit when
+// c * p is small (p = 1e-9, c = 10 gives 1e-8 exactly, not 0).
+C10_HOST_DEVICE inline double inclusion_prob(double p, double c) {
+  if (p >= 1.0) return 1.0;
+  return -::expm1(c * ::log1p(-p));
+}
+
+// (1 - p)^c, the probability that a row is never drawn, accurate when it is
+// close to 0 or 1.
+C10_HOST_DEVICE inline double miss_prob(double p, double c) {
+  if (p >= 1.0) return 0.0;
+  return ::exp(c * ::log1p(-p));
+}
+
+// g(p) = c (1 - p)^(c - 1) / pi(p)^2, so that d/dp [alpha / pi(p)] = -alpha g(p).
+// (1-p)^(c-1) is special-cased at c = 1 (0 * log(0) would give NaN): g(1) is 1
+// for c = 1 and 0 for c > 1. p is clamped to kProbFloor where the exact value
+// is infinite.
+C10_HOST_DEVICE inline double grad_factor(double p, double c) {
+  p = p < kProbFloor ? kProbFloor : p;
+  if (p >= 1.0) return c == 1.0 ? 1.0 : 0.0;
+  const double pi = inclusion_prob(p, c);
+  const double q = c == 1.0 ? 1.0 : ::exp((c - 1.0) * ::log1p(-p));
+  return c * q / (pi * pi);
+}
+
+// The step of the paper's Alg. 2 for one row: r = p + lr * alpha * g(p); a row
+// with alpha = 0 contributes nothing (never 0 * inf = NaN).
+C10_HOST_DEVICE inline double ascent_step(double p, double alpha, double c, double lr) {
+  return alpha > 0.0 ? p + lr * alpha * grad_factor(p, c) : p;
+}
+
+// A row's share of the variance V(p) = sum_i alpha_i (1 / pi_i - 1), the
+// quantity the solvers minimise (f = V + sum alpha has the same minimiser but
+// is too flat to compare in floating point when c >> M).
+C10_HOST_DEVICE inline double variance_term(double p, double alpha, double c) {
+  if (!(alpha > 0.0)) return 0.0;
+  if (!(p > 0.0)) return INFINITY;
+  return alpha * miss_prob(p, c) / inclusion_prob(p, c);
+}
+
+// log g(p) and its derivative with respect to p, for the KKT row search.
+// log g = log c + (c - 1) log(1 - p) - 2 log pi(p)
+// d/dp  = -(c - 1) / (1 - p) - 2 c (1 - p)^(c - 1) / pi(p)
+C10_HOST_DEVICE inline void log_grad_factor(double p, double c, double* value, double* slope) {
+  const double pi = inclusion_prob(p, c);
+  const double q = c == 1.0 ? 1.0 : ::exp((c - 1.0) * ::log1p(-p));
+  *value = ::log(c) + (c - 1.0) * ::log1p(-p) - 2.0 * ::log(pi);
+  *slope = -(c - 1.0) / (1.0 - p) - 2.0 * c * q / pi;
+}
+
+// KKT condition for one row with alpha > 0: the p in (0, 1] with
+// log g(p) = target, where target = log(lambda / alpha). log g is strictly
+// decreasing, so a bracketed Newton search converges; the bracket keeps it
+// safe whatever the start. Also returns dp/dtarget = 1 / (d log g / dp), which
+// the outer search on lambda uses as its derivative.
+C10_HOST_DEVICE inline double kkt_row(double target, double c, double* dp_dtarget) {
+  *dp_dtarget = 0.0;
+  // c = 1: g(p) = 1 / p^2 in closed form, p = min(1, exp(-target / 2)).
+  if (c == 1.0) {
+    const double p = ::exp(-0.5 * target);
+    if (p >= 1.0) return 1.0;
+    *dp_dtarget = -0.5 * p;
+    return p;
+  }
+  // Start from the small-c*p asymptote g ~ 1 / (c p^2), or the large-c*p one
+  // g ~ c exp(-c p), whichever gives the larger p (both underestimate p).
+  double p_small = ::exp(-0.5 * (target + ::log(c)));
+  double p_large = (::log(c) - target) / c;
+  double p = p_small > p_large ? p_small : p_large;
+  double lo = 0.0, hi = 1.0;
+  if (!(p > lo && p < hi)) p = 0.5;
+  double value = 0.0, slope = -1.0;
+  for (int it = 0; it < kRowSearchIters; ++it) {
+    log_grad_factor(p, c, &value, &slope);
+    const double residual = value - target;  // decreasing in p
+    if (residual > 0.0) lo = p; else hi = p;
+    double next = p - residual / slope;
+    if (!(next > lo && next < hi)) next = 0.5 * (lo + hi);
+    if (::fabs(next - p) <= 1e-15 * p || hi - lo <= 1e-300) { p = next; break; }
+    p = next;
+  }
+  log_grad_factor(p, c, &value, &slope);
+  *dp_dtarget = 1.0 / slope;
+  return p;
+}
+
+// The outer KKT search: s = log(lambda) such that sum_i p_i(s) = 1, where
+// eval(s, &excess, &slope) returns sum_i p_i(s) - 1 (decreasing in s) and its
+// derivative. Newton's method on s, kept inside a bracket that is first grown
+// by doubling steps, then bisected whenever Newton would leave it. The caller
+// chooses how the sum over rows is done (a CPU loop, a block reduction).
+template <typename Eval>
+C10_HOST_DEVICE inline double kkt_lambda_search(double s, int64_t max_iter, Eval eval) {
+  double lo = -INFINITY, hi = INFINITY, expand = 1.0;
+  for (int64_t it = 0; it < max_iter; ++it) {
+    double excess = 0.0, slope = 0.0;
+    eval(s, &excess, &slope);
+    if (!(::fabs(excess) > 1e-13)) break;  // also stops on NaN
+    if (excess > 0.0) lo = s; else hi = s;
+    double next = s - excess / slope;
+    if (!(next > lo && next < hi)) {
+      if (lo > -INFINITY && hi < INFINITY) {
+        next = 0.5 * (lo + hi);
+      } else {
+        next = excess > 0.0 ? s + expand : s - expand;
+        expand *= 2.0;
+      }
+    }
+    if (next == s) break;
+    s = next;
+  }
+  return s;
+}
+
+// Michelot's projection onto {p >= 0, sum p = z}: the threshold tau is refined
+// from the set of entries above it until that set stops changing. Each round
+// drops at least one entry, so it ends after at most n rounds; in practice a
+// handful. The caller supplies one pass over the row that returns (count,
+// sum) of entries greater than tau, so the same search runs over registers,
+// shared memory or a strided CPU row.
+//
+// The result is returned as tau = mean - share (mean of the kept entries, and
+// z / their count), and an entry projects to max((v - mean) + share, 0):
+// subtracting the mean first keeps the result exact when the entries are huge
+// next to z (v = [1e17, 0.5] must give [1, 0], not v - (1e17 - 1) = 0).
+struct SimplexCut {
+  double mean, share;
+  C10_HOST_DEVICE double tau() const { return mean - share; }
+  C10_HOST_DEVICE double project(double v) const {
+    const double r = (v - mean) + share;
+    return r > 0.0 ? r : 0.0;
+  }
+};
+
+template <typename SumAbove>
+C10_HOST_DEVICE inline SimplexCut simplex_cut(int64_t n, double z, SumAbove sum_above) {
+  int64_t count = 0;
+  double sum = 0.0;
+  sum_above(-INFINITY, &count, &sum);
+  SimplexCut cut{sum / count, z / count};
+  for (int64_t round = 0; round <= n; ++round) {
+    int64_t new_count = 0;
+    double new_sum = 0.0;
+    sum_above(cut.tau(), &new_count, &new_sum);
+    if (new_count == count || new_count == 0) break;
+    count = new_count;
+    cut = SimplexCut{new_sum / count, z / count};
+  }
+  return cut;
+}
+
+// The threshold alone. Projecting with v - tau loses the result when entries
+// are huge next to z: prefer simplex_cut(...).project(v).
+template <typename SumAbove>
+C10_HOST_DEVICE inline double simplex_threshold(int64_t n, double z, SumAbove sum_above) {
+  return simplex_cut(n, z, sum_above).tau();
+}
+
+// Euclidean projection of a contiguous row onto {p >= 0, sum p = z}, in place.
+C10_HOST_DEVICE inline void project_row(double* v, int64_t n, double z) {
+  const SimplexCut cut = simplex_cut(n, z, [&](double t, int64_t* count, double* sum) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (v[i] > t) { ++*count; *sum += v[i]; }
+    }
+  });
+  for (int64_t i = 0; i < n; ++i) v[i] = cut.project(v[i]);
+}
+
+// A uniform double in [0, 1) with 53 random bits, from two Philox outputs.
+// 53 bits (not a float's 24) so that rows with p down to 1e-9 and below are
+// drawn at their rate.
+C10_HOST_DEVICE inline double uniform53(at::Philox4_32& engine) {
+  const uint32_t hi = engine() >> 5;  // 27 bits
+  const uint32_t lo = engine() >> 6;  // 26 bits
+  return (hi * 67108864.0 + lo) * (1.0 / 9007199254740992.0);
+}
+
+// The row drawn by t in [0, cdf[m-1]): the first i with cdf[i] > t. A row with
+// p = 0 has cdf[i] == cdf[i-1] and so can never be returned; when rounding puts
+// t at or past the total, the caller's fallback `last` (the last row with
+// p > 0) is used.
+C10_HOST_DEVICE inline int64_t search_cdf(const double* cdf, int64_t m, double t, int64_t last) {
+  int64_t lo = 0, hi = m;  // answer in [lo, hi]
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (cdf[mid] > t) hi = mid; else lo = mid + 1;
+  }
+  return lo < m ? lo : last;
+}
+
+}  // namespace mvm

@@ -1,0 +1,47 @@
+// Every schema of the mvm op library, in one place. Device files only
+// implement (TORCH_LIBRARY_IMPL); Python carries the fake kernels.
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "checks.h"
+
+#ifndef MVM_NO_PYTHON
+#include <Python.h>
+// An empty module: importing mvm_cuda._C loads this library, whose static
+// initialisers register the ops with the dispatcher. (The CMake build for
+// libtorch users defines MVM_NO_PYTHON and links no Python.)
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+#endif
+
+namespace mvm {
+
+namespace {
+bool checks_from_env() {
+  const char* v = std::getenv("MVM_CHECK_VALUES");
+  return v != nullptr && std::strcmp(v, "") != 0 && std::strcmp(v, "0") != 0;
+}
+std::atomic<bool> g_value_checks{checks_from_env()};
+}  // namespace
+
+bool value_checks_enabled() { return g_value_checks.load(std::memory_order_relaxed); }
+
+// Returns the previous setting, so callers can restore it.
+bool set_value_checks(bool enabled) { return g_value_checks.exchange(enabled); }
+
+TORCH_LIBRARY(mvm, m) {
+  m.def("project_simplex(Tensor v, float z=1.0) -> Tensor");
+  m.def("mvm_step(Tensor p, Tensor alpha, int c, float lr) -> Tensor");
+  m.def("solve_mvm(Tensor alpha, int c, str method=\"kkt\", int max_iter=1000, float tol=1e-6) -> Tensor");
+  m.def("sample_rows(Tensor x, Tensor p, int c, *, Generator? generator=None) -> Tensor");
+  // Not a tensor op: switches the device-syncing value checks of non-CPU
+  // kernels on or off (see checks.h).
+  m.def("set_value_checks(bool enabled) -> bool", &set_value_checks);
+}
+
+}  // namespace mvm

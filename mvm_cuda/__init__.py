@@ -1,0 +1,36 @@
+"""mvm_cuda: Matricized Variance Minimization, a randomized adversarial-example
+detector for pretrained CNNs, with its sampling and solver ops as compiled
+PyTorch operators (torch.ops.mvm.*)."""
+import torch
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.mvm.*)
+except ImportError as e:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        f"mvm_cuda: cannot load the compiled ops (mvm_cuda._C) with torch {torch.__version__} "
+        f"(CUDA {torch.version.cuda}). The extension must be built against the torch that is "
+        "installed now: reinstall with `pip install --no-build-isolation .`. If you are running "
+        "from the source folder, install the package (or use `pip install -e . "
+        f"--no-build-isolation`) first. Original error: {e}"
+    ) from e
+
+from .ops import (  # noqa: E402
+    project_simplex,
+    mvm_step,
+    row_alpha,
+    sample_rows,
+    sap_sample,
+    set_value_checks,
+    solve_mvm,
+)
+
+__all__ = [
+    "project_simplex",
+    "mvm_step",
+    "solve_mvm",
+    "sample_rows",
+    "sap_sample",
+    "row_alpha",
+    "set_value_checks",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,337 @@
+"""The evaluated networks (Feinman et al. 2017), their training, and an on-disk cache.
+
+Every model is an nn.Sequential of plain layers: a conv part (Conv2d, nn.ReLU without
+inplace, MaxPool2d, Dropout), one nn.Flatten, then a dense part, ending in logits
+(N, 10). Training is deterministic for a given seed on a given device. Trained weights
+and crafted tensors are cached under `cache_dir()`, written atomically and checked on
+load, so an interrupted run never leaves a file that is later loaded as garbage.
+
+This module knows nothing of the defense.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+__all__ = [
+    "MODELS",
+    "INPUT_SHAPES",
+    "DEFAULT_EPOCHS",
+    "build_model",
+    "train",
+    "accuracy",
+    "predict",
+    "cache_dir",
+    "load_or_train",
+    "cached_tensors",
+]
+
+INPUT_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "svhn": (3, 32, 32), "digits": (1, 8, 8)}
+MODELS = tuple(INPUT_SHAPES)
+DEFAULT_EPOCHS = {"mnist": 10, "cifar10": 20, "svhn": 10, "digits": 30}
+
+_FORMAT = "mvm_cuda-cache-v1"
+
+
+def _mnist_conv(in_channels: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(in_channels, 64, 3),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Dropout(0.5),
+        nn.Flatten(),
+    ]
+
+
+def _cifar_block(in_channels: int, channels: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(in_channels, channels, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(channels, channels, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    ]
+
+
+def build_model(name: str, seed: int | None = None) -> nn.Sequential:
+    """One of Feinman et al.'s CNNs, or a small one for 8x8 digits, as an nn.Sequential.
+
+    Input (N, C, H, W) as in INPUT_SHAPES, output logits (N, 10). The ReLUs of the conv
+    part output (C, H, W):
+    - "mnist" (1x28x28): 64x26x26, 64x24x24; then MaxPool2-Dropout(0.5)-Flatten (9216)-
+      Dense128-ReLU-Dropout(0.5)-Dense10.
+    - "cifar10" (3x32x32): 32x32x32 twice, 64x16x16 twice, 128x8x8 twice (MaxPool2 after
+      each pair); then Flatten (2048)-Dense1024-ReLU-Dropout-Dense512-ReLU-Dropout-Dense10.
+    - "svhn" (3x32x32): the MNIST conv part, 64x30x30, 64x28x28; then MaxPool2-Dropout-
+      Flatten (12544)-Dense512-ReLU-Dropout-Dense128-ReLU-Dropout-Dense10.
+    - "digits" (1x8x8): 32x8x8 twice (padding 1); then MaxPool2-Dropout(0.5)-Flatten
+      (512)-Dense64-ReLU-Dropout(0.5)-Dense10. Trains in seconds on a CPU; for tests.
+    With a seed, the initial weights come from torch.manual_seed(seed) in a forked RNG
+    (the caller's random state is left alone); without, from the global RNG.
+    """
+    if name not in INPUT_SHAPES:
+        raise ValueError(f"build_model: unknown model {name!r}; expected one of {MODELS}")
+    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    with rng:
+        if seed is not None:
+            torch.manual_seed(seed)
+        if name == "mnist":
+            layers = _mnist_conv(1) + [
+                nn.Linear(64 * 12 * 12, 128),
+                nn.ReLU(),
+                nn.Dropout(0.5),
+                nn.Linear(128, 10),
+            ]
+        elif name == "svhn":
+            layers = _mnist_conv(3) + [
+                nn.Linear(64 * 14 * 14, 512),
+                nn.ReLU(),
+                nn.Dropout(0.5),
+                nn.Linear(512, 128),
+                nn.ReLU(),
+                nn.Dropout(0.5),
+                nn.Linear(128, 10),
+            ]
+        elif name == "cifar10":
+            layers = _cifar_block(3, 32) + _cifar_block(32, 64) + _cifar_block(64, 128)
+            layers += [
+                nn.Flatten(),
+                nn.Linear(128 * 4 * 4, 1024),
+                nn.ReLU(),
+                nn.Dropout(0.5),
+                nn.Linear(1024, 512),
+                nn.ReLU(),
+                nn.Dropout(0.5),
+                nn.Linear(512, 10),
+            ]
+        else:
+            layers = [
+                nn.Conv2d(1, 32, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(32, 32, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Dropout(0.5),
+                nn.Flatten(),
+                nn.Linear(32 * 4 * 4, 64),
+                nn.ReLU(),
+                nn.Dropout(0.5),
+                nn.Linear(64, 10),
+            ]
+    return nn.Sequential(*layers)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def train(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Train with Adam on the cross-entropy; deterministic for a given seed and device.
+
+    x: (N, C, H, W) float, y: (N,) int64, both may stay on the CPU (each batch moves to
+    `device`, default the model's). The shuffling comes from a torch.Generator seeded
+    with `seed` and the Dropout masks from torch.manual_seed(seed) inside a forked RNG,
+    so the caller's random state is untouched and two runs from the same initial weights
+    give bitwise equal weights on the CPU (on CUDA, only with deterministic algorithms
+    enabled). Shows a tqdm bar over epochs. Returns the model, on `device`, in eval mode.
+    """
+    device = torch.device(device) if device is not None else _device_of(model)
+    model.to(device)
+    gen = torch.Generator().manual_seed(seed)
+    cuda = []
+    if device.type == "cuda":
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        model.train()
+        bar = tqdm(range(epochs), desc="train", disable=not progress)
+        for _ in bar:
+            total = torch.zeros((), device=device)
+            for idx in torch.randperm(x.shape[0], generator=gen).split(batch_size):
+                loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach() * idx.numel()  # no per-batch host sync
+            bar.set_postfix(loss=f"{total.item() / max(x.shape[0], 1):.4f}")
+    opt.zero_grad(set_to_none=True)  # a trained model carries no stale gradients
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
+    """Predicted classes, argmax of the logits: x (N, C, H, W) -> int64 (N,) on x's device.
+
+    Batches move to the model's device; the model should be in eval mode.
+    """
+    device = _device_of(model)
+    out = [
+        model(x[s : s + batch_size].to(device)).argmax(dim=1).to(x.device)
+        for s in range(0, x.shape[0], batch_size)
+    ]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=x.device)
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
+    """Fraction of the N images x (N, C, H, W) whose predicted class equals y (N,)."""
+    if x.shape[0] == 0:
+        return float("nan")
+    return (predict(model, x, batch_size) == y.to(x.device)).double().mean().item()
+
+
+def cache_dir() -> Path:
+    """The cache folder: $MVM_CUDA_CACHE, else $XDG_CACHE_HOME/mvm_cuda, else ~/.cache/mvm_cuda.
+
+    Only named here; it is created on the first write.
+    """
+    if os.environ.get("MVM_CUDA_CACHE"):
+        return Path(os.environ["MVM_CUDA_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mvm_cuda"
+
+
+def _checksum(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _file_for(folder: str, key: str) -> Path:
+    # Keys may hold any characters; a readable prefix plus a hash names the file safely.
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", key)[:80]
+    return cache_dir() / folder / f"{safe}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+
+
+def _save(path: Path, key: str, tensors: dict[str, Tensor]) -> None:
+    tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+    record = {"format": _FORMAT, "key": key, "tensors": tensors, "checksum": _checksum(tensors)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A temp file in the same folder and os.replace: readers see the old file or the
+    # complete new one, never a half-written one.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _load(path: Path, key: str) -> dict[str, Tensor] | None:
+    """The tensors stored under `key` at `path`, or None (with a warning if the file is bad)."""
+    if not path.is_file():
+        return None
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(record, dict) or record.get("format") != _FORMAT:
+            raise ValueError("not an mvm_cuda cache file")
+        if record.get("key") != key:
+            raise ValueError(f"stored key {record.get('key')!r} differs from {key!r}")
+        tensors = record["tensors"]
+        if _checksum(tensors) != record["checksum"]:
+            raise ValueError("checksum mismatch")
+    except Exception as e:
+        warnings.warn(
+            f"mvm_cuda cache: ignoring and rebuilding {path}: {type(e).__name__}: {e}", stacklevel=3
+        )
+        return None
+    return tensors
+
+
+def cached_tensors(key: str, fn: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+    """A dict of tensors computed once by fn() and cached on disk under `key`.
+
+    For crafted adversarial sets and the like: the key should name everything the result
+    depends on (dataset, model key, attack, parameters, seed). The file lives in
+    cache_dir()/tensors, is written atomically, loaded with weights_only=True, and
+    checked (format, key and a SHA-256 of the tensors); a corrupt or truncated file is
+    reported with a warning and rebuilt by calling fn() again. Returns the dict, its
+    tensors on the CPU, whether loaded or freshly computed.
+    """
+    path = _file_for("tensors", key)
+    tensors = _load(path, key)
+    if tensors is None:
+        tensors = fn()
+        if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
+            raise TypeError(f"cached_tensors: fn must return a dict of tensors, got {type(tensors).__name__}")
+        _save(path, key, tensors)
+        tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+    return tensors
+
+
+def _fingerprint(x: Tensor, y: Tensor) -> str:
+    return _checksum({"x": x, "y": y})[:12]
+
+
+def load_or_train(
+    name: str,
+    data,
+    epochs: int | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    progress: bool = True,
+) -> nn.Module:
+    """The model `name` trained on data's training set, from the cache if possible.
+
+    data: a `data.Dataset` or a tuple whose first two items are x_train (N, C, H, W) and
+    y_train (N,). epochs defaults to DEFAULT_EPOCHS[name]. The cache key names the
+    model, epochs, seed, batch size, learning rate, N and a hash of the training data;
+    a valid cache file (see `cached_tensors`) is loaded into build_model(name), else
+    the model is built with `seed`, trained with `train` and saved atomically; a corrupt
+    file is reported with a warning and rebuilt. Returns the model on `device` (default
+    CPU) in eval mode.
+    """
+    x, y = (data.x_train, data.y_train) if hasattr(data, "x_train") else (data[0], data[1])
+    epochs = DEFAULT_EPOCHS[name] if epochs is None else epochs
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    key = f"{name}-e{epochs}-s{seed}-b{batch_size}-lr{lr:g}-n{x.shape[0]}-{_fingerprint(x, y)}"
+    path = _file_for("models", key)
+    model = build_model(name, seed=seed)
+    state = _load(path, key)
+    if state is not None:
+        try:
+            model.load_state_dict(state)
+            return model.to(device).eval()
+        except RuntimeError as e:
+            warnings.warn(
+                f"mvm_cuda cache: {path} does not fit model {name!r}, retraining: {e}", stacklevel=2
+            )
+            model = build_model(name, seed=seed)
+    train(model, x, y, epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress)
+    _save(path, key, model.state_dict())
+    return model

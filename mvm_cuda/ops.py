@@ -1,0 +1,102 @@
+"""Typed wrappers of torch.ops.mvm.*, each with its fake kernel (for
+torch.compile and meta tensors) and its autograd registration right beside it.
+
+The ops are inference-only: backward through any of them raises. Value checks
+(NaN/inf, negative or unnormalised p) always run on the CPU; on CUDA they need
+a device-to-host sync and run only after set_value_checks(True) (or with
+MVM_CHECK_VALUES=1 in the environment)."""
+from __future__ import annotations
+
+import torch
+
+from .reference import row_alpha, sap_inputs  # noqa: F401  (pure tensor algebra, shared)
+
+_lib = torch.ops.mvm
+
+
+def _inference_only(name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"mvm::{name} is inference-only and has no gradient. For an attack that "
+            "differentiates through sampling, draw the mask with the op and multiply in torch."
+        )
+
+    def setup_context(ctx, inputs, output, **kwargs):
+        pass
+
+    torch.library.register_autograd(f"mvm::{name}", backward, setup_context=setup_context)
+
+
+def project_simplex(v: torch.Tensor, z: float = 1.0) -> torch.Tensor:
+    """Euclidean projection of every vector along the last dim of v (..., n)
+    onto {p >= 0, sum p = z}; returns a contiguous tensor of v's shape and dtype
+    (float32/float64), computed in float64."""
+    return _lib.project_simplex(v, z)
+
+
+@torch.library.register_fake("mvm::project_simplex")
+def _(v, z=1.0):
+    return torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+def mvm_step(p: torch.Tensor, alpha: torch.Tensor, c: int, lr: float) -> torch.Tensor:
+    """One raw step of the paper's Alg. 2 for every row of p, alpha (..., M):
+    r = p + lr * alpha * c (1-p)^(c-1) / pi(p)^2, then the simplex projection.
+    Rows with alpha = 0 contribute nothing; where p = 0 and alpha > 0 (an
+    infinite gradient) the gradient is taken at p = 1e-12."""
+    return _lib.mvm_step(p, alpha, c, lr)
+
+
+@torch.library.register_fake("mvm::mvm_step")
+def _(p, alpha, c, lr):
+    return torch.empty_like(p, memory_format=torch.contiguous_format)
+
+
+def solve_mvm(alpha: torch.Tensor, c: int, method: str = "kkt", max_iter: int = 1000,
+              tol: float = 1e-6) -> torch.Tensor:
+    """MVM sampling probabilities for every row of alpha (B, M) (any leading
+    shape): the p on the simplex minimising sum_i alpha_i / (1 - (1-p_i)^c).
+    method="kkt" solves the KKT conditions exactly (max_iter bounds its outer
+    search; tol is not used); method="pgd" is the paper's Alg. 2 with a
+    backtracking step, stopped at ||dp|| / ||p|| <= tol or max_iter steps.
+    Rows with alpha = 0 get p = 0; an all-zero row gets uniform p."""
+    return _lib.solve_mvm(alpha, c, method, max_iter, tol)
+
+
+@torch.library.register_fake("mvm::solve_mvm")
+def _(alpha, c, method="kkt", max_iter=1000, tol=1e-6):
+    return torch.empty_like(alpha, memory_format=torch.contiguous_format)
+
+
+def sample_rows(x: torch.Tensor, p: torch.Tensor, c: int, *,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """The paper's Alg. 1, fused. x is (N, H, W, C) or (N, M, C) in any float
+    dtype, with any strides (the NHWC view of an NCHW tensor is read in place);
+    p is (P, M), float32/float64, with N % P == 0. Sample n draws c rows with
+    replacement from p[n % P]; drawn rows become x_i / pi_i, the others 0.
+    The output has x's strides (for a dense x). Under torch.compile, pass no
+    generator (the default one, seeded by torch.manual_seed, is used)."""
+    return _lib.sample_rows(x, p, c, generator=generator)
+
+
+@torch.library.register_fake("mvm::sample_rows")
+def _(x, p, c, *, generator=None):
+    return torch.empty_like(x)
+
+
+def sap_sample(h: torch.Tensor, frac: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Stochastic activation pruning on h (N, ...): sample_rows on the view of
+    each sample as K rows of width 1, with p = |h| / sum |h| recomputed from h
+    and r = max(1, round(frac * K)) draws. Zeros stay zero."""
+    flat, p, r = sap_inputs(h, frac)
+    return sample_rows(flat, p, r, generator=generator).reshape(h.shape)
+
+
+def set_value_checks(enabled: bool) -> bool:
+    """Switch the value checks of non-CPU kernels on or off (they cost a
+    device-to-host sync per call); returns the previous setting."""
+    return _lib.set_value_checks(enabled)
+
+
+for _name in ("project_simplex", "mvm_step", "solve_mvm", "sample_rows"):
+    _inference_only(_name)

@@ -1,0 +1,204 @@
+"""Pure-PyTorch versions of every op: the oracle for the tests and the baseline
+for the benchmarks. They follow ../shared/method.md literally and favour
+clarity over speed (sort-based projection, bisection KKT, a Python PGD loop,
+torch.multinomial + scatter for sampling). Same signatures as mvm_cuda.ops, so
+either module can serve as the detector's backend."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Must match csrc/math.h.
+PROB_FLOOR = 1e-12
+
+
+def inclusion_prob(p: torch.Tensor, c: float) -> torch.Tensor:
+    """pi = 1 - (1 - p)^c, written with expm1/log1p to stay exact for small c*p."""
+    return -torch.expm1(c * torch.log1p(-p))
+
+
+def grad_factor(p: torch.Tensor, c: float) -> torch.Tensor:
+    """g(p) = c (1-p)^(c-1) / pi(p)^2 (so d(alpha/pi)/dp = -alpha g), with p
+    clamped to PROB_FLOOR where g would be infinite and g(1) = [c == 1]."""
+    p = p.clamp_min(PROB_FLOOR)
+    q = torch.ones_like(p) if c == 1 else torch.exp((c - 1) * torch.log1p(-p))
+    return torch.where(p >= 1, torch.full_like(p, 1.0 if c == 1 else 0.0),
+                       c * q / inclusion_prob(p, c) ** 2)
+
+
+def variance(p: torch.Tensor, alpha: torch.Tensor, c: float) -> torch.Tensor:
+    """V(p) = sum_i alpha_i (1/pi_i - 1) along the last dim (rows with alpha = 0
+    contribute 0; a row with alpha > 0 and p = 0 makes V infinite)."""
+    p, alpha = p.double(), alpha.double()
+    miss = torch.exp(c * torch.log1p(-p.clamp(max=1.0)))
+    term = alpha * miss / inclusion_prob(p, c)
+    return torch.where(alpha > 0, term, torch.zeros_like(term)).sum(-1)
+
+
+def project_simplex(v: torch.Tensor, z: float = 1.0) -> torch.Tensor:
+    """Euclidean projection of each vector along the last dim of v (any leading
+    shape) onto {p >= 0, sum p = z}, by sorting (computed in float64)."""
+    w = v.double()
+    u, _ = torch.sort(w, dim=-1, descending=True)
+    k = torch.arange(1, w.shape[-1] + 1, dtype=w.dtype, device=w.device)
+    means = torch.cumsum(u, dim=-1) / k
+    # The support is the largest k with u_k > tau_k = mean_k - z / k, written
+    # (u_k - mean_k) + z / k > 0 and v - tau as (v - mean) + z / rho: exact
+    # when the entries are huge next to z.
+    rho = ((u - means) + z / k > 0).sum(-1, keepdim=True)
+    mean = means.gather(-1, rho - 1)
+    return ((w - mean) + z / rho.to(w.dtype)).clamp_min(0).to(v.dtype)
+
+
+def mvm_step(p: torch.Tensor, alpha: torch.Tensor, c: int, lr: float) -> torch.Tensor:
+    """One raw step of the paper's Alg. 2: p + lr * alpha * g(p), then the
+    projection onto the simplex. Rows with alpha = 0 do not move."""
+    pd, ad = p.double(), alpha.double()
+    step = torch.where(ad > 0, lr * ad * grad_factor(pd, c), torch.zeros_like(pd))
+    return project_simplex(pd + step).to(p.dtype)
+
+
+def _row_p(target: torch.Tensor, c: float, iters: int = 64) -> torch.Tensor:
+    """The p in (0, 1] with log g(p) = target, by bisection on log p."""
+    lo = torch.full_like(target, -700.0)
+    hi = torch.zeros_like(target)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        too_small = torch.log(grad_factor(torch.exp(mid), c)) > target
+        lo = torch.where(too_small, mid, lo)
+        hi = torch.where(too_small, hi, mid)
+    p = torch.exp(0.5 * (lo + hi))
+    if c == 1:  # g(1) = 1: every target <= 0 maps to p = 1
+        p = torch.where(target <= 0, torch.ones_like(p), p)
+    return p
+
+
+def _solve_kkt(alpha: torch.Tensor, c: int, iters: int = 64) -> torch.Tensor:
+    """KKT solver for a (B, M) float64 batch: nested bisection, on log(lambda)
+    for sum p = 1, and per row on p for alpha_i g(p_i) = lambda."""
+    support = alpha > 0
+    log_alpha = torch.where(support, alpha, torch.ones_like(alpha)).log()
+
+    def total(s):
+        p = _row_p(s[:, None] - log_alpha, c)
+        return torch.where(support, p, torch.zeros_like(p)).sum(-1)
+
+    s0 = 2 * torch.where(support, alpha.sqrt(), torch.zeros_like(alpha)).sum(-1).log() - math.log(c)
+    lo, hi, width = s0.clone(), s0.clone(), 1.0
+    for _ in range(64):  # grow the bracket until sum p(lo) >= 1 >= sum p(hi)
+        low_bad, high_bad = total(lo) < 1, total(hi) > 1
+        if not (low_bad.any() or high_bad.any()):
+            break
+        lo, hi, width = lo - width * low_bad, hi + width * high_bad, 2 * width
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        big = total(mid) > 1
+        lo, hi = torch.where(big, mid, lo), torch.where(big, hi, mid)
+    p = _row_p(0.5 * (lo + hi)[:, None] - log_alpha, c)
+    p = torch.where(support, p, torch.zeros_like(p))
+    return p / p.sum(-1, keepdim=True)
+
+
+def _solve_pgd(alpha: torch.Tensor, c: int, max_iter: int, tol: float) -> torch.Tensor:
+    """The paper's Alg. 2 for one float64 problem (M,), with the kernel's
+    per-problem step (Barzilai-Borwein, halved until Armijo's decrease; see
+    csrc/cpu/solve_mvm.cpp)."""
+    a = alpha[alpha > 0]
+    k = a.numel()
+    p = torch.full_like(a, 1.0 / k)
+    v = variance(p, a, c)
+    grad = a * grad_factor(p, c)  # minus the gradient of f
+    mu = (1.0 / k) / grad.max().item()
+    for _ in range(max_iter):
+        accepted = False
+        for _ in range(100):
+            nxt = project_simplex(p + mu * grad - PROB_FLOOR, 1.0 - k * PROB_FLOOR) + PROB_FLOOR
+            moved = ((nxt - p) ** 2).sum()
+            v_next = variance(nxt, a, c)
+            if v_next <= v - 1e-4 * moved / mu and v_next < v:
+                accepted = True
+                break
+            mu *= 0.5
+        if not accepted:
+            break
+        g_next = a * grad_factor(nxt, c)
+        sy = -((nxt - p) * (g_next - grad)).sum()
+        rel = (moved / (p ** 2).sum()).sqrt().item()
+        p, v, grad = nxt, v_next, g_next
+        if rel <= tol:
+            break
+        mu = (moved / sy).item() if sy > 0 else 2.0 * mu
+    out = torch.zeros_like(alpha)
+    out[alpha > 0] = p
+    return out
+
+
+def solve_mvm(alpha: torch.Tensor, c: int, method: str = "kkt", max_iter: int = 1000,
+              tol: float = 1e-6) -> torch.Tensor:
+    """MVM probabilities for every row of alpha (..., M): the minimiser of
+    sum_i alpha_i / pi_i over the simplex. Rows with alpha = 0 get p = 0; an
+    all-zero row gets uniform p; a row with one nonzero alpha gets one-hot p."""
+    a = alpha.double().reshape(-1, alpha.shape[-1])
+    out = torch.empty_like(a)
+    nnz = (a > 0).sum(-1)
+    out[nnz == 0] = 1.0 / a.shape[-1]
+    one = nnz == 1
+    out[one] = (a[one] > 0).double()
+    many = nnz > 1
+    if many.any():
+        if method == "kkt":
+            out[many] = _solve_kkt(a[many], c)
+        elif method == "pgd":
+            out[many] = torch.stack([_solve_pgd(row, c, max_iter, tol) for row in a[many]])
+        else:
+            raise ValueError(f"solve_mvm: method must be 'kkt' or 'pgd', got {method!r}")
+    return out.reshape(alpha.shape).to(alpha.dtype)
+
+
+def sample_rows(x: torch.Tensor, p: torch.Tensor, c: int, *,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """The paper's Alg. 1: x (N, H, W, C) or (N, M, C), p (P, M) with N % P == 0;
+    sample n draws c rows with replacement from p[n % P] and keeps them scaled
+    by 1/pi_i, the other rows are set to 0."""
+    n = x.shape[0]
+    rows = x.reshape(n, -1, x.shape[-1])  # a copy for non-viewable strides: fine here
+    m = rows.shape[1]
+    if n == 0:
+        return torch.zeros_like(x)
+    probs = p.double().repeat(n // p.shape[0], 1)
+    idx = torch.multinomial(probs, c, replacement=True, generator=generator)
+    keep = torch.zeros(n, m, dtype=torch.bool, device=x.device).scatter_(1, idx, True)
+    scale = (1.0 / inclusion_prob(probs, c)).to(torch.promote_types(x.dtype, torch.float32))
+    out = torch.where(keep[..., None], rows * scale[..., None], torch.zeros((), dtype=rows.dtype, device=x.device))
+    return out.to(x.dtype).reshape(x.shape)
+
+
+def sap_inputs(h: torch.Tensor, frac: float):
+    """What SAP hands the row sampler for activation h (N, ...): the view
+    (N, K, 1), p_j = |h_j| / sum |h| per sample (uniform for an all-zero
+    sample, whose output is zero anyway), and r = max(1, round(frac * K))."""
+    if not frac > 0:
+        raise ValueError(f"sap_sample: frac must be > 0, got {frac}")
+    n = h.shape[0]
+    flat = h.reshape(n, -1, 1)
+    k = flat.shape[1]
+    mag = flat[..., 0].abs().to(torch.promote_types(h.dtype, torch.float32))
+    total = mag.sum(-1, keepdim=True)
+    p = torch.where(total > 0, mag / total.clamp_min(torch.finfo(mag.dtype).tiny), torch.full_like(mag, 1.0 / max(k, 1)))
+    return flat, p, max(1, round(frac * k))
+
+
+def sap_sample(h: torch.Tensor, frac: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Stochastic activation pruning (Dhillon et al. 2018) on h (N, ...): each
+    sample's entries are rows of width 1, drawn r = max(1, round(frac * K))
+    times with p proportional to |h|, kept entries scaled by 1/pi."""
+    flat, p, r = sap_inputs(h, frac)
+    return sample_rows(flat, p, r, generator=generator).reshape(h.shape)
+
+
+def row_alpha(x: torch.Tensor) -> torch.Tensor:
+    """alpha: the squared norm of every row (pixel) of x (N, H, W, C) or
+    (N, M, C), as (N, M), accumulated in float32 or better."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return x.to(acc).square().sum(-1).reshape(x.shape[0], -1)

@@ -1,0 +1,102 @@
+"""Build of mvm_cuda's compiled ops (mvm_cuda._C).
+
+The extension is compiled against the torch that is installed, so it must be
+built without pip's build isolation:  pip install --no-build-isolation .
+CUDA kernels are built when torch was built with CUDA and nvcc is found
+(not when a GPU happens to be visible); MVM_FORCE_CPU=1 / MVM_FORCE_CUDA=1
+override. On a machine without network: pip install --no-build-isolation --no-deps --no-index .
+"""
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+except ImportError:
+    sys.exit(
+        "mvm_cuda is compiled against the torch you have installed, and pip's build "
+        "isolation hides it.\nInstall torch first (e.g. pip install torch==2.13.0), then run:\n"
+        "    pip install --no-build-isolation .\n"
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def find_cuda_home():
+    """The CUDA toolkit folder: $CUDA_HOME if set, else the one nvcc itself reports.
+
+    nvcc on PATH may be a wrapper script in a general bin folder, from which
+    torch would guess a wrong CUDA_HOME (its parent), so ask nvcc for its TOP.
+    """
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cu")
+        open(src, "w").close()
+        out = subprocess.run([nvcc, "--dryrun", "-c", src, "-o", os.path.join(tmp, "probe.o")],
+                             capture_output=True, text=True).stderr
+    top = re.search(r"^#\$ TOP=(.*)$", out, re.M)
+    return os.path.realpath(top.group(1).strip()) if top else os.path.dirname(os.path.dirname(nvcc))
+
+
+def want_cuda():
+    if os.environ.get("MVM_FORCE_CPU") == "1":
+        print("mvm_cuda: MVM_FORCE_CPU=1, building the CPU kernels only")
+        return False
+    force = os.environ.get("MVM_FORCE_CUDA") == "1"
+    if torch.version.cuda is None:
+        if force:
+            sys.exit("mvm_cuda: MVM_FORCE_CUDA=1 but this torch was built without CUDA")
+        print("mvm_cuda: torch was built without CUDA, building the CPU kernels only")
+        return False
+    cuda_home = find_cuda_home()
+    if cuda_home is None or not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        if force:
+            sys.exit("mvm_cuda: MVM_FORCE_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+        print("mvm_cuda: nvcc not found (set CUDA_HOME), building the CPU kernels only")
+        return False
+    os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
+    return True
+
+
+def extension():
+    use_cuda = want_cuda()
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-fdiagnostics-color=always"]
+    if os.environ.get("MVM_SANITIZE") == "1":
+        cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
+    kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=[])
+    if os.environ.get("MVM_SANITIZE") == "1":
+        kwargs["extra_link_args"] += ["-fsanitize=address,undefined"]
+    if not use_cuda:
+        return CppExtension("mvm_cuda._C", sources, **kwargs)
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    # A minimal toolkit may lack headers that ATen's CUDA headers include
+    # (cusparse.h, curand_kernel.h); CUDA builds of torch ship them.
+    include_dirs = [d for d in glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu*", "include"))]
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # H100/H200; needed when no GPU is visible
+    # No --use_fast_math: the kernels rely on exact expm1/log1p.
+    kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo"]
+    return CUDAExtension("mvm_cuda._C", sources, include_dirs=include_dirs,
+                         define_macros=[("MVM_WITH_CUDA", "1")], **kwargs)
+
+
+if __name__ == "__main__":
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        packages=find_packages(include=["mvm_cuda", "mvm_cuda.*"]),
+        ext_modules=[extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )

