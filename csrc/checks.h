@@ -100,7 +100,12 @@ struct SampleShape {
   }
 };
 
-inline SampleShape check_sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c) {
+// Shape, dtype and device checks, and the value checks of p where
+// should_check_values(p) asks for them; the CPU kernel passes
+// check_values = false and checks each row of p as it builds its CDF, which
+// costs no extra pass over p (SAP's p is as large as x).
+inline SampleShape check_sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
+                                     bool check_values = true) {
   constexpr const char* op = "sample_rows";
   TORCH_CHECK(x.dim() == 4 || x.dim() == 3, "mvm::", op,
               ": x must have shape (N, H, W, C) or (N, M, C), got ", shape_str(x.sizes()));
@@ -122,7 +127,7 @@ inline SampleShape check_sample_rows(const at::Tensor& x, const at::Tensor& p, i
   s.P = p.size(0);
   TORCH_CHECK(s.N % s.P == 0, "mvm::", op, ": x's batch N = ", s.N,
               " must be a multiple of p's rows P = ", s.P, " (sample n uses p[n % P])");
-  if (should_check_values(p)) check_probabilities(op, "p", p);
+  if (check_values && should_check_values(p)) check_probabilities(op, "p", p);
   return s;
 }
 
