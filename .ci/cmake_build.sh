@@ -10,5 +10,6 @@ build=$(mktemp -d)
 trap 'rm -rf "$build"' EXIT
 cmake -S . -B "$build" -G Ninja -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$build" -j 2
-test -f "$build/libmvm_ops.so"
-echo "cmake build OK: libmvm_ops.so"
+# The library registers the ops on load, without Python bindings of its own.
+.venv/bin/python -c "import torch; torch.ops.load_library('$build/libmvm_ops.so'); \
+print('cmake build OK:', torch.ops.mvm.solve_mvm(torch.tensor([[1.0, 4.0]], dtype=torch.float64), 1).tolist())"

@@ -34,3 +34,19 @@ __all__ = [
     "set_value_checks",
 ]
 __version__ = "0.1.0"
+
+# The layer a user puts into their own model: sampling units and the detector (Alg. 3).
+from .nn import DropoutUnit, MVMUnit, SAPUnit, SamplingUnit, insert_units, sampling_units, set_mode  # noqa: E402
+from .detector import Detector, roc_report  # noqa: E402
+
+__all__ += [
+    "SamplingUnit",
+    "MVMUnit",
+    "SAPUnit",
+    "DropoutUnit",
+    "insert_units",
+    "sampling_units",
+    "set_mode",
+    "Detector",
+    "roc_report",
+]

@@ -1,0 +1,344 @@
+"""The command line: `mvm-cuda reproduce` re-runs the paper's evaluation (Tables 2 and 3).
+
+Steps: load the dataset; train the network or load it from the cache (`eval.models`);
+keep the test images (of the first --n-test) that it classifies correctly; craft the
+attacks on them (cached); score clean and adversarial images with every detector of
+the paper's Table 3 (MVM c = 0.5, 1, 2 N_pixel; SAP 50, 80, 100 %; dropout 0.5),
+R stochastic passes each; report the ROC-AUC with a bootstrap 95% interval, with the
+successful adversarial images as positives (the headline, as in Feinman et al.) and
+with all attacked images. Prints both tables beside the paper's numbers and writes
+results_<dataset>.json (every number, the ROC curves, the settings and timings) and
+roc_<dataset>_<attack>.png to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..detector import Detector, roc_report
+from . import attacks, data, models
+
+__all__ = ["DETECTORS", "PAPER", "DEFAULTS", "FULL", "build_parser", "run", "main"]
+
+# The rows of the paper's Table 3: (method, settings).
+DETECTORS = (
+    ("mvm", dict(c_rel=0.5)),
+    ("mvm", dict(c_rel=1.0)),
+    ("mvm", dict(c_rel=2.0)),
+    ("sap", dict(frac=0.5)),
+    ("sap", dict(frac=0.8)),
+    ("sap", dict(frac=1.0)),
+    ("dropout", dict(p_drop=0.5)),
+)
+
+# The paper's Table 2 (classification accuracy on clean and on adversarial images) and
+# Table 3 (ROC-AUC), keyed like our results. Nothing for digits, nor for BIM-B.
+_T3_ROWS = ("MVM c=0.5N", "MVM c=1N", "MVM c=2N", "SAP 50%", "SAP 80%", "SAP 100%", "dropout 0.5")
+
+
+def _table3(*rows):
+    return {name: dict(zip(("fgsm", "bim-a", "jsma"), row)) for name, row in zip(_T3_ROWS, rows)}
+
+
+PAPER = {
+    "mnist": {
+        "accuracy": {"clean": 0.987, "jsma": 0.0270, "fgsm": 0.0587, "bim-a": 0.0},
+        "auc": _table3((0.947, 0.982, 0.983), (0.848, 0.987, 0.982), (0.699, 0.972, 0.936),
+                       (0.613, 0.749, 0.746), (0.618, 0.713, 0.667), (0.631, 0.715, 0.628),
+                       (0.845, 0.991, 0.984)),
+    },
+    "svhn": {
+        "accuracy": {"clean": 0.922, "jsma": 0.0032, "fgsm": 0.0329, "bim-a": 0.0},
+        "auc": _table3((0.901, 0.741, 0.794), (0.933, 0.834, 0.885), (0.906, 0.766, 0.934),
+                       (0.752, 0.601, 0.804), (0.667, 0.568, 0.729), (0.635, 0.550, 0.692),
+                       (0.951, 0.853, 0.904)),
+    },
+    "cifar10": {
+        "accuracy": {"clean": 0.826, "jsma": 0.0020, "fgsm": 0.0703, "bim-a": 0.0057},
+        "auc": _table3((0.630, 0.578, 0.643), (0.756, 0.718, 0.804), (0.787, 0.858, 0.899),
+                       (0.757, 0.785, 0.850), (0.718, 0.736, 0.871), (0.688, 0.694, 0.878),
+                       (0.701, 0.606, 0.710)),
+    },
+}
+
+# The default run is sized to finish in minutes on a 2-core CPU; --full is the paper's size.
+DEFAULTS = dict(n_test=150, R=20, attacks=("fgsm", "bim-a", "jsma"))
+FULL = dict(n_test=1000, R=100, attacks=("fgsm", "bim-a", "bim-b", "jsma"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `mvm-cuda` (subcommand "reproduce", the default)."""
+    parser = argparse.ArgumentParser(
+        prog="mvm-cuda",
+        description="MVM adversarial-example detection: reproduce the paper's evaluation.",
+    )
+    parser.add_argument("--version", action="version", version=f"mvm_cuda {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    rep = sub.add_parser(
+        "reproduce",
+        help="train/load the model, craft attacks, score every detector, print Tables 2 and 3 (default)",
+        description=__doc__.split("\n\n")[1].replace("\n", " "),
+    )
+    rep.add_argument("--dataset", default="mnist", choices=data.DATASETS,
+                     help="mnist (5,000 bundled images), digits (8x8, fast), cifar10, svhn (need --data-root)")
+    rep.add_argument("--data-root", default=None,
+                     help="folder with the CIFAR-10 or SVHN files (default: $MVM_CUDA_DATA)")
+    rep.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="torch device (default: cuda if available, else cpu)")
+    rep.add_argument("--R", type=int, default=None,
+                     help=f"stochastic passes per image (default {DEFAULTS['R']}; --full: {FULL['R']})")
+    rep.add_argument("--n-test", type=int, default=None,
+                     help=f"test images to attack, before keeping the correctly classified ones "
+                          f"(default {DEFAULTS['n_test']}; --full: {FULL['n_test']})")
+    rep.add_argument("--attacks", default=None,
+                     help=f"comma-separated subset of {','.join(attacks.ATTACKS)} "
+                          f"(default {','.join(DEFAULTS['attacks'])}; --full: all)")
+    rep.add_argument("--seed", type=int, default=0, help="seed of the split, training, attacks and detectors")
+    rep.add_argument("--epochs", type=int, default=None,
+                     help="training epochs (default: eval.models.DEFAULT_EPOCHS for the dataset)")
+    rep.add_argument("--max-batch", type=int, default=1024,
+                     help="most images (copies included) per forward pass of a detector; bounds memory")
+    rep.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of each AUC")
+    rep.add_argument("--out", default="out", help="output folder (default ./out)")
+    rep.add_argument("--full", action="store_true",
+                     help=f"the paper's size: {FULL['n_test']} test images, R={FULL['R']}, all attacks")
+    rep.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return parser
+
+
+def _hash(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def _json_ready(obj):
+    """obj with every NaN float replaced by None, so the file is strict JSON."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else obj
+    if isinstance(obj, dict):
+        return {k: _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    return obj
+
+
+def _pct(value: float, digits: int = 2) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:.{digits}f}%"
+
+
+def _num(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+
+def _fmt_auc(auc: float, ci) -> str:
+    if math.isnan(auc):
+        return "n/a"
+    return f"{auc:.3f} [{ci[0]:.3f},{ci[1]:.3f}]"
+
+
+def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    print(f"\n{title}\n{line}\n{'-' * len(line)}")
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def _plot_rocs(results: dict, attack_names, dataset: str, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for attack in attack_names:
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        for name, per_attack in results.items():
+            rep = per_attack[attack]["successful"]
+            if not rep["fpr"]:
+                continue
+            # A log axis, as in the paper's Fig. 3, cannot show FPR = 0: start at half of
+            # the smallest positive rate this many clean images can give. The ROC is
+            # linear between its points (that is the area the AUC measures), which on a
+            # log axis is a curve: draw it on a dense grid.
+            floor = 0.5 / rep["n_clean"]
+            grid = np.unique(np.concatenate([np.geomspace(floor, 1.0, 200), np.clip(rep["fpr"], floor, 1)]))
+            ax.plot(grid, np.interp(grid, rep["fpr"], rep["tpr"]), label=f"{name} (AUC {rep['auc']:.3f})")
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("false-positive rate (clean images flagged)")
+        ax.set_ylabel("true-positive rate (successful attacks flagged)")
+        ax.set_title(f"{dataset}: {attack}")
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7, loc="lower right")
+        path = out / f"roc_{dataset}_{attack}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the evaluation described by parsed `reproduce` arguments; returns the results
+    dict that is also written to <out>/results_<dataset>.json."""
+    t_start = time.perf_counter()
+    timings = {}
+    preset = FULL if args.full else DEFAULTS
+    n_test = args.n_test if args.n_test is not None else preset["n_test"]
+    R = args.R if args.R is not None else preset["R"]
+    attack_names = tuple(args.attacks.split(",")) if args.attacks else preset["attacks"]
+    bad = [a for a in attack_names if a not in attacks.ATTACKS]
+    if bad:
+        raise SystemExit(f"mvm-cuda: unknown attack(s) {bad}; choose from {attacks.ATTACKS}")
+    progress = not args.no_progress
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    t = time.perf_counter()
+    dataset = data.load_dataset(args.dataset, args.data_root, seed=args.seed)
+    epochs = args.epochs if args.epochs is not None else models.DEFAULT_EPOCHS[args.dataset]
+    model = models.load_or_train(args.dataset, dataset, epochs=epochs, seed=args.seed, device=device,
+                                 progress=progress)
+    clean_accuracy = models.accuracy(model, dataset.x_test, dataset.y_test)
+    timings["model"] = time.perf_counter() - t
+    model_hash = _hash(model.state_dict().values())
+
+    x, y = dataset.x_test[:n_test], dataset.y_test[:n_test]
+    correct = models.predict(model, x) == y
+    x, y = x[correct], y[correct]
+    n_pixel = x.shape[2] * x.shape[3]
+    print(f"{args.dataset}: clean test accuracy {clean_accuracy:.4f} on {dataset.x_test.shape[0]} images; "
+          f"attacking the {x.shape[0]} of the first {min(n_test, dataset.x_test.shape[0])} classified correctly; "
+          f"N_pixel = {n_pixel}, R = {R}", flush=True)
+
+    # Feinman et al.'s settings; digits (not in the paper) borrows MNIST's, both in [0, 1].
+    settings = attacks.SETTINGS.get(args.dataset, attacks.SETTINGS["mnist"])
+    attack_setting = args.dataset if args.dataset in attacks.SETTINGS else dict(settings)
+    # The key names everything the crafted images depend on, the attack code included
+    # (its defaults, e.g. BIM's step count, live there), so no stale set is ever reused.
+    code = hashlib.sha256(Path(attacks.__file__).read_bytes()).hexdigest()[:8]
+    t = time.perf_counter()
+    adversarial, success, table2 = {}, {}, {}
+    for name in attack_names:
+        key = (f"adv-{args.dataset}-{name}-{json.dumps(settings, sort_keys=True)}-code{code}-model{model_hash}"
+               f"-x{_hash([x, y])}-s{args.seed}")
+
+        def craft(name=name):
+            gen = torch.Generator().manual_seed(args.seed)
+            return {"x": attacks.craft(name, model, x, y, attack_setting, generator=gen, progress=progress)}
+
+        adversarial[name] = models.cached_tensors(key, craft)["x"]
+        success[name] = models.predict(model, adversarial[name]) != y
+        table2[name] = attacks.attack_stats(model, x, adversarial[name], y)
+    timings["attacks"] = time.perf_counter() - t
+
+    results, detector_seconds = {}, {}
+    for method, kwargs in DETECTORS:
+        det = Detector(model, method, R=R, max_batch=args.max_batch, seed=args.seed, progress=progress, **kwargs)
+        t = time.perf_counter()
+        clean_scores = det.scores(x)
+        per_attack = {}
+        for name in attack_names:
+            adv_scores = det.scores(adversarial[name])
+            per_attack[name] = {
+                "successful": roc_report(clean_scores, adv_scores[success[name]], n_boot=args.n_boot,
+                                         seed=args.seed).to_dict(),
+                "all": roc_report(clean_scores, adv_scores, n_boot=args.n_boot, seed=args.seed).to_dict(),
+                "mean_score_adv": float(adv_scores.mean()),
+            }
+        per_attack["mean_score_clean"] = float(clean_scores.mean())
+        detector_seconds[det.name] = time.perf_counter() - t
+        per_attack["seconds"] = detector_seconds[det.name]
+        per_attack["config"] = det.config()
+        results[det.name] = per_attack
+        summary = ", ".join(f"{a} {per_attack[a]['successful']['auc']:.3f}" for a in attack_names)
+        print(f"{det.name}: AUC {summary} ({detector_seconds[det.name]:.0f} s)", flush=True)
+    timings["detectors"] = sum(detector_seconds.values())
+
+    t = time.perf_counter()
+    figures = _plot_rocs(results, attack_names, args.dataset, out)
+    timings["plots"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+
+    paper = PAPER.get(args.dataset, {})
+    acc_paper = paper.get("accuracy", {})
+    rows = [["clean (all test images)", _pct(clean_accuracy), "", "", "", "",
+             _pct(acc_paper["clean"]) if "clean" in acc_paper else "-"]]
+    for name in attack_names:
+        s = table2[name]
+        rows.append([name, _pct(1 - s["success_rate"]), _pct(s["success_rate"], 1), _num(s["l2"]),
+                     _num(s["linf"]), _pct(s["l0_frac"], 1), _pct(acc_paper[name]) if name in acc_paper else "-"])
+    _print_table(f"Table 2 ({args.dataset}): accuracy on clean and adversarial images; attack success and "
+                 f"mean distortion of the successful ones ({x.shape[0]} attacked images)",
+                 ["images", "accuracy", "success", "L2", "Linf", "L0", "paper accuracy"], rows)
+
+    auc_paper = paper.get("auc", {})
+    for which, title in (("successful", "successful attacks as positives (headline)"),
+                         ("all", "all attacked images as positives")):
+        rows = []
+        for det_name, per_attack in results.items():
+            row = [det_name]
+            for name in attack_names:
+                rep = per_attack[name][which]
+                ref = auc_paper.get(det_name, {}).get(name)
+                row.append(_fmt_auc(rep["auc"], rep["ci"]) + (f" ({ref:.3f})" if ref is not None else ""))
+            rows.append(row)
+        _print_table(f"Table 3 ({args.dataset}): ROC-AUC [bootstrap 95% CI] (paper), {title}, R = {R}",
+                     ["detector"] + list(attack_names), rows)
+
+    record = {
+        "version": __version__,
+        "args": vars(args),
+        "config": {"dataset": args.dataset, "device": str(device), "n_test": n_test, "n_attacked": int(x.shape[0]),
+                   "R": R, "attacks": list(attack_names), "seed": args.seed, "epochs": epochs,
+                   "max_batch": args.max_batch, "n_boot": args.n_boot, "n_pixel": n_pixel, "full": args.full,
+                   "attack_settings": settings, "torch": torch.__version__,
+                   "threads": torch.get_num_threads()},
+        "table2": {"clean_accuracy": clean_accuracy, "n_test_total": int(dataset.x_test.shape[0]), **table2},
+        "table3": results,
+        "paper": paper,
+        "figures": figures,
+        "seconds": timings,
+    }
+    path = out / f"results_{args.dataset}.json"
+    path.write_text(json.dumps(_json_ready(record), indent=1, allow_nan=False))
+    print(f"\nwrote {path} and {len(figures)} ROC plot(s); wall time {timings['total']:.0f} s "
+          f"(model {timings['model']:.0f}, attacks {timings['attacks']:.0f}, detectors {timings['detectors']:.0f})")
+    return record
+
+
+def _with_default_command(argv: list[str]) -> list[str]:
+    """argv with "reproduce" in front when it names no command (only options, or nothing)."""
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        return ["reproduce", *argv]
+    return list(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `mvm-cuda` and `python -m mvm_cuda`; with no subcommand (or only
+    options) it runs `reproduce`. Returns the exit status."""
+    args = build_parser().parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
+    if args.command == "reproduce":
+        run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""Sampling units for a CNN's conv part, and their insertion into a trained model.
+
+A unit sits right after a ReLU and sees that ReLU's NCHW activation h (N, C, H, W).
+Every unit has a `mode`, which the detector switches for all units at once:
+- "off": the identity (the plain network);
+- "record": the clean pass of Alg. 3 (s1). The identity, but an MVM unit also records
+  alpha and solves its sampling probabilities p (P, M), once per image of the batch;
+- "sample": the stochastic passes (s2). The input is R copies of the recorded batch of
+  P images stacked copy-major (`x.repeat(R, 1, 1, 1)`), so sample n belongs to image
+  n % P, which is exactly how `sample_rows` pairs samples with rows of p.
+Only inserted units are random: the model's own Dropout layers are left in eval mode
+by the detector. Units have no parameters or buffers, so a model with units has the
+state_dict of the model without them.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+from types import ModuleType
+from typing import Callable
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+
+__all__ = [
+    "MODES",
+    "SamplingUnit",
+    "MVMUnit",
+    "SAPUnit",
+    "DropoutUnit",
+    "insert_units",
+    "sampling_units",
+    "set_mode",
+]
+
+MODES = ("off", "record", "sample")
+
+
+class SamplingUnit(nn.Module):
+    """Base class of the units: holds `mode`, `generator` and `backend`.
+
+    mode is one of MODES ("off" at construction). generator: an optional torch.Generator
+    on the activations' device, the source of every random draw (None: the default
+    generator of that device, seeded by torch.manual_seed). backend: a module with the op
+    functions (`mvm_cuda.ops`, the default, or `mvm_cuda.reference`). Subclasses implement
+    `sample(h)`; `forward(h)` maps an NCHW activation (N, C, H, W) to one of the same shape.
+    """
+
+    def __init__(self, generator: torch.Generator | None = None, backend: ModuleType | None = None):
+        super().__init__()
+        self.mode = "off"
+        self.generator = generator
+        self.backend = backend if backend is not None else ops
+
+    def __getstate__(self):
+        # A module object cannot be pickled or deep-copied, its name can: this keeps
+        # copy.deepcopy and torch.save of a model with units working.
+        state = dict(self.__dict__)
+        if isinstance(self.backend, ModuleType):
+            state["backend"] = self.backend.__name__
+        return state
+
+    def __setstate__(self, state):
+        if isinstance(state.get("backend"), str):
+            state = {**state, "backend": importlib.import_module(state["backend"])}
+        super().__setstate__(state)
+
+    def set_mode(self, mode: str) -> None:
+        """Switch to "off", "record" or "sample" (see the module docstring)."""
+        if mode not in MODES:
+            raise ValueError(f"{type(self).__name__}: mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.mode == "sample":
+            return self.sample(h)
+        if self.mode == "record":
+            self.record(h)
+        return h
+
+    def record(self, h: Tensor) -> None:
+        """The clean pass: remember what `sample` needs (nothing, by default)."""
+
+    def sample(self, h: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"
+
+
+def _check_nchw(unit: str, h: Tensor) -> None:
+    if h.dim() != 4:
+        raise ValueError(
+            f"{unit}: expects an NCHW activation (N, C, H, W) from a conv layer's ReLU, got shape "
+            f"{tuple(h.shape)}; units belong before the flatten"
+        )
+
+
+class MVMUnit(SamplingUnit):
+    """MVM row sampling (the paper's Alg. 1 with Alg. 2's probabilities) of the pixels.
+
+    The activation h (N, C, H, W) is matricized as its NHWC view `h.permute(0, 2, 3, 1)`,
+    M = H*W rows of C channels, read in place (no copy). The number of draws is `c`, or
+    round(c_rel * ref_pixels) with at least 1 (the paper's c = c_rel * N_pixel; the
+    detector sets ref_pixels to the input's H*W; if ref_pixels stays None the unit's own
+    M is used). In "record" mode the unit stores alpha = ||row||^2 and p = solve_mvm(alpha,
+    c, solver), both (P, M) for a batch of P images, one batched call. In "sample" mode
+    the batch must hold a whole number of copies of those P images (N % P == 0), and
+    each sample draws c rows from p[n % P]: kept rows are scaled by 1/pi, the others are
+    zero. The output has h's shape and memory format.
+    """
+
+    def __init__(
+        self,
+        c: int | None = None,
+        *,
+        c_rel: float | None = None,
+        ref_pixels: int | None = None,
+        solver: str = "kkt",
+        generator: torch.Generator | None = None,
+        backend: ModuleType | None = None,
+    ):
+        super().__init__(generator, backend)
+        if (c is None) == (c_rel is None):
+            raise ValueError(f"MVMUnit: give exactly one of c and c_rel, got c={c}, c_rel={c_rel}")
+        if c is not None and (int(c) != c or c < 1):
+            raise ValueError(f"MVMUnit: c must be an integer >= 1, got {c}")
+        if c_rel is not None and not c_rel > 0:
+            raise ValueError(f"MVMUnit: c_rel must be > 0, got {c_rel}")
+        self.c = None if c is None else int(c)
+        self.c_rel = c_rel
+        self.ref_pixels = ref_pixels
+        self.solver = solver
+        self.alpha: Tensor | None = None
+        self.p: Tensor | None = None
+
+    def draws(self, rows: int) -> int:
+        """The number of draws c for an activation of `rows` = H*W pixels."""
+        if self.c is not None:
+            return self.c
+        ref = self.ref_pixels if self.ref_pixels is not None else rows
+        return max(1, round(self.c_rel * ref))
+
+    def record(self, h: Tensor) -> None:
+        _check_nchw("MVMUnit", h)
+        rows = h.shape[2] * h.shape[3]
+        self.alpha = self.backend.row_alpha(h.permute(0, 2, 3, 1))
+        self.p = self.backend.solve_mvm(self.alpha, self.draws(rows), self.solver)
+
+    def sample(self, h: Tensor) -> Tensor:
+        _check_nchw("MVMUnit", h)
+        if self.p is None:
+            raise RuntimeError("MVMUnit: no recorded p; run a clean pass in 'record' mode before 'sample'")
+        if h.shape[0] % self.p.shape[0] or h.shape[2] * h.shape[3] != self.p.shape[1]:
+            raise ValueError(
+                f"MVMUnit: the batch {tuple(h.shape)} is not a stack of copies of the {self.p.shape[0]} "
+                f"recorded images with {self.p.shape[1]} pixels each"
+            )
+        # sample_rows writes its output with the strides of its input, so permuting the
+        # result back gives h's own layout, again without a copy.
+        out = self.backend.sample_rows(h.permute(0, 2, 3, 1), self.p, self.draws(self.p.shape[1]),
+                                       generator=self.generator)
+        return out.permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        c = f"c={self.c}" if self.c is not None else f"c_rel={self.c_rel}, ref_pixels={self.ref_pixels}"
+        return f"{c}, solver={self.solver!r}, mode={self.mode!r}"
+
+
+def _dense_order(h: Tensor) -> tuple[int, ...] | None:
+    """A permutation of h's dims under which h is contiguous (None if there is none)."""
+    for order in ((0, 1, 2, 3), (0, 2, 3, 1)):
+        if h.permute(order).is_contiguous():
+            return order
+    return None
+
+
+class SAPUnit(SamplingUnit):
+    """Stochastic activation pruning (Dhillon et al. 2018) of every entry of h.
+
+    Each sample's K = C*H*W entries are rows of width 1 with p_j = |h_j| / sum |h|,
+    recomputed from the activation the unit sees on every pass (nothing is recorded),
+    drawn r = max(1, round(frac * K)) times; kept entries are scaled by 1/pi. Since
+    every entry is its own row, their order does not matter: the op gets h in whichever
+    of NCHW or NHWC order it is dense, so the flat view is free. h: (N, C, H, W) ->
+    (N, C, H, W), the identity unless mode == "sample".
+    """
+
+    def __init__(self, frac: float, *, generator: torch.Generator | None = None,
+                 backend: ModuleType | None = None):
+        super().__init__(generator, backend)
+        if not frac > 0:
+            raise ValueError(f"SAPUnit: frac must be > 0, got {frac}")
+        self.frac = float(frac)
+
+    def sample(self, h: Tensor) -> Tensor:
+        _check_nchw("SAPUnit", h)
+        order = _dense_order(h) or (0, 1, 2, 3)  # a strided h is copied by the reshape
+        out = self.backend.sap_sample(h.permute(order), self.frac, self.generator)
+        return out.permute(tuple(order.index(d) for d in range(4)))
+
+    def extra_repr(self) -> str:
+        return f"frac={self.frac}, mode={self.mode!r}"
+
+
+class DropoutUnit(SamplingUnit):
+    """Test-time inverted dropout: in "sample" mode every entry of h (N, C, H, W) is zeroed
+    with probability p_drop and the rest are scaled by 1/(1 - p_drop), whatever the
+    module's training flag; otherwise the identity. p_drop = 0 is the identity always.
+    (The backend is not used.)
+    """
+
+    def __init__(self, p_drop: float = 0.5, *, generator: torch.Generator | None = None,
+                 backend: ModuleType | None = None):
+        super().__init__(generator, backend)
+        if not 0 <= p_drop < 1:
+            raise ValueError(f"DropoutUnit: p_drop must be in [0, 1), got {p_drop}")
+        self.p_drop = float(p_drop)
+
+    def sample(self, h: Tensor) -> Tensor:
+        keep = torch.empty_like(h).bernoulli_(1.0 - self.p_drop, generator=self.generator)
+        return keep.mul_(h).div_(1.0 - self.p_drop)  # in place: one activation-sized buffer
+
+    def extra_repr(self) -> str:
+        return f"p_drop={self.p_drop}, mode={self.mode!r}"
+
+
+def sampling_units(model: nn.Module) -> list[SamplingUnit]:
+    """The sampling units of a model, in registration (= insertion) order."""
+    return [m for m in model.modules() if isinstance(m, SamplingUnit)]
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    """Put every sampling unit of `model` into `mode` ("off", "record" or "sample")."""
+    for unit in sampling_units(model):
+        unit.set_mode(mode)
+
+
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
+_FLATTEN_FUNCTIONS = {torch.flatten}
+_FLATTEN_METHODS = {"flatten", "view", "reshape"}
+
+
+def _is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], nn.ReLU)
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _is_flatten(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], nn.Flatten)
+    if node.op == "call_function":
+        return node.target in _FLATTEN_FUNCTIONS
+    return node.op == "call_method" and node.target in _FLATTEN_METHODS
+
+
+def insert_units(model: nn.Module, make_unit: Callable[[], nn.Module]) -> torch.fx.GraphModule:
+    """A copy of `model` with a new unit, `make_unit()`, right after every ReLU of its conv part.
+
+    The model is traced with torch.fx (`symbolic_trace`) on a deepcopy, so the original
+    model and its weights are never touched and the copy runs its layers in the traced
+    execution order. Found as ReLUs: nn.ReLU modules (also nested inside submodules,
+    and a ReLU module called several times gets a unit per call), F.relu, torch.relu and
+    Tensor.relu. "The conv part" is everything before the first flatten in execution
+    order: an nn.Flatten module, torch.flatten, or a Tensor.flatten / .view / .reshape
+    call. Returns a torch.fx.GraphModule whose state_dict equals the model's (units have
+    no state); its units are `sampling_units(result)`, in execution order. Raises
+    TypeError if the model cannot be traced symbolically (e.g. control flow that depends
+    on tensor values), and ValueError if it has no flatten or no ReLU before it.
+    """
+    try:
+        graph_module = torch.fx.symbolic_trace(copy.deepcopy(model))
+    except Exception as e:
+        raise TypeError(
+            f"insert_units: torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e}); "
+            "units are inserted into the traced graph, so the model's forward must be traceable "
+            "(no Python control flow that depends on tensor values)"
+        ) from e
+    graph = graph_module.graph
+    modules = dict(graph_module.named_modules())
+    relus = []
+    for node in graph.nodes:
+        if _is_flatten(node, modules):
+            break
+        if _is_relu(node, modules):
+            relus.append(node)
+    else:
+        raise ValueError(
+            f"insert_units: found no flatten in {type(model).__name__} (an nn.Flatten module, "
+            "torch.flatten or a .flatten/.view/.reshape call), so its conv part is unknown"
+        )
+    if not relus:
+        raise ValueError(
+            f"insert_units: {type(model).__name__} has no ReLU before its first flatten; "
+            "sampling units go after the ReLUs of the conv part"
+        )
+    for k, node in enumerate(relus):
+        name = f"sampling_unit_{k}"
+        graph_module.add_submodule(name, make_unit())
+        with graph.inserting_after(node):
+            unit_node = graph.call_module(name, (node,))
+        node.replace_all_uses_with(unit_node, delete_user_cb=lambda user: user is not unit_node)
+    graph.lint()
+    graph_module.recompile()
+    return graph_module
+

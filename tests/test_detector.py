@@ -1,0 +1,169 @@
+"""The detector (Alg. 3) on a small CNN trained on scikit-learn's 8x8 digits."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import mannwhitneyu
+from sklearn.metrics import roc_auc_score
+
+from mvm_cuda import reference
+from mvm_cuda.detector import Detector, _rank_auc, histogram_entropy, roc_report, threshold_for_fpr
+from mvm_cuda.eval import attacks, data, models
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """A digits CNN trained for a few epochs, its correctly classified test images and
+    their BIM-A versions (Feinman et al.'s MNIST eps; a larger step, for speed)."""
+    d = data.load_digits(seed=0)
+    model = models.train(models.build_model("digits", seed=0), d.x_train, d.y_train, epochs=6, progress=False)
+    right = models.predict(model, d.x_test) == d.y_test
+    x, y = d.x_test[right][:120], d.y_test[right][:120]
+    adv = attacks.bim_a(model, x, y, eps=0.3, eps_iter=0.03)
+    assert x.shape[0] == 120 and (models.predict(model, adv) != y).float().mean() > 0.9
+    return model, x, adv
+
+
+def test_histogram_entropy():
+    votes = torch.tensor([[3, 3, 3, 3], [0, 1, 0, 1], [0, 1, 2, 3], [9, 9, 9, 2]])
+    expected = torch.tensor([0.0, np.log(2), np.log(4), -(0.75 * np.log(0.75) + 0.25 * np.log(0.25))],
+                            dtype=torch.float64)
+    torch.testing.assert_close(histogram_entropy(votes), expected)
+    assert histogram_entropy(votes)[0].item() == 0.0
+
+
+def test_identity_units_give_zero_scores(digits, device):
+    """With units that change nothing (dropout with p_drop = 0) every pass predicts the
+    clean class, whatever the batching and chunking of the R copies."""
+    model, x, adv = digits
+    model = copy.deepcopy(model).to(device)
+    clean = models.predict(model, adv[:30].to(device)).cpu()
+    assert len(clean.unique()) > 3  # the votes below could not come out right by chance
+    for max_batch in (5, 64, 1000):  # 5 < R: the copies of one image span several forwards
+        det = Detector(model, "dropout", p_drop=0.0, R=9, max_batch=max_batch, progress=False)
+        votes = det.votes(adv[:30])
+        assert votes.shape == (30, 9)
+        assert torch.equal(votes, clean[:, None].expand(30, 9))
+        assert torch.equal(det.scores(adv[:30]), torch.zeros(30, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method,kwargs", [("mvm", dict(c_rel=1.0)), ("sap", dict(frac=0.5)),
+                                           ("dropout", dict(p_drop=0.5))])
+def test_bim_a_scores_higher_than_clean(digits, method, kwargs):
+    model, x, adv = digits
+    det = Detector(model, method, R=20, seed=1, progress=False, **kwargs)
+    clean_scores, adv_scores = det.scores(x), det.scores(adv)
+    assert mannwhitneyu(adv_scores, clean_scores, alternative="greater").pvalue < 1e-6
+    report = det.evaluate(x, adv)
+    assert report.auc > 0.75
+    assert report.ci[0] <= report.auc <= report.ci[1]
+
+
+def test_seed_makes_scores_repeatable(digits, device):
+    model, x, adv = digits
+    model = copy.deepcopy(model).to(device)
+    det = Detector(model, "mvm", c_rel=0.5, R=10, seed=3, progress=False)
+    s1, s2 = det.scores(adv[:40]), det.scores(adv[:40])
+    assert torch.equal(s1, s2) and (s1 > 0).any()
+    other = Detector(model, "mvm", c_rel=0.5, R=10, seed=4, progress=False).scores(adv[:40])
+    assert not torch.equal(s1, other)
+    gen = torch.Generator(device).manual_seed(3)
+    det = Detector(model, "mvm", c_rel=0.5, R=10, generator=gen, progress=False)
+    assert not torch.equal(det.scores(adv[:40]), det.scores(adv[:40]))  # a generator advances
+
+
+def test_model_is_left_alone(digits):
+    model, x, adv = digits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    det = Detector(model, "dropout", R=5, progress=False)
+    det.scores(adv[:10])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.training and not any(m.training for m in det.net.modules())
+    assert torch.equal(models.predict(model, x), models.predict(model, x))
+
+
+def test_reference_backend_agrees(digits):
+    """Same recorded p (checked in test_nn) and, since the draws differ, scores that
+    agree in distribution."""
+    model, x, adv = digits
+    # The reference's KKT solver is slow (nested bisection in Python): few images, many passes.
+    s_ops = Detector(model, "mvm", c_rel=1.0, R=60, seed=0, progress=False).scores(adv[:16])
+    s_ref = Detector(model, "mvm", c_rel=1.0, R=60, seed=0, backend=reference, progress=False).scores(adv[:16])
+    assert s_ops.mean() > 0.2  # far from the trivial all-zero agreement
+    assert mannwhitneyu(s_ops, s_ref).pvalue > 1e-3
+    assert abs(s_ops.mean() - s_ref.mean()) < 0.1
+
+
+def test_threshold_for_fpr():
+    assert threshold_for_fpr(torch.arange(100.0), 0.05) == 94.0  # 95..99 lie above: 5 of 100
+    assert threshold_for_fpr(np.arange(100.0), 0.29) == 70.0  # 71..99: 29 (no rounding slip)
+    ties = torch.tensor([0.0] * 90 + [1.0] * 10)
+    assert threshold_for_fpr(ties, 0.05) == 1.0  # flagging the ties at 1 would give 10%
+    assert threshold_for_fpr(ties, 0.10) == 0.0
+    with pytest.raises(ValueError, match="need at least 20"):
+        threshold_for_fpr(torch.zeros(19), 0.05)
+    with pytest.raises(ValueError, match="fpr must be in"):
+        threshold_for_fpr(torch.zeros(19), 0.0)
+
+
+def test_fit_threshold_predict_and_save_load(digits, tmp_path):
+    model, x, adv = digits
+    det = Detector(model, "mvm", c_rel=0.5, R=15, seed=2, progress=False)
+    with pytest.raises(RuntimeError, match="fit_threshold"):
+        det.predict(adv[:5])
+    with pytest.raises(ValueError, match="need at least 20"):
+        det.fit_threshold(x[:19], fpr=0.05)
+    det.fit_threshold(x[:100], fpr=0.1)
+    flagged_clean = det.predict(x[:100])
+    assert flagged_clean.double().mean() <= 0.1
+    assert det.predict(adv).double().mean() > 0.5
+
+    path = tmp_path / "det.json"
+    det.save(path)
+    cfg = json.loads(path.read_text())
+    assert cfg["threshold"] == det.threshold and cfg["method"] == "mvm" and cfg["input_shape"] == [1, 8, 8]
+    loaded = Detector.load(path, model, progress=False)
+    assert loaded.config() == det.config()
+    assert torch.equal(loaded.scores(adv[:30]), det.scores(adv[:30]))
+    assert torch.equal(loaded.predict(adv[:30]), det.predict(adv[:30]))
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="not a saved mvm_cuda detector"):
+        Detector.load(path, model)
+
+
+def test_input_errors(digits):
+    model, x, adv = digits
+    det = Detector(model, "sap", R=3, progress=False)
+    with pytest.raises(ValueError, match="do not fit the model"):
+        det.scores(torch.rand(2, 1, 28, 28))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        det.scores(torch.rand(2, 64))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        det.scores(x[:2] * 16)
+    bad = x[:2].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        det.scores(bad)
+    det.scores(x[:2])
+    with pytest.raises(ValueError, match="which takes"):  # the shape is known now
+        det.scores(torch.rand(2, 1, 9, 9))
+    assert det.scores(x[:0]).shape == (0,)
+    with pytest.raises(ValueError, match="method"):
+        Detector(model, "bayes")
+
+
+def test_roc_report():
+    rng = np.random.default_rng(0)
+    neg = rng.integers(0, 5, 300).astype(float)  # heavy ties, like entropies of votes
+    pos = rng.integers(1, 7, 200).astype(float)
+    y = np.r_[np.zeros(300), np.ones(200)]
+    assert _rank_auc(neg[None], pos[None])[0] == pytest.approx(roc_auc_score(y, np.r_[neg, pos]), abs=1e-12)
+    report = roc_report(neg, pos, n_boot=500, seed=0)
+    assert report.auc == pytest.approx(roc_auc_score(y, np.r_[neg, pos]))
+    assert report.ci[0] < report.auc < report.ci[1] and report.ci[1] - report.ci[0] < 0.15
+    assert roc_report(neg, pos, n_boot=500, seed=0).ci == report.ci
+    assert report.fpr[0] == 0.0 and report.tpr[-1] == 1.0
+    json.dumps(report.to_dict())
+    assert np.isnan(roc_report(neg, [], n_boot=10).auc)

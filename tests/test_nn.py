@@ -1,0 +1,276 @@
+"""Sampling units (mvm_cuda.nn) and their insertion after the conv part's ReLUs."""
+import copy
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mvm_cuda import ops, reference
+from mvm_cuda.nn import DropoutUnit, MVMUnit, SAPUnit, insert_units, sampling_units, set_mode
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.5),
+        nn.Flatten(), nn.Linear(6 * 2 * 2, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3),
+    ).eval()
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+class Nested(nn.Module):
+    """ReLUs inside submodules, a shared ReLU module called twice, torch.flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(Block(1, 4), Block(4, 4))
+        self.relu = nn.ReLU()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        x = self.relu(self.conv(self.features(x)))
+        return self.fc(self.relu(torch.flatten(x, 1)))  # the same ReLU, after the flatten
+
+
+class Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.fc(F.relu(x.view(x.shape[0], -1)))
+
+
+class Recorder(nn.Module):
+    """A unit that notes that it ran and passes its input through."""
+
+    def __init__(self, log):
+        super().__init__()
+        self.log = log
+
+    def forward(self, h):
+        self.log.append(tuple(h.shape))
+        return h
+
+
+def check_insertion(model, x, expected_shapes):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = model(x)
+    log = []
+    new = insert_units(model, lambda: Recorder(log))
+    out = new(x)
+    assert log == expected_shapes  # one unit per conv-part ReLU call, in execution order
+    assert torch.equal(out, ref)  # identity units: the same network
+    assert new is not model
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert new.state_dict().keys() == before.keys()
+    assert all(torch.equal(new.state_dict()[k], before[k]) for k in before)
+    assert torch.equal(model(x), ref)  # the original is untouched and deterministic
+    assert not any(isinstance(m, Recorder) for m in model.modules())
+    return new
+
+
+def test_insert_sequential():
+    x = torch.rand(2, 1, 8, 8)
+    new = check_insertion(small_cnn(), x, [(2, 4, 6, 6), (2, 6, 4, 4)])
+    # Changing the copy's weights must not reach the original.
+    model = small_cnn()
+    new = insert_units(model, lambda: DropoutUnit(0.5))
+    with torch.no_grad():
+        next(new.parameters()).add_(1.0)
+    assert torch.equal(model.state_dict()["0.weight"], small_cnn().state_dict()["0.weight"])
+
+
+def test_insert_nested_and_shared_relu():
+    model = Nested().eval()
+    # Three conv-part ReLU calls (two nested, one shared module); not the one after the flatten.
+    check_insertion(model, torch.rand(3, 1, 6, 6), [(3, 4, 6, 6)] * 3)
+
+
+def test_insert_functional_relu_and_view():
+    check_insertion(Functional().eval(), torch.rand(2, 1, 8, 8), [(2, 4, 6, 6), (2, 4, 4, 4)])
+
+
+def test_insert_errors():
+    no_relu = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3), nn.ReLU())
+    with pytest.raises(ValueError, match="no ReLU before its first flatten"):
+        insert_units(no_relu, lambda: DropoutUnit())
+    no_flatten = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    with pytest.raises(ValueError, match="found no flatten"):
+        insert_units(no_flatten, lambda: DropoutUnit())
+
+    class Untraceable(nn.Module):
+        def forward(self, x):
+            return x.flatten(1) if x.sum() > 0 else x.relu().flatten(1)
+
+    with pytest.raises(TypeError, match="torch.fx cannot trace"):
+        insert_units(Untraceable(), lambda: DropoutUnit())
+
+
+class Spy(types.SimpleNamespace):
+    """A backend that records what the ops were called with, then runs mvm_cuda.ops."""
+
+    def __init__(self):
+        super().__init__(calls=[])
+
+    def _note(self, name, x):
+        self.calls.append((name, x.data_ptr(), tuple(x.shape), x.stride()))
+
+    def row_alpha(self, x):
+        self._note("row_alpha", x)
+        return ops.row_alpha(x)
+
+    def solve_mvm(self, alpha, c, method="kkt", max_iter=1000, tol=1e-6):
+        return ops.solve_mvm(alpha, c, method, max_iter, tol)
+
+    def sample_rows(self, x, p, c, *, generator=None):
+        self._note("sample_rows", x)
+        return ops.sample_rows(x, p, c, generator=generator)
+
+    def sap_sample(self, h, frac, generator=None):
+        self._note("sap_sample", h)
+        return ops.sap_sample(h, frac, generator)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_mvm_unit_reads_nhwc_view_in_place(channels_last):
+    spy = Spy()
+    unit = MVMUnit(20, backend=spy, generator=torch.Generator().manual_seed(0))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    h = torch.rand(3, 5, 6, 7).contiguous(memory_format=fmt)
+    unit.set_mode("record")
+    assert unit(h) is h
+    assert unit.p.shape == (3, 42)
+    torch.testing.assert_close(unit.p.sum(1), torch.ones(3))
+    big = h.repeat(4, 1, 1, 1).contiguous(memory_format=fmt)
+    unit.set_mode("sample")
+    out = unit(big)
+    view = big.permute(0, 2, 3, 1)
+    assert spy.calls[0] == ("row_alpha", h.data_ptr(), (3, 6, 7, 5), h.permute(0, 2, 3, 1).stride())
+    assert spy.calls[1] == ("sample_rows", big.data_ptr(), (12, 6, 7, 5), view.stride())
+    assert out.shape == big.shape and out.stride() == big.stride()
+    # Each pixel is either dropped (all channels 0) or kept and scaled by 1/pi of its image's p.
+    pi = reference.inclusion_prob(unit.p.double(), 20).repeat(4, 1).view(12, 6, 7)
+    kept = (out != 0).any(1)
+    expected = torch.where(kept[:, None], big / pi[:, None].float(), torch.zeros(()))
+    torch.testing.assert_close(out, expected)
+
+
+def test_sap_unit_flat_view_in_place():
+    spy = Spy()
+    unit = SAPUnit(0.5, backend=spy, generator=torch.Generator().manual_seed(0))
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        h = torch.relu(torch.randn(4, 3, 5, 5)).contiguous(memory_format=fmt)
+        assert unit(h) is h  # mode "off"
+        unit.set_mode("sample")
+        out = unit(h)
+        unit.set_mode("off")
+        assert spy.calls[-1][1] == h.data_ptr()
+        assert out.shape == h.shape and out.stride() == h.stride()
+        assert ((out == 0) | (h != 0)).all()  # zeros stay zero
+        assert (out != 0).any() and (out != h).any()
+
+
+def test_dropout_unit():
+    gen = torch.Generator().manual_seed(0)
+    unit = DropoutUnit(0.5, generator=gen)
+    h = torch.rand(64, 8, 10, 10) + 0.1
+    unit.set_mode("record")
+    assert unit(h) is h
+    unit.set_mode("sample")
+    unit.eval()  # the training flag does not matter: it samples at inference
+    out = unit(h)
+    assert set(torch.unique(out / h).tolist()) == {0.0, 2.0}
+    assert abs((out == 0).double().mean().item() - 0.5) < 0.01
+    assert torch.equal(DropoutUnit(0.0).sample(h), h)
+    with pytest.raises(ValueError, match="p_drop"):
+        DropoutUnit(1.0)
+
+
+def test_units_are_reproducible_with_a_generator():
+    h = torch.rand(2, 4, 5, 5)
+    outs = []
+    for _ in range(2):
+        unit = MVMUnit(10, generator=torch.Generator().manual_seed(7))
+        unit.set_mode("record")
+        unit(h)
+        unit.set_mode("sample")
+        outs.append((unit(h), unit(h)))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert not torch.equal(outs[0][0], outs[0][1])  # successive calls draw afresh
+
+
+def test_mvm_unit_c_rel_and_errors():
+    assert MVMUnit(c_rel=0.5, ref_pixels=784).draws(36) == 392
+    assert MVMUnit(c_rel=0.5).draws(36) == 18
+    assert MVMUnit(c_rel=1e-6).draws(36) == 1
+    with pytest.raises(ValueError, match="exactly one of c and c_rel"):
+        MVMUnit(10, c_rel=1.0)
+    unit = MVMUnit(10)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        unit.set_mode("train")
+    unit.set_mode("sample")
+    with pytest.raises(RuntimeError, match="no recorded p"):
+        unit(torch.rand(2, 3, 4, 4))
+    unit.set_mode("record")
+    unit(torch.rand(2, 3, 4, 4))
+    unit.set_mode("sample")
+    with pytest.raises(ValueError, match="not a stack of copies"):
+        unit(torch.rand(3, 3, 4, 4))
+    with pytest.raises(ValueError, match="NCHW"):
+        unit(torch.rand(4, 16))
+
+
+def test_reference_backend_records_the_same_p():
+    h = torch.relu(torch.randn(3, 8, 6, 6, dtype=torch.float64))
+    h[0, :, :2] = 0  # some dead pixels
+    units = [MVMUnit(c_rel=1.0, backend=b) for b in (ops, reference)]
+    for u in units:
+        u.set_mode("record")
+        u(h)
+    torch.testing.assert_close(units[0].alpha, units[1].alpha)
+    torch.testing.assert_close(units[0].p, units[1].p, rtol=1e-6, atol=1e-9)
+    assert (units[0].p[0].view(6, 6)[:2] == 0).all()
+
+
+def test_set_mode_and_sampling_units():
+    model = insert_units(small_cnn(), lambda: SAPUnit(1.0))
+    units = sampling_units(model)
+    assert len(units) == 2
+    set_mode(model, "sample")
+    assert all(u.mode == "sample" for u in units)
+    x = torch.rand(4, 1, 8, 8)
+    with torch.inference_mode():
+        assert not torch.equal(model(x), model(x))
+        set_mode(model, "off")
+        assert torch.equal(model(x), small_cnn()(x))
+
+
+def test_model_with_units_deep_copies_and_saves(tmp_path):
+    model = insert_units(small_cnn(), lambda: MVMUnit(c_rel=1.0, backend=reference))
+    for copied in (copy.deepcopy(model), torch.load(_saved(model, tmp_path), weights_only=False)):
+        units = sampling_units(copied)
+        assert len(units) == 2 and all(u.backend is reference for u in units)
+        x = torch.rand(2, 1, 8, 8)
+        assert torch.equal(copied(x), model(x))
+
+
+def _saved(model, tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    return path
