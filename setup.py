@@ -93,10 +93,11 @@ def extension():
 
 
 if __name__ == "__main__":
+    ext = extension()  # first: it sets CUDA_HOME, which cpp_extension reads at import
     from torch.utils.cpp_extension import BuildExtension
 
     setup(
         packages=find_packages(include=["mvm_cuda", "mvm_cuda.*"]),
-        ext_modules=[extension()],
+        ext_modules=[ext],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     )

@@ -120,17 +120,7 @@ void solve_pgd(const Support& s, double c, int64_t max_iter, double tol, double*
 
 at::Tensor solve_mvm(const at::Tensor& alpha, int64_t c, c10::string_view method,
                      int64_t max_iter, double tol) {
-  constexpr const char* op = "solve_mvm";
-  check_float_dtype(op, "alpha", alpha, /*allow_half=*/false);
-  TORCH_CHECK(alpha.dim() >= 1, "mvm::", op, ": alpha must have at least 1 dimension (B, M), got a scalar");
-  TORCH_CHECK(alpha.size(-1) > 0 || alpha.numel() == 0, "mvm::", op, ": alpha's last dimension (M) must be non-empty");
-  check_draws(op, c);
-  const bool kkt = method == "kkt";
-  TORCH_CHECK(kkt || method == "pgd", "mvm::", op, ": method must be \"kkt\" or \"pgd\", got \"",
-              std::string(method), "\"");
-  TORCH_CHECK(max_iter >= 1, "mvm::", op, ": max_iter must be >= 1, got ", max_iter);
-  TORCH_CHECK(std::isfinite(tol) && tol >= 0.0, "mvm::", op, ": tol must be finite and >= 0, got ", tol);
-  check_nonnegative(op, "alpha", alpha);
+  const bool kkt = check_solve_mvm(alpha, c, method, max_iter, tol);
   const double cd = static_cast<double>(c);
   return map_rows({alpha}, [&](int64_t, double** in, double* out, int64_t m) {
     const Support s = support_of(in[0], m);

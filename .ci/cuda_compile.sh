@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# CI: do the CUDA sources compile and link? No GPU needed.
+#
+# Builds mvm_cuda's extension, CUDA kernels included (MVM_FORCE_CUDA=1, sm_90),
+# out of tree against a CUDA build of torch in a venv outside the repo, then
+# imports it there and checks that every op has a CUDA kernel registered.
+# Exits non-zero on any failure; exits 0 with "SKIPPED" when there is no nvcc.
+#
+#   .ci/cuda_compile.sh
+#
+# Environment:
+#   MVM_CUDA_VENV    the venv (created, or reused when it already has the torch
+#                    below with CUDA): default ~/.cache/mvm_cuda/venv-cuda-$MVM_CUDA_TORCH
+#   MVM_CUDA_TORCH   torch version to build against (default 2.14.1, a CUDA 13.0 build)
+#   MVM_CUDA_BUILD   build folder (default ~/.cache/mvm_cuda/build-cuda); kept
+#                    between runs, so that ninja recompiles only what changed;
+#                    MVM_CUDA_CLEAN=1 starts it afresh
+#   CUDA_HOME        the CUDA toolkit (default: the one nvcc reports)
+#   MAX_JOBS         parallel compile jobs (default: the number of cores)
+set -euo pipefail
+
+T0=$(date +%s)
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+TORCH_VERSION=${MVM_CUDA_TORCH:-2.14.1}
+CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/mvm_cuda
+VENV=${MVM_CUDA_VENV:-$CACHE/venv-cuda-$TORCH_VERSION}
+BUILD=${MVM_CUDA_BUILD:-$CACHE/build-cuda}
+PYTHON=${PYTHON:-python3}
+
+step() { echo "cuda_compile: $* ($(( $(date +%s) - T0 ))s)"; }
+fail() { echo "cuda_compile: FAILED: $*" >&2; exit 1; }
+
+# The toolkit. nvcc on PATH may be a wrapper script in a general bin folder
+# (from which torch would guess a wrong CUDA_HOME), so ask nvcc for its TOP.
+if [ -z "${CUDA_HOME:-}" ]; then
+  if ! command -v nvcc >/dev/null; then
+    echo "cuda_compile: SKIPPED: nvcc not found (and CUDA_HOME not set); the CUDA sources were not compiled"
+    exit 0
+  fi
+  probe=$(mktemp -d)
+  : > "$probe/probe.cu"
+  top=$(nvcc --dryrun -c "$probe/probe.cu" -o "$probe/probe.o" 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
+  rm -rf "$probe"
+  if [ -n "$top" ] && [ -x "$top/bin/nvcc" ]; then
+    CUDA_HOME=$(cd "$top" && pwd -P)
+  else
+    CUDA_HOME=$(cd "$(dirname "$(readlink -f "$(command -v nvcc)")")/.." && pwd -P)
+  fi
+fi
+[ -x "$CUDA_HOME/bin/nvcc" ] || {
+  echo "cuda_compile: SKIPPED: no nvcc in CUDA_HOME=$CUDA_HOME; the CUDA sources were not compiled"
+  exit 0
+}
+export CUDA_HOME
+step "CUDA_HOME=$CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'))"
+
+# The venv: reused when it has this torch, built with CUDA.
+venv_ok() {
+  "$VENV/bin/python" - "$TORCH_VERSION" <<'EOF' 2>/dev/null
+import sys
+import torch
+sys.exit(0 if torch.__version__.split("+")[0] == sys.argv[1] and torch.version.cuda else 1)
+EOF
+}
+mkdir -p "$CACHE"
+PIPLOG="$CACHE/pip.log"
+if ! venv_ok; then
+  step "creating $VENV with torch==$TORCH_VERSION (a CUDA build, ~5.5 GB)"
+  rm -rf "$VENV"
+  mkdir -p "$(dirname "$VENV")"
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install "torch==$TORCH_VERSION" > "$PIPLOG" 2>&1 \
+    || { tail -20 "$PIPLOG" >&2; fail "could not install torch==$TORCH_VERSION into $VENV"; }
+  venv_ok || fail "torch==$TORCH_VERSION in $VENV is not a CUDA build"
+fi
+# The build tools and the package's runtime dependencies (from pyproject.toml,
+# torch aside), so that the import below runs the package's own __init__;
+# pip returns at once when they are already there.
+DEPS=$("$VENV/bin/python" - "$REPO/pyproject.toml" <<'EOF'
+import re, sys, tomllib
+deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
+print(" ".join(d for d in deps if re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0].strip().lower() != "torch"))
+EOF
+) || DEPS="numpy tqdm"
+# shellcheck disable=SC2086
+"$VENV/bin/python" -m pip install setuptools wheel ninja $DEPS >> "$PIPLOG" 2>&1 \
+  || { tail -20 "$PIPLOG" >&2; fail "could not install the build tools and dependencies ($DEPS)"; }
+step "venv $VENV: torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)' 2>/dev/null)"
+
+# Out of tree: a copy of the sources (tar keeps their times, so ninja only
+# recompiles what changed since the last run), built in place in the copy.
+[ "${MVM_CUDA_CLEAN:-0}" = 1 ] && rm -rf "$BUILD"
+mkdir -p "$BUILD"
+rm -rf "$BUILD/src"
+mkdir -p "$BUILD/src"
+(cd "$REPO" && tar -cf - --exclude=./.git --exclude=./build --exclude='*.so' --exclude='*.egg-info' \
+  --exclude=__pycache__ setup.py pyproject.toml csrc mvm_cuda) | (cd "$BUILD/src" && tar -xf -)
+step "building (MAX_JOBS=${MAX_JOBS:-$(nproc)}, sm_90)"
+(
+  cd "$BUILD/src"
+  MVM_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+    "$VENV/bin/python" setup.py build_ext --inplace --build-temp "$BUILD/temp" > "$BUILD/build.log" 2>&1
+) || { tail -60 "$BUILD/build.log" >&2; fail "the build failed (full log: $BUILD/build.log)"; }
+grep -E "warning" "$BUILD/build.log" | grep -vE "SetuptoolsWarning|SetuptoolsDeprecationWarning|UserWarning" | head -20 || true
+step "built $(ls "$BUILD"/src/mvm_cuda/_C*.so)"
+
+# Load it (no GPU needed): first the library alone (does it link and register
+# a CUDA kernel for every op?), then the package around it.
+(
+  cd "$BUILD/src"
+  "$VENV/bin/python" -W ignore - mvm_cuda/_C*.so <<'EOF'
+import sys
+import torch
+torch.ops.load_library(sys.argv[1])
+ops = ("sample_rows", "project_simplex", "mvm_step", "solve_mvm")
+missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key("mvm::" + op, "CUDA")]
+if missing:
+    raise SystemExit("no CUDA kernel registered for: " + ", ".join(missing))
+print("cuda_compile: CUDA kernels registered for", ", ".join(ops))
+EOF
+) || fail "the built library does not load or lacks CUDA kernels"
+(
+  cd "$BUILD/src"
+  "$VENV/bin/python" -W ignore -c '
+import torch, mvm_cuda
+x = torch.rand(2, 3, 4, 5)
+assert mvm_cuda.sample_rows(x, torch.full((1, 12), 1 / 12), 4).shape == x.shape  # the CPU kernels still run
+print("cuda_compile: import mvm_cuda ok")'
+) || fail "the built package does not import"
+step "ok"

@@ -1,0 +1,136 @@
+"""Small CUDA drivers of every mvm op, for compute-sanitizer (memcheck,
+racecheck, initcheck, synccheck) on a GPU machine:
+
+    compute-sanitizer --tool memcheck python benchmarks/gpu_drivers.py [op ...]
+
+Each driver calls its op on small inputs that reach every code path of its
+kernel (the shared-memory and the global-workspace path, vectorised and
+strided layouts, every dtype), synchronises, and checks a few invariants, so
+a sanitizer run stays short. Inputs are built on the CPU and copied to the
+GPU, so that initcheck sees them initialised by a host-to-device copy even
+when only the mvm kernels are instrumented. Ops: sample_rows, project_simplex,
+mvm_step, solve_mvm (default: all).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import mvm_cuda
+
+DEV = torch.device("cuda")
+
+
+def _cuda(t: torch.Tensor) -> torch.Tensor:
+    return t.to(DEV)
+
+
+def _probs(rows: int, m: int, zeros: int = 0, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(rows * 1000 + m)
+    p = torch.rand(rows, m, generator=g, dtype=torch.float64) + 0.05
+    if zeros:
+        p[:, :zeros] = 0.0  # rows that must never be drawn
+    return _cuda((p / p.sum(-1, keepdim=True)).to(dtype))
+
+
+def _check_sample(out: torch.Tensor, x: torch.Tensor, zeros: int = 0) -> None:
+    rows_out = out.reshape(out.shape[0], -1, out.shape[-1])
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.isfinite(rows_out.float()).all(), "non-finite output"
+    if zeros:
+        assert (rows_out[:, :zeros] == 0).all(), "a row with p = 0 was drawn"
+
+
+def drive_sample_rows() -> None:
+    g = torch.Generator(device=DEV).manual_seed(0)
+    # Shared-memory path: NHWC (vectorised), the NCHW view (vectorised along
+    # the pixels), odd C, strided C, non-collapsible pixels, every dtype.
+    layouts = {
+        "nhwc": lambda dt: torch.rand(6, 5, 7, 8, dtype=dt),
+        "nchw_view": lambda dt: torch.rand(6, 8, 5, 8, dtype=dt).permute(0, 2, 3, 1),
+        "odd_c": lambda dt: torch.rand(6, 5, 7, 3, dtype=dt),
+        "strided_c": lambda dt: torch.rand(6, 5, 7, 16, dtype=dt)[..., ::2],
+        "strided_w_view": lambda dt: torch.rand(6, 8, 5, 16, dtype=dt).permute(0, 2, 3, 1)[:, :, ::2],
+    }
+    for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for name, make in layouts.items():
+            x = _cuda_view(make(dt))
+            m = x.shape[1] * x.shape[2]
+            p = _probs(3, m, zeros=2, dtype=torch.float64 if dt == torch.float64 else torch.float32)
+            out = mvm_cuda.sample_rows(x, p, 20, generator=g)
+            _check_sample(out, x, zeros=2)
+    # Many draws over few rows; rows of width 1 (as SAP uses it); the default generator.
+    x = _cuda(torch.rand(4, 10, 4))
+    _check_sample(mvm_cuda.sample_rows(x, _probs(2, 10), 100_000), x)
+    h = _cuda(torch.randn(4, 3, 5, 7))
+    out = mvm_cuda.sap_sample(h, 0.5)
+    assert out.shape == h.shape
+    # Big-M path (the CDF does not fit in shared memory): M = 40,000 rows.
+    x = _cuda(torch.rand(3, 40_000, 1))
+    _check_sample(mvm_cuda.sample_rows(x, _probs(3, 40_000, zeros=5), 30_000, generator=g), x, zeros=5)
+    x = _cuda(torch.rand(2, 200, 200, 2))
+    _check_sample(mvm_cuda.sample_rows(x, _probs(1, 40_000, dtype=torch.float64), 5_000, generator=g), x)
+    torch.cuda.synchronize()
+
+
+def _cuda_view(x: torch.Tensor) -> torch.Tensor:
+    """x's layout on the GPU: copy its base storage over, then take the same view."""
+    base = x.as_strided((x.untyped_storage().nbytes() // x.element_size(),), (1,), 0)
+    return _cuda(base.clone()).as_strided(x.shape, x.stride(), x.storage_offset())
+
+
+def drive_project_simplex() -> None:
+    for shape, dt in (((7, 33), torch.float32), ((3, 1000), torch.float64), ((1, 40_000), torch.float32),
+                      ((2, 1), torch.float32)):
+        v = _cuda(torch.randn(*shape, dtype=dt))
+        p = mvm_cuda.project_simplex(v, 1.0)
+        assert (p >= 0).all() and torch.allclose(p.double().sum(-1), torch.ones(shape[0], dtype=torch.float64, device=DEV), atol=1e-4)
+    torch.cuda.synchronize()
+
+
+def drive_mvm_step() -> None:
+    for shape in ((5, 100), (1, 40_000)):
+        alpha = _cuda(torch.rand(*shape, dtype=torch.float64))
+        p = _cuda(torch.full(shape, 1.0 / shape[1], dtype=torch.float64))
+        out = mvm_cuda.mvm_step(p, alpha, 50, 1e-3)
+        assert (out >= 0).all() and torch.allclose(out.sum(-1), torch.ones(shape[0], dtype=torch.float64, device=DEV))
+    torch.cuda.synchronize()
+
+
+def drive_solve_mvm() -> None:
+    alpha = torch.rand(6, 50, dtype=torch.float64)
+    alpha[0] = 0.0          # dead row: uniform
+    alpha[1, 1:] = 0.0      # one nonzero: one-hot
+    alpha[2, :25] = 0.0     # partial support
+    alpha = _cuda(alpha)
+    for method in ("kkt", "pgd"):
+        for dt in (torch.float32, torch.float64):
+            p = mvm_cuda.solve_mvm(alpha.to(dt), 64, method, 50, 1e-6)
+            assert torch.allclose(p.double().sum(-1), torch.ones(6, dtype=torch.float64, device=DEV), atol=1e-5)
+    # Global-workspace paths: pgd keeps 4 rows of m doubles, kkt one.
+    mvm_cuda.solve_mvm(_cuda(torch.rand(1, 8_000, dtype=torch.float64)), 2_000, "pgd", 3, 1e-6)
+    mvm_cuda.solve_mvm(_cuda(torch.rand(1, 40_000, dtype=torch.float64)), 2_000, "kkt", 50, 1e-6)
+    torch.cuda.synchronize()
+
+
+DRIVERS = {
+    "sample_rows": drive_sample_rows,
+    "project_simplex": drive_project_simplex,
+    "mvm_step": drive_mvm_step,
+    "solve_mvm": drive_solve_mvm,
+}
+
+
+def main(argv: list[str]) -> int:
+    if not torch.cuda.is_available():
+        print("gpu_drivers: no CUDA device")
+        return 2
+    for name in argv or list(DRIVERS):
+        DRIVERS[name]()
+        print(f"gpu_drivers: {name} ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,167 @@
+"""Quick GPU benchmark table of the mvm ops against mvm_cuda.reference, for a
+lent H100/H200 (run by benchmarks/gpu_check.sh; about a minute).
+
+For every op and shape: the median time of the kernel (CUDA events), the
+achieved bandwidth (bytes of the op's inputs and output over that time), its
+fraction of the measured device-to-device copy bandwidth (clone of a 1 GiB
+tensor: read + write), and the speedup over the pure-PyTorch reference on the
+same GPU. Where the reference is too slow for the full shape, it runs on fewer
+rows and its time is scaled linearly (marked "scaled"; for launch-bound
+references that overstates their time at the full shape).
+
+    python benchmarks/gpu_table.py [--out FILE.md]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import mvm_cuda
+from mvm_cuda import reference as ref
+
+DEV = torch.device("cuda")
+
+
+def cuda_time(fn, min_runs: int = 3, max_runs: int = 50, budget_s: float = 1.5,
+              warmup: bool = True) -> float:
+    """Median seconds per call of fn(), timed with CUDA events (after a
+    warm-up call unless warmup=False, for the slow Python-loop references)."""
+    if warmup:
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    start_wall = time.perf_counter()
+    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start_wall < budget_s):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a device-to-device clone of 1 GiB (read + write)."""
+    x = torch.empty(1 << 28, dtype=torch.float32, device=DEV).fill_(1.0)
+    t = cuda_time(lambda: x.clone(), min_runs=5)
+    bw = 2 * x.numel() * x.element_size() / t
+    del x
+    return bw
+
+
+def nbytes(*ts: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+class Table:
+    def __init__(self, copy_bw: float):
+        self.copy_bw = copy_bw
+        self.rows = []
+
+    def add(self, op: str, shape: str, t: float, moved: int, t_ref: float | None, ref_note: str = ""):
+        gbs = moved / t / 1e9
+        speed = f"{t_ref / t:.1f}x{ref_note}" if t_ref else "n/a"
+        self.rows.append((op, shape, f"{t * 1e3:.3f}", f"{gbs:.0f}", f"{gbs * 1e9 / self.copy_bw:.2f}", speed))
+        print(" | ".join(self.rows[-1]), flush=True)
+
+    def markdown(self, device: str) -> str:
+        head = ("op", "shape", "ms", "GB/s", "of copy BW", "speedup vs reference")
+        lines = [f"# mvm_cuda GPU check: {device}, torch {torch.__version__}",
+                 "", f"Copy bandwidth (clone of 1 GiB, read + write): {self.copy_bw / 1e9:.0f} GB/s.",
+                 "GB/s counts every byte of the inputs and the output once; sample_rows does not read",
+                 "undrawn rows of x, so its figure can pass the copy bandwidth. The solvers are compute-bound.", "",
+                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in self.rows]
+        return "\n".join(lines) + "\n"
+
+
+def mnist_p(x: torch.Tensor, images: int, c: int) -> torch.Tensor:
+    """MVM probabilities of the first `images` samples of x (as the detector
+    computes them on a clean pass)."""
+    return mvm_cuda.solve_mvm(mvm_cuda.row_alpha(x[:images]).float(), c)
+
+
+def bench_sample_rows(tab: Table) -> None:
+    c, images, copies = 784, 32, 100
+    n = images * copies
+    cases = [
+        ("float32 NHWC", lambda: torch.rand(n, 26, 26, 64, device=DEV)),
+        ("float32 NCHW view", lambda: torch.rand(n, 64, 26, 26, device=DEV).permute(0, 2, 3, 1)),
+        ("float16 NHWC", lambda: torch.rand(n, 26, 26, 64, device=DEV, dtype=torch.float16)),
+        ("bfloat16 NHWC", lambda: torch.rand(n, 26, 26, 64, device=DEV, dtype=torch.bfloat16)),
+        ("float32 NHWC, >= 1 GB", lambda: torch.rand(2 * n, 26, 26, 64, device=DEV)),
+    ]
+    for name, make in cases:
+        x = make()
+        imgs = x.shape[0] // copies  # R = 100 stochastic copies of each image, as in the detector
+        p = mnist_p(x, imgs, c)
+        t = cuda_time(lambda: mvm_cuda.sample_rows(x, p, c))
+        t_ref = cuda_time(lambda: ref.sample_rows(x, p, c), max_runs=5)
+        shape = f"{tuple(x.shape)} P={imgs} c={c} {name} ({nbytes(x) / 1e9:.2f} GB)"
+        tab.add("sample_rows", shape, t, 2 * nbytes(x) + nbytes(p), t_ref)
+        del x, p
+        torch.cuda.empty_cache()
+
+
+def bench_sap(tab: Table) -> None:
+    h = torch.randn(3200, 26, 26, 64, device=DEV).relu_()
+    t = cuda_time(lambda: mvm_cuda.sap_sample(h, 0.5))
+    small = h[:320]
+    t_ref = cuda_time(lambda: ref.sap_sample(small, 0.5), max_runs=3) * h.shape[0] / small.shape[0]
+    k = h[0].numel()
+    tab.add("sap_sample", f"{tuple(h.shape)} float32 frac=0.5 (K={k})", t, 2 * nbytes(h), t_ref,
+            f" (ref on {small.shape[0]} rows, scaled)")
+    del h
+    torch.cuda.empty_cache()
+
+
+def bench_project(tab: Table) -> None:
+    v = torch.randn(100_000, 1024, device=DEV)
+    t = cuda_time(lambda: mvm_cuda.project_simplex(v))
+    t_ref = cuda_time(lambda: ref.project_simplex(v), max_runs=5)
+    tab.add("project_simplex", f"{tuple(v.shape)} float32", t, 2 * nbytes(v), t_ref)
+    p = torch.softmax(torch.randn(100_000, 1024, device=DEV), -1)
+    alpha = torch.rand_like(p)
+    t = cuda_time(lambda: mvm_cuda.mvm_step(p, alpha, 784, 1e-6))
+    t_ref = cuda_time(lambda: ref.mvm_step(p, alpha, 784, 1e-6), max_runs=5)
+    tab.add("mvm_step", f"{tuple(p.shape)} float32 c=784", t, 3 * nbytes(p), t_ref)
+    del v, p, alpha
+    torch.cuda.empty_cache()
+
+
+def bench_solve(tab: Table) -> None:
+    alpha = torch.rand(12800, 1024, device=DEV) ** 4
+    t = cuda_time(lambda: mvm_cuda.solve_mvm(alpha, 2048, "kkt"))
+    t_ref = cuda_time(lambda: ref.solve_mvm(alpha[: alpha.shape[0] // 10], 2048, "kkt"), min_runs=1, max_runs=1) * 10
+    tab.add("solve_mvm kkt", f"{tuple(alpha.shape)} float32 c=2048", t, 2 * nbytes(alpha), t_ref, " (ref on 1/10 of the rows, scaled)")
+    alpha = torch.rand(1024, 676, device=DEV) ** 4
+    t = cuda_time(lambda: mvm_cuda.solve_mvm(alpha, 784, "pgd", 1000, 1e-6), max_runs=5)
+    t_ref = cuda_time(lambda: ref.solve_mvm(alpha[:2], 784, "pgd", 1000, 1e-6), min_runs=1, max_runs=1,
+                      warmup=False) * alpha.shape[0] / 2
+    tab.add("solve_mvm pgd", f"{tuple(alpha.shape)} float32 c=784 max_iter=1000", t, 2 * nbytes(alpha), t_ref,
+            " (ref on 2 rows, scaled)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="also write the table as markdown to this file")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    device = torch.cuda.get_device_name()
+    tab = Table(copy_bandwidth())
+    print(f"{device}: copy bandwidth {tab.copy_bw / 1e9:.0f} GB/s", flush=True)
+    for bench in (bench_sample_rows, bench_sap, bench_project, bench_solve):
+        bench(tab)
+    md = tab.markdown(device)
+    print(md)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+// Device helpers shared by the CUDA kernels: block-wide reductions, the
+// simplex projection of a row held by one block, and the launch plan of the
+// "one block per row" kernels (row buffer in shared memory when it fits, in a
+// global workspace otherwise).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../math.h"
+
+namespace mvm::gpu {
+
+constexpr int kWarp = 32;
+
+// Room for one partial per warp of a block of up to 1024 threads, for two
+// values at a time (block_sum2).
+constexpr int kScratch = 2 * (1024 / kWarp);
+
+// Block-wide reduction that returns the result to every thread. Every thread
+// reads the per-warp partials in the same order, so all threads get bitwise
+// the same value: the kernels branch on reduced values, and those branches
+// stay uniform across the block. blockDim.x must be a multiple of 32. Ends
+// with a barrier, so the scratch can be reused by the next call.
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, Op op, T* scratch) {
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  T r = scratch[0];
+  for (int w = 1; w < static_cast<int>(blockDim.x / kWarp); ++w) r = op(r, scratch[w]);
+  __syncthreads();
+  return r;
+}
+
+struct Sum {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct Max {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a > b ? a : b; }
+};
+
+__device__ __forceinline__ double block_sum(double v, double* scratch) {
+  return block_reduce(v, Sum{}, scratch);
+}
+
+// Two sums for the price of one pair of barriers.
+__device__ __forceinline__ void block_sum2(double& a, double& b, double* scratch) {
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    a += __shfl_xor_sync(0xffffffffu, a, o);
+    b += __shfl_xor_sync(0xffffffffu, b, o);
+  }
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int warps = blockDim.x / kWarp;
+  if (lane == 0) {
+    scratch[warp] = a;
+    scratch[kScratch / 2 + warp] = b;
+  }
+  __syncthreads();
+  a = scratch[0];
+  b = scratch[kScratch / 2];
+  for (int w = 1; w < warps; ++w) {
+    a += scratch[w];
+    b += scratch[kScratch / 2 + w];
+  }
+  __syncthreads();
+}
+
+// Projection onto {p >= 0, sum p = z} of the row v[0, n) that the whole block
+// holds, in place: math.h's Michelot search (simplex_cut) with a block-wide
+// "count and sum of the entries above tau". Entries equal to -inf are outside the problem:
+// never counted, projected to 0 (the PGD solver uses that for rows with
+// alpha = 0). `rounds` bounds the search (the number of live entries).
+// Thread t touches only entries t, t + blockDim.x, ..., so no barrier is
+// needed around it beyond those inside the reductions.
+__device__ inline void block_project(double* v, int64_t n, int64_t rounds, double z,
+                                     double* scratch) {
+  const SimplexCut cut = simplex_cut(rounds, z, [&](double t, int64_t* count, double* sum) {
+    double cnt = 0.0, s = 0.0;  // counts stay exact in a double up to 2^53
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const double x = v[i];
+      if (x > t) {
+        cnt += 1.0;
+        s += x;
+      }
+    }
+    block_sum2(cnt, s, scratch);
+    *count = static_cast<int64_t>(cnt);
+    *sum = s;
+  });
+  // math.h's exact form max((v - mean) + share, 0), as the CPU's project_row.
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) v[i] = cut.project(v[i]);
+}
+
+// How a "block per row" kernel is launched: `doubles` per element of a row of
+// length n live in shared memory when they fit in what one block may opt in
+// to, else in a global workspace slice per block (a grid-stride loop over the
+// rows then bounds the workspace).
+struct RowPlan {
+  int threads = 0;
+  int64_t grid = 0;
+  size_t smem = 0;            // dynamic shared memory per block
+  at::Tensor workspace;       // float64, defined only on the global path
+  double* buffer() const { return workspace.defined() ? workspace.data_ptr<double>() : nullptr; }
+};
+
+// Global workspace budget of the long-row path; past it, fewer blocks run.
+constexpr int64_t kWorkspaceBytes = int64_t(256) << 20;
+
+inline int round_up(int64_t v, int64_t m) { return static_cast<int>((v + m - 1) / m * m); }
+
+// `kernel` is the __global__ function to be launched (its static shared
+// memory is subtracted, and its dynamic limit raised when the plan needs
+// more than the default 48 KB).
+template <typename Kernel>
+RowPlan plan_rows(Kernel kernel, int64_t rows, int64_t n, int64_t doubles, int threads,
+                  const at::Tensor& like) {
+  RowPlan plan;
+  plan.threads = threads;
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  const size_t limit = prop->sharedMemPerBlockOptin - attr.sharedSizeBytes;
+  const size_t bytes = static_cast<size_t>(n) * static_cast<size_t>(doubles) * sizeof(double);
+  const int64_t max_grid = int64_t(1) << 30;
+  if (bytes <= limit) {
+    plan.smem = bytes;
+    plan.grid = std::min(rows, max_grid);
+    if (bytes > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(bytes)));
+    }
+    return plan;
+  }
+  const int64_t per_block = n * doubles;
+  const int64_t fit = std::max<int64_t>(1, kWorkspaceBytes / (per_block * int64_t(sizeof(double))));
+  plan.grid = std::min({rows, fit, int64_t(4) * prop->multiProcessorCount});
+  plan.workspace = at::empty({plan.grid * per_block}, like.options().dtype(at::kDouble));
+  return plan;
+}
+
+// Threads for a block that owns one row of n elements with about `per_thread`
+// elements each: a multiple of 32 in [32, max_threads].
+inline int threads_for(int64_t n, int64_t per_thread, int max_threads) {
+  const int64_t want = (n + per_thread - 1) / per_thread;
+  return static_cast<int>(std::clamp<int64_t>(round_up(want, kWarp), kWarp, max_threads));
+}
+
+}  // namespace mvm::gpu
