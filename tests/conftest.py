@@ -36,3 +36,13 @@ def value_checks():
     previous = mvm_cuda.set_value_checks(True)
     yield
     mvm_cuda.set_value_checks(previous)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny models on one thread: as fast, and immune to
+    OpenMP's collapse when the two cores are shared with other work."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

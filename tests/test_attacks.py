@@ -13,14 +13,7 @@ from mvm_cuda.eval import attacks, data, models
 EPS, EPS_ITER = attacks.SETTINGS["mnist"]["eps"], attacks.SETTINGS["mnist"]["eps_iter"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are tiny: one thread is as fast, and immune to OpenMP's collapse
-    # when the two cores are shared with other work.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
