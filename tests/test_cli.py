@@ -59,9 +59,11 @@ def test_reproduce_is_the_default_command():
     assert args.command == "reproduce" and args.full and args.dataset == "mnist"
 
 
-def test_python_dash_m_help():
+def test_python_dash_m_help(tmp_path):
+    # Run outside the repository: `python -m` puts the working folder first on
+    # sys.path, and the source folder has no compiled _C.
     done = subprocess.run([sys.executable, "-m", "mvm_cuda", "reproduce", "--help"], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     for option in ("--dataset", "--data-root", "--device", "--R", "--n-test", "--seed", "--out", "--full"):
         assert option in done.stdout
