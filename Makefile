@@ -33,6 +33,7 @@ test: $(VENV)/.installed
 	$(VENV)/bin/pytest tests -q
 
 bench: $(VENV)/.installed
+	mkdir -p out
 	$(VENV)/bin/pytest benchmarks -q --benchmark-json=out/bench.json
 
 clean:
