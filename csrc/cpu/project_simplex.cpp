@@ -10,7 +10,7 @@ namespace mvm::cpu {
 
 at::Tensor project_simplex(const at::Tensor& v, double z) {
   check_project_simplex(v, z);
-  return map_rows({v}, [z](int64_t, double** in, double* out, int64_t n) {
+  return map_rows({v}, [z](double** in, double* out, int64_t n) {
     std::copy(in[0], in[0] + n, out);
     project_row(out, n, z);
   });

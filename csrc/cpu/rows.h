@@ -12,7 +12,7 @@
 
 namespace mvm::cpu {
 
-// fn(row_index, double* inputs[k], double* out, int64_t n) for every row of the
+// fn(double* inputs[k], double* out, int64_t n) for every row of the
 // (rows, n) views of `inputs` (all the same shape and dtype, contiguous).
 // Returns a new tensor shaped like inputs[0].
 template <typename Fn>
@@ -39,7 +39,7 @@ at::Tensor map_rows(std::vector<at::Tensor> inputs, Fn fn) {
           for (int64_t i = 0; i < n; ++i) bufs[k][i] = static_cast<double>(s[i]);
           ptrs[k] = bufs[k].data();
         }
-        fn(r, ptrs.data(), result.data(), n);
+        fn(ptrs.data(), result.data(), n);
         scalar_t* d = dst + r * n;
         for (int64_t i = 0; i < n; ++i) d[i] = static_cast<scalar_t>(result[i]);
       }

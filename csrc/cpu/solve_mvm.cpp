@@ -122,7 +122,7 @@ at::Tensor solve_mvm(const at::Tensor& alpha, int64_t c, c10::string_view method
                      int64_t max_iter, double tol) {
   const bool kkt = check_solve_mvm(alpha, c, method, max_iter, tol);
   const double cd = static_cast<double>(c);
-  return map_rows({alpha}, [&](int64_t, double** in, double* out, int64_t m) {
+  return map_rows({alpha}, [&](double** in, double* out, int64_t m) {
     const Support s = support_of(in[0], m);
     const int64_t k = static_cast<int64_t>(s.index.size());
     std::fill(out, out + m, 0.0);
