@@ -32,9 +32,13 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest tests -q
 
+# The benchmark suite, its markdown tables (out/bench.md) and SAP vs MVM per
+# draw (out/draws.md). BENCH_ARGS=--quick for smaller batches.
 bench: $(VENV)/.installed
 	mkdir -p out
-	$(VENV)/bin/pytest benchmarks -q --benchmark-json=out/bench.json
+	$(VENV)/bin/pytest benchmarks -q $(BENCH_ARGS) --benchmark-json=out/bench.json
+	$(PY) benchmarks/ratios.py out/bench.json | tee out/bench.md
+	$(PY) benchmarks/draws.py --out out/draws.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # GPU check for a lent H100/H200 (no network; torch with CUDA, nvcc, pytest
-# already installed). Run from anywhere; about 4-5 minutes:
+# already installed). Run from anywhere; about 5 minutes:
 #   1. build and install mvm_cuda with its CUDA kernels (pip, no build isolation);
 #   2. the test suite, CUDA included (tests skip CUDA only without a GPU);
 #   3. compute-sanitizer memcheck, racecheck, initcheck and synccheck on the
 #      small drivers in benchmarks/gpu_drivers.py ("unavailable" when the tool
 #      is missing or refused, not a failure), in parallel with the tests;
-#   4. the benchmark table of benchmarks/gpu_table.py, alone on the GPU.
-# Writes a summary and the table to stdout, and to $OUT/gpu_check.md when $OUT
+#   4. the benchmark table of benchmarks/gpu_table.py, alone on the GPU;
+#   5. the detector end to end (benchmarks/test_bench_detector.py --quick, CUDA
+#      cases only, tabled by benchmarks/ratios.py) and SAP vs MVM per draw
+#      (benchmarks/draws.py), alone on the GPU ("unavailable" without
+#      pytest-benchmark, not a failure).
+# Writes a summary and the tables to stdout, and to $OUT/gpu_check.md when $OUT
 # is set. Exits non-zero when the build, a test or a sanitizer finds a problem.
 # Knobs: PYTHON, MAX_JOBS, TORCH_CUDA_ARCH_LIST (default 9.0),
 # MVM_PYTEST_ARGS (default: -x -q -m "not slow"), MVM_SKIP_BUILD=1 (reuse the
@@ -134,11 +138,38 @@ else
   note "- benchmarks: FAILED or timed out ($(elapsed $t)); last lines:"
   tail -20 "$WORK/bench.log" | tee -a "$SUMMARY"
 fi
+
+# 5. The detector end to end and SAP vs MVM per draw, also alone on the GPU.
+# Timing failures are reported, not fatal, as in step 4.
+t=$(date +%s)
+if ! $PY -P -c 'import pytest_benchmark' > /dev/null 2>&1; then
+  note "- detector benchmark: unavailable (pytest-benchmark not installed)"
+elif timeout 150 $PY -P -m pytest benchmarks/test_bench_detector.py -q --quick -k "cuda and not cpu" \
+       --benchmark-json "$WORK/detector.json" > "$WORK/detector.log" 2>&1 \
+     && $PY -P benchmarks/ratios.py "$WORK/detector.json" > "$WORK/detector.md" 2>> "$WORK/detector.log"; then
+  note "- detector benchmark: ok ($(elapsed $t))"
+else
+  note "- detector benchmark: FAILED or timed out ($(elapsed $t)); last lines:"
+  tail -20 "$WORK/detector.log" | tee -a "$SUMMARY"
+fi
+t=$(date +%s)
+if timeout 60 $PY -P benchmarks/draws.py --device cuda --out "$WORK/draws.md" > "$WORK/draws.log" 2>&1; then
+  note "- SAP vs MVM per draw: ok ($(elapsed $t))"
+else
+  note "- SAP vs MVM per draw: FAILED or timed out ($(elapsed $t)); last lines:"
+  tail -20 "$WORK/draws.log" | tee -a "$SUMMARY"
+fi
 note "- total: $(elapsed "$T0")"
+
+tables() {
+  for f in table.md detector.md draws.md; do
+    [ -f "$WORK/$f" ] && { cat "$WORK/$f"; echo; }
+  done
+}
 echo
-[ -f "$WORK/table.md" ] && cat "$WORK/table.md"
+tables
 if [ -n "${OUT:-}" ]; then
-  { cat "$SUMMARY"; echo; [ -f "$WORK/table.md" ] && cat "$WORK/table.md"; } > "$OUT/gpu_check.md"
-  cp "$WORK"/*.log "$OUT/" 2>/dev/null || true
+  { cat "$SUMMARY"; echo; tables; } > "$OUT/gpu_check.md"
+  cp "$WORK"/*.log "$WORK"/*.json "$OUT/" 2>/dev/null || true
 fi
 exit $STATUS

@@ -38,6 +38,14 @@ inline std::string shape_str(at::IntArrayRef sizes) {
   return s.str();
 }
 
+// The number of vectors along the last dimension of t: the product of its
+// other sizes (1 for a 1-d tensor).
+inline int64_t rows_of(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return rows;
+}
+
 inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t,
                               bool allow_half) {
   const auto dt = t.scalar_type();
@@ -139,7 +147,8 @@ inline void check_project_simplex(const at::Tensor& v, double z) {
   check_float_dtype(op, "v", v, /*allow_half=*/false);
   TORCH_CHECK(v.dim() >= 1, "mvm::", op, ": v must have at least 1 dimension, got a scalar");
   TORCH_CHECK(std::isfinite(z) && z > 0.0, "mvm::", op, ": z must be finite and > 0, got ", z);
-  TORCH_CHECK(v.size(-1) > 0 || v.numel() == 0, "mvm::", op, ": v's last dimension must be non-empty");
+  TORCH_CHECK(v.size(-1) > 0 || rows_of(v) == 0, "mvm::", op, ": v's last dimension must be non-empty, got ",
+              shape_str(v.sizes()));
   if (should_check_values(v)) check_finite(op, "v", v);
 }
 
@@ -154,7 +163,8 @@ inline void check_mvm_step(const at::Tensor& p, const at::Tensor& alpha, int64_t
   TORCH_CHECK(p.scalar_type() == alpha.scalar_type(), "mvm::", op,
               ": p and alpha must have the same dtype, got ", p.scalar_type(), " and ",
               alpha.scalar_type());
-  TORCH_CHECK(p.size(-1) > 0 || p.numel() == 0, "mvm::", op, ": p's last dimension must be non-empty");
+  TORCH_CHECK(p.size(-1) > 0 || rows_of(p) == 0, "mvm::", op, ": p's last dimension must be non-empty, got ",
+              shape_str(p.sizes()));
   check_draws(op, c);
   TORCH_CHECK(std::isfinite(lr) && lr >= 0.0, "mvm::", op, ": lr must be finite and >= 0, got ", lr);
   if (should_check_values(p)) {
@@ -169,7 +179,8 @@ inline bool check_solve_mvm(const at::Tensor& alpha, int64_t c, c10::string_view
   constexpr const char* op = "solve_mvm";
   check_float_dtype(op, "alpha", alpha, /*allow_half=*/false);
   TORCH_CHECK(alpha.dim() >= 1, "mvm::", op, ": alpha must have at least 1 dimension (B, M), got a scalar");
-  TORCH_CHECK(alpha.size(-1) > 0 || alpha.numel() == 0, "mvm::", op, ": alpha's last dimension (M) must be non-empty");
+  TORCH_CHECK(alpha.size(-1) > 0 || rows_of(alpha) == 0, "mvm::", op, ": alpha's last dimension (M) must be non-empty, got ",
+              shape_str(alpha.sizes()));
   check_draws(op, c);
   const bool kkt = method == "kkt";
   TORCH_CHECK(kkt || method == "pgd", "mvm::", op, ": method must be \"kkt\" or \"pgd\", got \"",

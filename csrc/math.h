@@ -154,10 +154,10 @@ struct SimplexCut {
 };
 
 template <typename SumAbove>
-C10_HOST_DEVICE inline SimplexCut simplex_cut(int64_t n, double z, SumAbove sum_above) {
+C10_HOST_DEVICE inline SimplexCut simplex_cut(int64_t n, double z, SumAbove sum_above, double start = -INFINITY) {
   int64_t count = 0;
   double sum = 0.0;
-  sum_above(-INFINITY, &count, &sum);
+  sum_above(start, &count, &sum);
   SimplexCut cut{sum / count, z / count};
   for (int64_t round = 0; round <= n; ++round) {
     int64_t new_count = 0;
@@ -177,13 +177,30 @@ C10_HOST_DEVICE inline double simplex_threshold(int64_t n, double z, SumAbove su
   return simplex_cut(n, z, sum_above).tau();
 }
 
+// The projection commutes with a shift of the row. Subtracting the row's
+// largest entry `top` first puts every entry of the support in (-z, 0] (the
+// largest entry is in it, and none is more than z below it), so the search
+// can start at -z and its sums neither round ties away (three entries of
+// 1e30) nor overflow (1e308). A row whose top is +inf (a step that overflowed)
+// gives its mass to its infinite entries, evenly. Rows with no entry above
+// -inf are left as they are.
+C10_HOST_DEVICE inline double shift_entry(double v, double top) {
+  if (top == INFINITY) return v == INFINITY ? 0.0 : -INFINITY;
+  return v - top;
+}
+
 // Euclidean projection of a contiguous row onto {p >= 0, sum p = z}, in place.
 C10_HOST_DEVICE inline void project_row(double* v, int64_t n, double z) {
+  double top = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) top = v[i] > top ? v[i] : top;
+  if (top > -INFINITY) {
+    for (int64_t i = 0; i < n; ++i) v[i] = shift_entry(v[i], top);
+  }
   const SimplexCut cut = simplex_cut(n, z, [&](double t, int64_t* count, double* sum) {
     for (int64_t i = 0; i < n; ++i) {
       if (v[i] > t) { ++*count; *sum += v[i]; }
     }
-  });
+  }, top > -INFINITY ? -z : -INFINITY);
   for (int64_t i = 0; i < n; ++i) v[i] = cut.project(v[i]);
 }
 

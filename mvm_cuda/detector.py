@@ -10,10 +10,12 @@ bootstrap interval; it needs scikit-learn and scipy (the `eval` extra).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from types import ModuleType
 
@@ -25,11 +27,14 @@ from tqdm.auto import tqdm
 from . import ops
 from .nn import DropoutUnit, MVMUnit, SAPUnit, insert_units, sampling_units, set_mode
 
-__all__ = ["METHODS", "Detector", "RocReport", "histogram_entropy", "threshold_for_fpr", "roc_report"]
+__all__ = ["METHODS", "SOLVERS", "Detector", "RocReport", "histogram_entropy", "threshold_for_fpr", "roc_report"]
 
 METHODS = ("mvm", "sap", "dropout")
+SOLVERS = ("kkt", "pgd")
 _FORMAT = "mvm_cuda-detector-v1"
 _KNOWN_BACKENDS = ("mvm_cuda.ops", "mvm_cuda.reference")
+_SAVED_KEYS = ("method", "c", "c_rel", "frac", "p_drop", "R", "max_batch", "seed", "solver", "channels_last",
+               "backend", "threshold", "fpr", "input_shape")
 
 
 def histogram_entropy(votes: Tensor) -> Tensor:
@@ -134,6 +139,20 @@ def _first_param(model: nn.Module) -> Tensor | None:
     return next(iter(model.parameters()), None)
 
 
+def model_fingerprint(model: nn.Module) -> str:
+    """A SHA-256 (hex, 16 digits) of a model's state_dict: every entry's name, dtype,
+    shape and values (read on the CPU). A saved detector keeps it, so that `load` can
+    tell a different network (other weights, layers or dtype) from the one its threshold
+    was fitted on. Independent of the model's device."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class Detector:
     """Adversarial-image detector of the paper's Alg. 3, with MVM, SAP or dropout units.
 
@@ -178,6 +197,8 @@ class Detector:
             raise ValueError(f"Detector: R must be an integer >= 1, got {R}")
         if int(max_batch) != max_batch or max_batch < 1:
             raise ValueError(f"Detector: max_batch must be an integer >= 1, got {max_batch}")
+        if method == "mvm" and solver not in SOLVERS:
+            raise ValueError(f"Detector: solver must be one of {SOLVERS}, got {solver!r}")
         if method == "mvm" and c is None and c_rel is None:
             c_rel = 1.0
         backend = ops if backend is None else backend
@@ -201,6 +222,12 @@ class Detector:
         param = _first_param(self.net)
         self.device = param.device if param is not None else torch.device("cpu")
         self.dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        if generator is not None and torch.device(generator.device).type != self.device.type:
+            raise ValueError(
+                f"Detector: the generator is on {generator.device} but the model is on {self.device}; "
+                "pass a torch.Generator on the model's device"
+            )
+        self.model_fingerprint = model_fingerprint(model)
 
     @property
     def name(self) -> str:
@@ -212,9 +239,18 @@ class Detector:
         return f"dropout {self.p_drop:g}"
 
     def _check_input(self, x: Tensor, fn: str) -> None:
-        if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"Detector.{fn}: x must be a float tensor of images (N, C, H, W), got {shape}")
+        """Reject what would crash deep inside the model or give meaningless scores: not
+        a tensor, not 4-d, not floating point, pixels outside [0, 1] or NaN, or images
+        the model does not take (found by one clean forward of the first image)."""
+        where = f"Detector.{fn}: x must be a float tensor of images (N, C, H, W)"
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{where}, got {type(x).__name__}")
+        if x.dim() != 4:
+            hint = "; for a single image add the batch dimension, x[None]" if x.dim() == 3 else ""
+            raise ValueError(f"{where}, got shape {tuple(x.shape)}{hint}")
+        if not x.is_floating_point():
+            hint = " (for 0..255 images pass x.float() / 255)" if x.dtype == torch.uint8 else ""
+            raise ValueError(f"{where}, got dtype {x.dtype}{hint}")
         if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
                 f"Detector.{fn}: images of shape {tuple(x.shape[1:])} do not fit the model, "
@@ -231,12 +267,13 @@ class Detector:
             set_mode(self.net, "off")
             try:
                 out = self.net(x[:1].to(self.device, self.dtype))
-            except RuntimeError as e:
+            except (RuntimeError, ValueError, IndexError) as e:
                 raise ValueError(
                     f"Detector.{fn}: images of shape {tuple(x.shape[1:])} do not fit the model: {e}"
                 ) from e
-            if out.dim() != 2:
-                raise ValueError(f"Detector.{fn}: the model must return logits (N, K), got {tuple(out.shape)}")
+            if not isinstance(out, Tensor) or out.dim() != 2:
+                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(f"Detector.{fn}: the model must return logits (N, K), got {got}")
             self.input_shape = tuple(x.shape[1:])
 
     def _fresh_generator(self) -> torch.Generator | None:
@@ -265,8 +302,10 @@ class Detector:
     def votes(self, x: Tensor) -> Tensor:
         """The predicted classes of the R stochastic passes over images x (N, C, H, W) in
         [0, 1], as (N, R) int64 on the CPU. Runs in batches of P = max(1, max_batch // R)
-        images (a tqdm bar over images), under torch.inference_mode. Raises ValueError for
-        images that are not (N, C, H, W) floats in [0, 1] or do not fit the model."""
+        images (a tqdm bar over images), under torch.inference_mode. x is moved to the model's
+        device and cast to its dtype. Raises TypeError if x is not a tensor, ValueError for
+        images that are not (N, C, H, W) floats in [0, 1] (NaN included) or do not fit the
+        model."""
         with torch.inference_mode():
             self._check_input(x, "votes")
             n = x.shape[0]
@@ -304,16 +343,30 @@ class Detector:
 
     def fit_threshold(self, clean_x: Tensor, fpr: float = 0.05) -> "Detector":
         """Set `threshold` so that at most a fraction fpr of the clean images clean_x
-        (N, C, H, W) score above it (see `threshold_for_fpr`); returns self. Raises
-        ValueError if N < ceil(1/fpr) or fpr is not in (0, 1)."""
+        (N, C, H, W) score above it (see `threshold_for_fpr`); returns self.
+
+        Raises ValueError if fpr is not in (0, 1) or N < ceil(1/fpr) (then not even one
+        clean image may lie above the threshold, so the rate cannot be resolved). Warns
+        (UserWarning) if N < ceil(10/fpr), e.g. 200 images at fpr = 0.05: with k =
+        floor(fpr N) clean images above the threshold, the false-positive rate it gives
+        on new clean images varies by about 1/sqrt(k+1) of fpr (more than 30% below
+        k = 10)."""
         if not 0 < fpr < 1:
             raise ValueError(f"Detector.fit_threshold: fpr must be in (0, 1), got {fpr}")
-        need = math.ceil(1 / fpr - 1e-9)
-        if isinstance(clean_x, Tensor) and clean_x.shape[0] < need:
-            raise ValueError(
-                f"Detector.fit_threshold: {clean_x.shape[0]} clean images cannot resolve fpr={fpr}; "
-                f"need at least {need}"
-            )
+        need, advised = math.ceil(1 / fpr - 1e-9), math.ceil(10 / fpr - 1e-9)
+        if isinstance(clean_x, Tensor) and clean_x.dim() >= 1:
+            n = clean_x.shape[0]
+            if n < need:
+                raise ValueError(
+                    f"Detector.fit_threshold: {n} clean images cannot resolve fpr={fpr}; need at least {need}"
+                )
+            if n < advised:
+                warnings.warn(
+                    f"Detector.fit_threshold: {n} clean images put only {math.floor(fpr * n + 1e-9)} above "
+                    f"the threshold; its false-positive rate on new images may be far from fpr={fpr} "
+                    f"(use at least {advised})",
+                    stacklevel=2,
+                )
         self.threshold = threshold_for_fpr(self.scores(clean_x), fpr)
         self.fpr = fpr
         return self
@@ -350,6 +403,7 @@ class Detector:
             "threshold": self.threshold,
             "fpr": self.fpr,
             "input_shape": list(self.input_shape) if self.input_shape is not None else None,
+            "model_fingerprint": self.model_fingerprint,
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -362,18 +416,36 @@ class Detector:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module, *, backend: ModuleType | None = None,
-             generator: torch.Generator | None = None, progress: bool = True) -> "Detector":
+             generator: torch.Generator | None = None, progress: bool = True,
+             strict: bool = True) -> "Detector":
         """The detector saved at `path`, rebuilt around `model` (the same trained network).
         backend: the op module (default: the saved one, if it is mvm_cuda.ops or
-        mvm_cuda.reference). Raises ValueError for a file that is not a saved detector."""
-        with open(path) as f:
-            cfg = json.load(f)
+        mvm_cuda.reference). Raises ValueError, naming the file, for a file that is not a
+        saved detector (not JSON, another format, missing settings), and for a model whose
+        `model_fingerprint` (weights, layers, dtype) differs from the saved one: a threshold
+        fitted on one network means nothing on another. strict=False turns that mismatch
+        into a UserWarning (e.g. after a deliberate dtype change; refit the threshold)."""
+        try:
+            with open(path) as f:
+                cfg = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"Detector.load: {path} is not a saved mvm_cuda detector ({_FORMAT}): {e}") from e
         if not isinstance(cfg, dict) or cfg.get("format") != _FORMAT:
             raise ValueError(f"Detector.load: {path} is not a saved mvm_cuda detector ({_FORMAT})")
+        missing = [k for k in _SAVED_KEYS if k not in cfg]
+        if missing:
+            raise ValueError(f"Detector.load: {path} lacks the settings {', '.join(missing)}")
         if backend is None:
             if cfg["backend"] not in _KNOWN_BACKENDS:
                 raise ValueError(f"Detector.load: unknown backend {cfg['backend']!r}; pass backend=")
             backend = importlib.import_module(cfg["backend"])
+        saved, now = cfg.get("model_fingerprint"), model_fingerprint(model)
+        if saved is not None and saved != now:
+            message = (f"Detector.load: the model differs from the one {path} was saved with "
+                       f"(fingerprint {now}, saved {saved}); its threshold does not apply to this model")
+            if strict:
+                raise ValueError(message + "; pass that model, or strict=False and refit the threshold")
+            warnings.warn(message, stacklevel=2)
         det = cls(model, cfg["method"], c=cfg["c"], c_rel=cfg["c_rel"], frac=cfg["frac"], p_drop=cfg["p_drop"],
                   R=cfg["R"], max_batch=cfg["max_batch"], seed=cfg["seed"], generator=generator,
                   backend=backend, solver=cfg["solver"], channels_last=cfg["channels_last"],

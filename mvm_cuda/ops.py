@@ -47,8 +47,16 @@ def mvm_step(p: torch.Tensor, alpha: torch.Tensor, c: int, lr: float) -> torch.T
     return _lib.mvm_step(p, alpha, c, lr)
 
 
+def _same_device(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    # The fake kernel also runs when one argument is a meta tensor and the
+    # other is not (the Meta key wins dispatch): check what the real kernels do.
+    torch._check(a.device == b.device, lambda: f"mvm::{op}: {name_a} and {name_b} must be on the "
+                 f"same device, got {a.device} and {b.device}")
+
+
 @torch.library.register_fake("mvm::mvm_step")
 def _(p, alpha, c, lr):
+    _same_device("mvm_step", "p", p, "alpha", alpha)
     return torch.empty_like(p, memory_format=torch.contiguous_format)
 
 
@@ -81,6 +89,7 @@ def sample_rows(x: torch.Tensor, p: torch.Tensor, c: int, *,
 
 @torch.library.register_fake("mvm::sample_rows")
 def _(x, p, c, *, generator=None):
+    _same_device("sample_rows", "x", x, "p", p)
     return torch.empty_like(x)
 
 
@@ -89,6 +98,8 @@ def sap_sample(h: torch.Tensor, frac: float, generator: torch.Generator | None =
     each sample as K rows of width 1, with p = |h| / sum |h| recomputed from h
     and r = max(1, round(frac * K)) draws. Zeros stay zero."""
     flat, p, r = sap_inputs(h, frac)
+    if h.numel() == 0:  # nothing to prune
+        return torch.empty_like(h)
     return sample_rows(flat, p, r, generator=generator).reshape(h.shape)
 
 

@@ -40,6 +40,11 @@ def project_simplex(v: torch.Tensor, z: float = 1.0) -> torch.Tensor:
     """Euclidean projection of each vector along the last dim of v (any leading
     shape) onto {p >= 0, sum p = z}, by sorting (computed in float64)."""
     w = v.double()
+    # The projection commutes with a shift: with the row's max subtracted, the
+    # support lies in (-z, 0] and the sums below neither round ties at 1e30
+    # away nor overflow at 1e308.
+    top = w.amax(-1, keepdim=True) if w.numel() else w
+    w = torch.where(top.isfinite(), w - top, w)
     u, _ = torch.sort(w, dim=-1, descending=True)
     k = torch.arange(1, w.shape[-1] + 1, dtype=w.dtype, device=w.device)
     means = torch.cumsum(u, dim=-1) / k
@@ -178,14 +183,15 @@ def sap_inputs(h: torch.Tensor, frac: float):
     """What SAP hands the row sampler for activation h (N, ...): the view
     (N, K, 1), p_j = |h_j| / sum |h| per sample (uniform for an all-zero
     sample, whose output is zero anyway), and r = max(1, round(frac * K))."""
-    if not frac > 0:
-        raise ValueError(f"sap_sample: frac must be > 0, got {frac}")
+    if not (frac > 0 and math.isfinite(frac)):
+        raise ValueError(f"sap_sample: frac must be finite and > 0, got {frac}")
     n = h.shape[0]
-    flat = h.reshape(n, -1, 1)
-    k = flat.shape[1]
+    k = math.prod(h.shape[1:])
+    flat = h.reshape(n, k, 1)
     mag = flat[..., 0].abs().to(torch.promote_types(h.dtype, torch.float32))
-    total = mag.sum(-1, keepdim=True)
-    p = torch.where(total > 0, mag / total.clamp_min(torch.finfo(mag.dtype).tiny), torch.full_like(mag, 1.0 / max(k, 1)))
+    # The sum in float64: float32's overflows for activations near 3e38.
+    total = mag.sum(-1, keepdim=True, dtype=torch.float64)
+    p = torch.where(total > 0, (mag / total).to(mag.dtype), torch.full_like(mag, 1.0 / max(k, 1)))
     return flat, p, max(1, round(frac * k))
 
 
@@ -194,6 +200,8 @@ def sap_sample(h: torch.Tensor, frac: float, generator: torch.Generator | None =
     sample's entries are rows of width 1, drawn r = max(1, round(frac * K))
     times with p proportional to |h|, kept entries scaled by 1/pi."""
     flat, p, r = sap_inputs(h, frac)
+    if h.numel() == 0:  # nothing to prune
+        return torch.empty_like(h)
     return sample_rows(flat, p, r, generator=generator).reshape(h.shape)
 
 

@@ -54,47 +54,6 @@ def test_cifar10_reads_the_python_batches(tmp_path, subfolder, protocol):
     assert d.y_test.tolist() == written["test_batch"][1]
 
 
-def test_cifar10_missing_files_name_folder_and_files(tmp_path):
-    write_cifar(tmp_path)
-    (tmp_path / "data_batch_3").unlink()
-    (tmp_path / "test_batch").unlink()
-    with pytest.raises(FileNotFoundError) as e:
-        data.load_cifar10(tmp_path)
-    msg = str(e.value)
-    assert str(tmp_path) in msg and "cifar-10-batches-py" in msg
-    assert "missing data_batch_3, test_batch" in msg and "data_batch_1" in msg
-
-
-@pytest.mark.parametrize("content", [
-    b"\x00garbage, not a pickle",
-    pickle.dumps([1, 2, 3]),
-    pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}),
-    pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 11]}),
-    pickle.dumps({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}),
-    pickle.dumps({b"labels": [0, 1]}),
-])
-def test_cifar10_bad_file_is_a_value_error_naming_it(tmp_path, content):
-    write_cifar(tmp_path)
-    (tmp_path / "data_batch_4").write_bytes(content)
-    with pytest.raises(ValueError, match="data_batch_4"):
-        data.load_cifar10(tmp_path)
-
-
-class _Evil:
-    def __reduce__(self):
-        import os
-        return (os.mkdir, ("should-not-exist",))
-
-
-def test_cifar10_pickles_cannot_run_code(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    write_cifar(tmp_path)
-    (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": _Evil(), b"labels": []}))
-    with pytest.raises(ValueError, match="refusing"):
-        data.load_cifar10(tmp_path)
-    assert not (tmp_path / "should-not-exist").exists()
-
-
 def test_svhn_reads_the_mat_files(tmp_path):
     written = write_svhn(tmp_path)
     d = data.load_svhn(tmp_path)
@@ -108,24 +67,6 @@ def test_svhn_reads_the_mat_files(tmp_path):
     assert d.y_train[0] == 0  # label 10 is the digit 0
     assert d.y_train.tolist() == [int(k) % 10 for k in y[:, 0]]
     assert d.y_train.min() >= 0 and d.y_train.max() <= 9
-
-
-def test_svhn_missing_file(tmp_path):
-    write_svhn(tmp_path)
-    (tmp_path / "test_32x32.mat").unlink()
-    with pytest.raises(FileNotFoundError, match="missing test_32x32.mat") as e:
-        data.load_svhn(tmp_path)
-    assert str(tmp_path) in str(e.value)
-
-
-def test_svhn_bad_files(tmp_path):
-    write_svhn(tmp_path)
-    (tmp_path / "train_32x32.mat").write_bytes(b"MATLAB? no")
-    with pytest.raises(ValueError, match="train_32x32.mat"):
-        data.load_svhn(tmp_path)
-    write_svhn(tmp_path / "wrong", X=np.zeros((28, 28, 1, 2), np.uint8))
-    with pytest.raises(ValueError, match="train_32x32.mat.*X must"):
-        data.load_svhn(tmp_path / "wrong")
 
 
 def test_mnist_split():
@@ -162,8 +103,3 @@ def test_load_dataset_dispatch(tmp_path, monkeypatch):
     assert data.load_dataset("cifar10").name == "cifar10"
     with pytest.raises(FileNotFoundError, match="svhn"):
         data.load_dataset("svhn")
-    monkeypatch.delenv("MVM_CUDA_DATA")
-    with pytest.raises(ValueError, match="MVM_CUDA_DATA"):
-        data.load_dataset("svhn")
-    with pytest.raises(ValueError, match="unknown dataset"):
-        data.load_dataset("imagenet")

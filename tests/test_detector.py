@@ -111,10 +111,6 @@ def test_threshold_for_fpr():
 def test_fit_threshold_predict_and_save_load(digits, tmp_path):
     model, x, adv = digits
     det = Detector(model, "mvm", c_rel=0.5, R=15, seed=2, progress=False)
-    with pytest.raises(RuntimeError, match="fit_threshold"):
-        det.predict(adv[:5])
-    with pytest.raises(ValueError, match="need at least 20"):
-        det.fit_threshold(x[:19], fpr=0.05)
     det.fit_threshold(x[:100], fpr=0.1)
     flagged_clean = det.predict(x[:100])
     assert flagged_clean.double().mean() <= 0.1
@@ -128,30 +124,6 @@ def test_fit_threshold_predict_and_save_load(digits, tmp_path):
     assert loaded.config() == det.config()
     assert torch.equal(loaded.scores(adv[:30]), det.scores(adv[:30]))
     assert torch.equal(loaded.predict(adv[:30]), det.predict(adv[:30]))
-    path.write_text("{}")
-    with pytest.raises(ValueError, match="not a saved mvm_cuda detector"):
-        Detector.load(path, model)
-
-
-def test_input_errors(digits):
-    model, x, adv = digits
-    det = Detector(model, "sap", R=3, progress=False)
-    with pytest.raises(ValueError, match="do not fit the model"):
-        det.scores(torch.rand(2, 1, 28, 28))
-    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
-        det.scores(torch.rand(2, 64))
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        det.scores(x[:2] * 16)
-    bad = x[:2].clone()
-    bad[0, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        det.scores(bad)
-    det.scores(x[:2])
-    with pytest.raises(ValueError, match="which takes"):  # the shape is known now
-        det.scores(torch.rand(2, 1, 9, 9))
-    assert det.scores(x[:0]).shape == (0,)
-    with pytest.raises(ValueError, match="method"):
-        Detector(model, "bayes")
 
 
 def test_roc_report():

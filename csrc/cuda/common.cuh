@@ -83,6 +83,13 @@ __device__ __forceinline__ void block_sum2(double& a, double& b, double* scratch
 // needed around it beyond those inside the reductions.
 __device__ inline void block_project(double* v, int64_t n, int64_t rounds, double z,
                                      double* scratch) {
+  // Shifted by the row's largest entry first, as math.h's project_row.
+  double top = -INFINITY;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) top = v[i] > top ? v[i] : top;
+  top = block_reduce(top, Max{}, scratch);
+  if (top > -INFINITY) {
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) v[i] = shift_entry(v[i], top);
+  }
   const SimplexCut cut = simplex_cut(rounds, z, [&](double t, int64_t* count, double* sum) {
     double cnt = 0.0, s = 0.0;  // counts stay exact in a double up to 2^53
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
@@ -95,7 +102,7 @@ __device__ inline void block_project(double* v, int64_t n, int64_t rounds, doubl
     block_sum2(cnt, s, scratch);
     *count = static_cast<int64_t>(cnt);
     *sum = s;
-  });
+  }, top > -INFINITY ? -z : -INFINITY);
   // math.h's exact form max((v - mean) + share, 0), as the CPU's project_row.
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) v[i] = cut.project(v[i]);
 }

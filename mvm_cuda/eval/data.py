@@ -155,7 +155,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         data = batch.get(b"data", batch.get("data"))
         labels = batch.get(b"labels", batch.get("labels"))
         if data is None or labels is None:
-            raise KeyError(f"expected keys b'data' and b'labels', got {sorted(map(repr, batch))}")
+            raise ValueError(f"expected keys b'data' and b'labels', got {', '.join(sorted(map(repr, batch)))}")
         data = np.asarray(data)
         labels = np.asarray(labels)
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
@@ -198,6 +198,10 @@ def _read_svhn(path: Path) -> tuple[Tensor, Tensor]:
 
     try:
         mat = scipy.io.loadmat(path)
+        missing = [k for k in ("X", "y") if k not in mat]
+        if missing:
+            found = sorted(k for k in mat if not k.startswith("__"))
+            raise ValueError(f"no variable {' or '.join(missing)} (found {', '.join(found) or 'none'})")
         x, y = mat["X"], np.asarray(mat["y"]).reshape(-1)
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
             raise ValueError(f"X must be uint8 of shape (32, 32, 3, n), got {x.dtype} {x.shape}")

@@ -250,6 +250,15 @@ def _save(path: Path, key: str, tensors: dict[str, Tensor]) -> None:
         raise
 
 
+def _try_save(path: Path, key: str, tensors: dict[str, Tensor]) -> None:
+    """_save, but a cache that cannot be written (read-only or full disk, a folder in
+    the way) costs only the caching: a warning, and the caller keeps its result."""
+    try:
+        _save(path, key, tensors)
+    except OSError as e:
+        warnings.warn(f"mvm_cuda cache: could not write {path}: {type(e).__name__}: {e}", stacklevel=3)
+
+
 def _load(path: Path, key: str) -> dict[str, Tensor] | None:
     """The tensors stored under `key` at `path`, or None (with a warning if the file is bad)."""
     if not path.is_file():
@@ -278,7 +287,8 @@ def cached_tensors(key: str, fn: Callable[[], dict[str, Tensor]]) -> dict[str, T
     depends on (dataset, model key, attack, parameters, seed). The file lives in
     cache_dir()/tensors, is written atomically, loaded with weights_only=True, and
     checked (format, key and a SHA-256 of the tensors); a corrupt or truncated file is
-    reported with a warning and rebuilt by calling fn() again. Returns the dict, its
+    reported with a warning and rebuilt by calling fn() again, and a file that cannot be
+    written is reported with a warning (the result is still returned). Returns the dict, its
     tensors on the CPU, whether loaded or freshly computed.
     """
     path = _file_for("tensors", key)
@@ -287,7 +297,7 @@ def cached_tensors(key: str, fn: Callable[[], dict[str, Tensor]]) -> dict[str, T
         tensors = fn()
         if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
             raise TypeError(f"cached_tensors: fn must return a dict of tensors, got {type(tensors).__name__}")
-        _save(path, key, tensors)
+        _try_save(path, key, tensors)
         tensors = {k: v.detach().cpu() for k, v in tensors.items()}
     return tensors
 
@@ -333,5 +343,5 @@ def load_or_train(
             )
             model = build_model(name, seed=seed)
     train(model, x, y, epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress)
-    _save(path, key, model.state_dict())
+    _try_save(path, key, model.state_dict())
     return model
