@@ -63,9 +63,10 @@ C10_HOST_DEVICE inline double variance_term(double p, double alpha, double c) {
 // log g = log c + (c - 1) log(1 - p) - 2 log pi(p)
 // d/dp  = -(c - 1) / (1 - p) - 2 c (1 - p)^(c - 1) / pi(p)
 C10_HOST_DEVICE inline void log_grad_factor(double p, double c, double* value, double* slope) {
-  const double pi = inclusion_prob(p, c);
-  const double q = c == 1.0 ? 1.0 : ::exp((c - 1.0) * ::log1p(-p));
-  *value = ::log(c) + (c - 1.0) * ::log1p(-p) - 2.0 * ::log(pi);
+  const double l = ::log1p(-p);  // log(1 - p), shared by the three terms
+  const double pi = -::expm1(c * l);
+  const double q = c == 1.0 ? 1.0 : ::exp((c - 1.0) * l);
+  *value = ::log(c) + (c - 1.0) * l - 2.0 * ::log(pi);
   *slope = -(c - 1.0) / (1.0 - p) - 2.0 * c * q / pi;
 }
 
@@ -73,8 +74,10 @@ C10_HOST_DEVICE inline void log_grad_factor(double p, double c, double* value, d
 // log g(p) = target, where target = log(lambda / alpha). log g is strictly
 // decreasing, so a bracketed Newton search converges; the bracket keeps it
 // safe whatever the start. Also returns dp/dtarget = 1 / (d log g / dp), which
-// the outer search on lambda uses as its derivative.
-C10_HOST_DEVICE inline double kkt_row(double target, double c, double* dp_dtarget) {
+// the outer search on lambda uses as its derivative. `guess`, when in (0, 1),
+// starts the search (the row's p at the previous lambda: a step or two then
+// suffices); otherwise it starts from the asymptotes below.
+C10_HOST_DEVICE inline double kkt_row(double target, double c, double* dp_dtarget, double guess = 0.0) {
   *dp_dtarget = 0.0;
   // c = 1: g(p) = 1 / p^2 in closed form, p = min(1, exp(-target / 2)).
   if (c == 1.0) {
@@ -87,20 +90,25 @@ C10_HOST_DEVICE inline double kkt_row(double target, double c, double* dp_dtarge
   // g ~ c exp(-c p), whichever gives the larger p (both underestimate p).
   double p_small = ::exp(-0.5 * (target + ::log(c)));
   double p_large = (::log(c) - target) / c;
-  double p = p_small > p_large ? p_small : p_large;
+  double p = guess > 0.0 && guess < 1.0 ? guess : (p_small > p_large ? p_small : p_large);
   double lo = 0.0, hi = 1.0;
   if (!(p > lo && p < hi)) p = 0.5;
   double value = 0.0, slope = -1.0;
   for (int it = 0; it < kRowSearchIters; ++it) {
     log_grad_factor(p, c, &value, &slope);
     const double residual = value - target;  // decreasing in p
+    if (residual == 0.0) break;  // exact: a bisection step now would only move away
     if (residual > 0.0) lo = p; else hi = p;
     double next = p - residual / slope;
+    // Converged when Newton's step is below rounding: a last step that
+    // small is taken even if it touches the bracket's end.
+    if (::fabs(next - p) <= 1e-15 * p) { p = next; break; }
     if (!(next > lo && next < hi)) next = 0.5 * (lo + hi);
-    if (::fabs(next - p) <= 1e-15 * p || hi - lo <= 1e-300) { p = next; break; }
+    if (hi - lo <= 1e-300) { p = next; break; }
     p = next;
   }
-  log_grad_factor(p, c, &value, &slope);
+  // The slope at the last evaluated p: at most a rounding step away from the
+  // returned one, and only the outer Newton search uses it.
   *dp_dtarget = 1.0 / slope;
   return p;
 }

@@ -36,7 +36,8 @@ __all__ = [
 __version__ = "0.1.0"
 
 # The layer a user puts into their own model: sampling units and the detector (Alg. 3).
-from .nn import DropoutUnit, MVMUnit, SAPUnit, SamplingUnit, insert_units, sampling_units, set_mode  # noqa: E402
+from .nn import (DropoutUnit, MVMUnit, SAPUnit, SamplingUnit, insert_units, sampling_units,  # noqa: E402
+                 set_differentiable, set_mode)
 from .detector import Detector, roc_report  # noqa: E402
 
 __all__ += [
@@ -47,6 +48,7 @@ __all__ += [
     "insert_units",
     "sampling_units",
     "set_mode",
+    "set_differentiable",
     "Detector",
     "roc_report",
 ]

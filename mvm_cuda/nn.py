@@ -11,6 +11,18 @@ Every unit has a `mode`, which the detector switches for all units at once:
 Only inserted units are random: the model's own Dropout layers are left in eval mode
 by the detector. Units have no parameters or buffers, so a model with units has the
 state_dict of the model without them.
+
+Differentiable mode (for attacks that know the defense, e.g. expectation over
+transformation): the ops are inference-only, so "sample" mode has no gradient. With
+`unit.differentiable = True` (or `set_differentiable(model, True)`) a unit in "sample"
+mode instead draws its random per-entry scale with the op, detached (1/pi_i for a drawn
+row, 0 otherwise; keep/(1 - p_drop) for dropout), and applies it to h with torch ops, so
+autograd reaches h through the fixed random mask. The forward values and the random
+draws are those of plain "sample" mode: under the same seed the outputs are equal (bit
+for bit in float32 and float64). What is held fixed: the mask itself, the MVM
+probabilities p (recorded on a clean pass, although p depends on the input through
+alpha), and SAP's p = |h|/sum|h| (computed from h detached). Off by default; in "off"
+and "record" mode the flag changes nothing.
 """
 from __future__ import annotations
 
@@ -35,6 +47,7 @@ __all__ = [
     "insert_units",
     "sampling_units",
     "set_mode",
+    "set_differentiable",
 ]
 
 MODES = ("off", "record", "sample")
@@ -53,6 +66,7 @@ class SamplingUnit(nn.Module):
     def __init__(self, generator: torch.Generator | None = None, backend: ModuleType | None = None):
         super().__init__()
         self.mode = "off"
+        self.differentiable = False
         self.generator = generator
         self.backend = backend if backend is not None else ops
 
@@ -77,7 +91,8 @@ class SamplingUnit(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         if self.mode == "sample":
-            return self.sample(h)
+            # getattr: a unit pickled before the flag existed has no such attribute.
+            return self.sample_differentiable(h) if getattr(self, "differentiable", False) else self.sample(h)
         if self.mode == "record":
             self.record(h)
         return h
@@ -88,8 +103,24 @@ class SamplingUnit(nn.Module):
     def sample(self, h: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def sample_differentiable(self, h: Tensor) -> Tensor:
+        """`sample(h)` with a gradient: h (N, C, H, W) times `sample_scale(h)`, the random
+        scale drawn exactly as `sample` draws it (same generator use, same values), held
+        fixed. Returns (N, C, H, W); the gradient w.r.t. h is that scale, so exactly zero
+        on the entries that were not drawn."""
+        scale = self.sample_scale(h)
+        # A select, like the op: an undrawn entry is 0 even where h is inf or NaN.
+        return torch.where(scale != 0, h * scale, torch.zeros((), dtype=h.dtype, device=h.device))
+
+    def sample_scale(self, h: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The detached random scale of one stochastic pass, broadcastable to h."""
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}"
+        return f"mode={self.mode!r}" + self._differentiable_repr()
+
+    def _differentiable_repr(self) -> str:
+        return ", differentiable=True" if self.differentiable else ""
 
 
 def _check_nchw(unit: str, h: Tensor) -> None:
@@ -166,9 +197,32 @@ class MVMUnit(SamplingUnit):
                                        generator=self.generator)
         return out.permute(0, 3, 1, 2)
 
+    def sample_scale(self, h: Tensor) -> Tensor:
+        """(N, 1, H, W): 1/pi_i on the pixels drawn from the recorded p, 0 elsewhere.
+
+        The op samples a (N, M, 1) tensor of ones, whose draws are those it makes for
+        h itself (they depend on p, c and N only). p stays the recorded one: the
+        gradient treats it as a constant, although it is a function of the clean
+        pass's activation (the usual choice of an expectation-over-transformation
+        attack)."""
+        _check_nchw("MVMUnit", h)
+        if self.p is None:
+            raise RuntimeError("MVMUnit: no recorded p; run a clean pass in 'record' mode before 'sample'")
+        n, _, rows_h, rows_w = h.shape
+        if n % self.p.shape[0] or rows_h * rows_w != self.p.shape[1]:
+            raise ValueError(
+                f"MVMUnit: the batch {tuple(h.shape)} is not a stack of copies of the {self.p.shape[0]} "
+                f"recorded images with {self.p.shape[1]} pixels each"
+            )
+        ones = torch.ones(n, self.p.shape[1], 1, dtype=h.dtype, device=h.device)
+        with torch.no_grad():
+            scale = self.backend.sample_rows(ones, self.p.detach(), self.draws(self.p.shape[1]),
+                                             generator=self.generator)
+        return scale.view(n, 1, rows_h, rows_w)
+
     def extra_repr(self) -> str:
         c = f"c={self.c}" if self.c is not None else f"c_rel={self.c_rel}, ref_pixels={self.ref_pixels}"
-        return f"{c}, solver={self.solver!r}, mode={self.mode!r}"
+        return f"{c}, solver={self.solver!r}, mode={self.mode!r}" + self._differentiable_repr()
 
 
 def _dense_order(h: Tensor) -> tuple[int, ...] | None:
@@ -203,8 +257,20 @@ class SAPUnit(SamplingUnit):
         out = self.backend.sap_sample(h.permute(order), self.frac, self.generator)
         return out.permute(tuple(order.index(d) for d in range(4)))
 
+    def sample_scale(self, h: Tensor) -> Tensor:
+        """(N, C, H, W): 1/pi_j on the entries drawn with p = |h|/sum|h| (h detached), 0
+        elsewhere. The entries are flattened in the same order as in `sample`, so the
+        draws land on the same entries."""
+        _check_nchw("SAPUnit", h)
+        order = _dense_order(h) or (0, 1, 2, 3)
+        with torch.no_grad():
+            view = h.detach().permute(order)
+            flat, p, r = self.backend.sap_inputs(view, self.frac)
+            scale = self.backend.sample_rows(torch.ones_like(flat), p, r, generator=self.generator)
+        return scale.reshape(view.shape).permute(tuple(order.index(d) for d in range(4)))
+
     def extra_repr(self) -> str:
-        return f"frac={self.frac}, mode={self.mode!r}"
+        return f"frac={self.frac}, mode={self.mode!r}" + self._differentiable_repr()
 
 
 class DropoutUnit(SamplingUnit):
@@ -225,8 +291,19 @@ class DropoutUnit(SamplingUnit):
         keep = torch.empty_like(h).bernoulli_(1.0 - self.p_drop, generator=self.generator)
         return keep.mul_(h).div_(1.0 - self.p_drop)  # in place: one activation-sized buffer
 
+    def sample_differentiable(self, h: Tensor) -> Tensor:
+        # The same operations as `sample`, out of place, so that the values stay equal
+        # bit for bit (h / q and h * (1/q) can differ in the last bit).
+        keep = torch.empty_like(h).bernoulli_(1.0 - self.p_drop, generator=self.generator)
+        return (keep * h) / (1.0 - self.p_drop)
+
+    def sample_scale(self, h: Tensor) -> Tensor:
+        """(N, C, H, W): 1/(1 - p_drop) on the kept entries, 0 on the dropped ones."""
+        keep = torch.empty_like(h).bernoulli_(1.0 - self.p_drop, generator=self.generator)
+        return keep.div_(1.0 - self.p_drop)
+
     def extra_repr(self) -> str:
-        return f"p_drop={self.p_drop}, mode={self.mode!r}"
+        return f"p_drop={self.p_drop}, mode={self.mode!r}" + self._differentiable_repr()
 
 
 def sampling_units(model: nn.Module) -> list[SamplingUnit]:
@@ -238,6 +315,15 @@ def set_mode(model: nn.Module, mode: str) -> None:
     """Put every sampling unit of `model` into `mode` ("off", "record" or "sample")."""
     for unit in sampling_units(model):
         unit.set_mode(mode)
+
+
+def set_differentiable(model: nn.Module, differentiable: bool = True) -> None:
+    """Switch the differentiable mode of every sampling unit of `model` on or off (see
+    the module docstring); it matters only in "sample" mode."""
+    if not isinstance(differentiable, bool):
+        raise TypeError(f"set_differentiable: differentiable must be a bool, got {differentiable!r}")
+    for unit in sampling_units(model):
+        unit.differentiable = differentiable
 
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
@@ -299,7 +385,8 @@ def insert_units(model: nn.Module, make_unit: Callable[[], nn.Module]) -> torch.
     if not relus:
         raise ValueError(
             f"insert_units: {type(model).__name__} has no ReLU before its first flatten; "
-            "sampling units go after the ReLUs of the conv part"
+            "sampling units go after the ReLUs of the conv part (nn.ReLU, F.relu, torch.relu or "
+            "Tensor.relu; other activations such as LeakyReLU or GELU are not ReLUs here)"
         )
     for k, node in enumerate(relus):
         name = f"sampling_unit_{k}"

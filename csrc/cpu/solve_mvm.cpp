@@ -44,11 +44,14 @@ void solve_kkt(const Support& s, double c, int64_t max_iter, double* p) {
   // Exact for c = 1 (p proportional to sqrt(alpha)); the small-c*p asymptote
   // g ~ 1 / (c p^2) otherwise.
   const double s0 = 2.0 * std::log(sum_sqrt) - std::log(c);
+  // Each row's p at the last lambda tried starts its search at the next.
+  std::vector<double> guess(k, 0.0);
   const double log_lambda = kkt_lambda_search(s0, max_iter, [&](double sv, double* excess, double* slope) {
     double total = 0.0, d_total = 0.0;
     for (int64_t i = 0; i < k; ++i) {
       double d = 0.0;
-      total += kkt_row(sv - log_alpha[i], c, &d);
+      guess[i] = kkt_row(sv - log_alpha[i], c, &d, guess[i]);
+      total += guess[i];
       d_total += d;
     }
     *excess = total - 1.0;
@@ -57,7 +60,7 @@ void solve_kkt(const Support& s, double c, int64_t max_iter, double* p) {
   double total = 0.0;
   for (int64_t i = 0; i < k; ++i) {
     double d = 0.0;
-    p[i] = kkt_row(log_lambda - log_alpha[i], c, &d);
+    p[i] = kkt_row(log_lambda - log_alpha[i], c, &d, guess[i]);
     total += p[i];
   }
   for (int64_t i = 0; i < k; ++i) p[i] /= total;
