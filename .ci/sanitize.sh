@@ -18,4 +18,4 @@ LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.s
 ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   python -m pytest -q -p no:cacheprovider tests/test_sample_rows.py tests/test_project_simplex.py \
     tests/test_mvm_step.py tests/test_solve_mvm.py tests/test_bad_input.py tests/test_library.py \
-    tests/test_nn.py tests/test_detector.py
+    tests/test_nn.py tests/test_detector.py tests/test_properties.py tests/test_concurrency.py
