@@ -1,6 +1,7 @@
 // Per-row arithmetic shared by the CPU and CUDA kernels. Everything here is a
 // C10_HOST_DEVICE inline function on plain scalars, so the CPU tests exercise
 // exactly the arithmetic the GPU runs; only the parallel structure differs.
+// (The exception: how the sampler draws, which is the CUDA kernel's at the end.)
 #pragma once
 
 #include <ATen/core/PhiloxRNGEngine.h>
@@ -212,7 +213,9 @@ C10_HOST_DEVICE inline void project_row(double* v, int64_t n, double z) {
   for (int64_t i = 0; i < n; ++i) v[i] = cut.project(v[i]);
 }
 
-// A uniform double in [0, 1) with 53 random bits, from two Philox outputs.
+// The CUDA sampler's draw: a uniform double in [0, 1) with 53 random bits,
+// from two Philox outputs, and the search of the row's CDF below. (The CPU
+// draws from alias tables with its own streams: csrc/cpu/sample_rows.cpp.)
 // 53 bits (not a float's 24) so that rows with p down to 1e-9 and below are
 // drawn at their rate.
 C10_HOST_DEVICE inline double uniform53(at::Philox4_32& engine) {
@@ -224,7 +227,7 @@ C10_HOST_DEVICE inline double uniform53(at::Philox4_32& engine) {
 // The row drawn by t in [0, cdf[m-1]): the first i with cdf[i] > t. A row with
 // p = 0 has cdf[i] == cdf[i-1] and so can never be returned; when rounding puts
 // t at or past the total, the caller's fallback `last` (the last row with
-// p > 0) is used. `lo` and `hi` bound the answer (0 and m without a guide).
+// p > 0) is used. `lo` and `hi` bound the answer (default: 0 and m).
 C10_HOST_DEVICE inline int64_t search_cdf(const double* cdf, int64_t m, double t, int64_t last,
                                           int64_t lo = 0, int64_t hi = -1) {
   if (hi < 0) hi = m;
@@ -233,30 +236,6 @@ C10_HOST_DEVICE inline int64_t search_cdf(const double* cdf, int64_t m, double t
     if (cdf[mid] > t) hi = mid; else lo = mid + 1;
   }
   return lo < m ? lo : last;
-}
-
-// A guide table (Chen's method) over the CDF: guide[j] is the first row whose
-// cdf exceeds j / g of the total, so a draw t lies between guide[j] and
-// guide[j + 1] for j = floor(t / total * g). With g ~ m the bracket holds one
-// or two rows on average and a draw costs O(1) instead of O(log m); it pays
-// when c is large (SAP draws tens of thousands of rows of width 1).
-C10_HOST_DEVICE inline void build_guide(const double* cdf, int64_t m, double total, int64_t* guide, int64_t g) {
-  int64_t i = 0;
-  for (int64_t j = 0; j <= g; ++j) {
-    const double edge = total * (static_cast<double>(j) / g);
-    while (i < m && cdf[i] <= edge) ++i;
-    guide[j] = i;
-  }
-}
-
-C10_HOST_DEVICE inline int64_t search_guided(const double* cdf, int64_t m, double t, double total,
-                                             int64_t last, const int64_t* guide, int64_t g) {
-  int64_t j = static_cast<int64_t>(t / total * g);
-  j = j < 0 ? 0 : (j >= g ? g - 1 : j);
-  // Rounding of t / total * g can move j by one: widen the bracket by a bucket.
-  const int64_t lo = j > 0 ? guide[j - 1] : 0;
-  const int64_t hi = j + 2 <= g ? guide[j + 2] : m;
-  return search_cdf(cdf, m, t, last, lo, hi);
 }
 
 }  // namespace mvm

@@ -164,7 +164,8 @@ def test_empty_batch_batch_one_and_large_c(device):
 
 
 def test_matches_reference_statistically(device):
-    # The kernel's draws are Philox, the reference's torch.multinomial: compare
+    # The kernels draw with their own streams (alias tables on the CPU, a CDF
+    # search on CUDA), the reference with torch.multinomial: compare
     # the distributions of the number of distinct kept rows (chi-square on counts).
     m, c, n = 30, 15, 20_000
     p = _probs(m, seed=12)
