@@ -148,8 +148,11 @@ def _run_group(group: str, device: str) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("MVM_CHECK_VALUES", None)
     try:
+        # cwd = tests/: `python -c` puts the working folder first on sys.path,
+        # and the repository root would shadow the installed package with
+        # the source folder, which has no compiled _C.
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=TIMEOUT_S, env=env, cwd=HERE.parent)
+                              timeout=TIMEOUT_S, env=env, cwd=HERE)
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         started = [line[6:] for line in out.splitlines() if line.startswith("START ")]
