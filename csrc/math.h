@@ -40,8 +40,9 @@ C10_HOST_DEVICE inline double miss_prob(double p, double c) {
 C10_HOST_DEVICE inline double grad_factor(double p, double c) {
   p = p < kProbFloor ? kProbFloor : p;
   if (p >= 1.0) return c == 1.0 ? 1.0 : 0.0;
-  const double pi = inclusion_prob(p, c);
-  const double q = c == 1.0 ? 1.0 : ::exp((c - 1.0) * ::log1p(-p));
+  const double l = ::log1p(-p);  // shared by pi and (1 - p)^(c - 1)
+  const double pi = -::expm1(c * l);
+  const double q = c == 1.0 ? 1.0 : ::exp((c - 1.0) * l);
   return c * q / (pi * pi);
 }
 
