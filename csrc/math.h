@@ -33,6 +33,16 @@ C10_HOST_DEVICE inline double miss_prob(double p, double c) {
   return ::exp(c * ::log1p(-p));
 }
 
+// The terms of g(p) for p < 1, from one log1p: log(1 - p), pi(p) and
+// q = (1 - p)^(c - 1) (1 at c = 1, where 0 * log(0) would give NaN at p = 1).
+struct GradTerms {
+  double log_1mp, pi, q;  // log_1mp = log(1 - p)
+};
+C10_HOST_DEVICE inline GradTerms grad_terms(double p, double c) {
+  const double l = ::log1p(-p);
+  return {l, -::expm1(c * l), c == 1.0 ? 1.0 : ::exp((c - 1.0) * l)};
+}
+
 // g(p) = c (1 - p)^(c - 1) / pi(p)^2, so that d/dp [alpha / pi(p)] = -alpha g(p).
 // (1-p)^(c-1) is special-cased at c = 1 (0 * log(0) would give NaN): g(1) is 1
 // for c = 1 and 0 for c > 1. p is clamped to kProbFloor where the exact value
@@ -40,10 +50,8 @@ C10_HOST_DEVICE inline double miss_prob(double p, double c) {
 C10_HOST_DEVICE inline double grad_factor(double p, double c) {
   p = p < kProbFloor ? kProbFloor : p;
   if (p >= 1.0) return c == 1.0 ? 1.0 : 0.0;
-  const double l = ::log1p(-p);  // shared by pi and (1 - p)^(c - 1)
-  const double pi = -::expm1(c * l);
-  const double q = c == 1.0 ? 1.0 : ::exp((c - 1.0) * l);
-  return c * q / (pi * pi);
+  const GradTerms t = grad_terms(p, c);
+  return c * t.q / (t.pi * t.pi);
 }
 
 // The step of the paper's Alg. 2 for one row: r = p + lr * alpha * g(p); a row
@@ -65,11 +73,9 @@ C10_HOST_DEVICE inline double variance_term(double p, double alpha, double c) {
 // log g = log c + (c - 1) log(1 - p) - 2 log pi(p)
 // d/dp  = -(c - 1) / (1 - p) - 2 c (1 - p)^(c - 1) / pi(p)
 C10_HOST_DEVICE inline void log_grad_factor(double p, double c, double* value, double* slope) {
-  const double l = ::log1p(-p);  // log(1 - p), shared by the three terms
-  const double pi = -::expm1(c * l);
-  const double q = c == 1.0 ? 1.0 : ::exp((c - 1.0) * l);
-  *value = ::log(c) + (c - 1.0) * l - 2.0 * ::log(pi);
-  *slope = -(c - 1.0) / (1.0 - p) - 2.0 * c * q / pi;
+  const GradTerms t = grad_terms(p, c);
+  *value = ::log(c) + (c - 1.0) * t.log_1mp - 2.0 * ::log(t.pi);
+  *slope = -(c - 1.0) / (1.0 - p) - 2.0 * c * t.q / t.pi;
 }
 
 // KKT condition for one row with alpha > 0: the p in (0, 1] with
