@@ -182,7 +182,9 @@ class MVMUnit(SamplingUnit):
         self.alpha = self.backend.row_alpha(h.permute(0, 2, 3, 1))
         self.p = self.backend.solve_mvm(self.alpha, self.draws(rows), self.solver)
 
-    def sample(self, h: Tensor) -> Tensor:
+    def _check_recorded(self, h: Tensor) -> None:
+        """h (N, C, H, W) is a stack of copies of the recorded images: p exists, N % P == 0
+        and H*W = M."""
         _check_nchw("MVMUnit", h)
         if self.p is None:
             raise RuntimeError("MVMUnit: no recorded p; run a clean pass in 'record' mode before 'sample'")
@@ -191,6 +193,9 @@ class MVMUnit(SamplingUnit):
                 f"MVMUnit: the batch {tuple(h.shape)} is not a stack of copies of the {self.p.shape[0]} "
                 f"recorded images with {self.p.shape[1]} pixels each"
             )
+
+    def sample(self, h: Tensor) -> Tensor:
+        self._check_recorded(h)
         # sample_rows writes its output with the strides of its input, so permuting the
         # result back gives h's own layout, again without a copy.
         out = self.backend.sample_rows(h.permute(0, 2, 3, 1), self.p, self.draws(self.p.shape[1]),
@@ -205,15 +210,8 @@ class MVMUnit(SamplingUnit):
         gradient treats it as a constant, although it is a function of the clean
         pass's activation (the usual choice of an expectation-over-transformation
         attack)."""
-        _check_nchw("MVMUnit", h)
-        if self.p is None:
-            raise RuntimeError("MVMUnit: no recorded p; run a clean pass in 'record' mode before 'sample'")
+        self._check_recorded(h)
         n, _, rows_h, rows_w = h.shape
-        if n % self.p.shape[0] or rows_h * rows_w != self.p.shape[1]:
-            raise ValueError(
-                f"MVMUnit: the batch {tuple(h.shape)} is not a stack of copies of the {self.p.shape[0]} "
-                f"recorded images with {self.p.shape[1]} pixels each"
-            )
         ones = torch.ones(n, self.p.shape[1], 1, dtype=h.dtype, device=h.device)
         with torch.no_grad():
             scale = self.backend.sample_rows(ones, self.p.detach(), self.draws(self.p.shape[1]),

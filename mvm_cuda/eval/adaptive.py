@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from ..detector import Detector, roc_report, threshold_for_fpr
 from ..nn import MVMUnit, set_differentiable, set_mode
+from .attacks import _project
 
 __all__ = ["ADAPTIVE", "DETECTORS", "runner_up", "eot_loss", "eot_bim", "evaluate_adaptive"]
 
@@ -208,7 +209,7 @@ def eot_bim(
                     (grad,) = torch.autograd.grad(loss, x_var)
                 # Descend: the loss is the distance to the target class.
                 x_adv = x_adv - eps_iter * grad.sign()
-                x_adv = torch.minimum(torch.maximum(x_adv, xb - eps), xb + eps).clamp_(0.0, 1.0)
+                x_adv = _project(x_adv, xb, eps)
                 bar.update(1)
             out[s:e] = x_adv.to(out.device, out.dtype)
     return out
