@@ -227,7 +227,6 @@ class Detector:
                 f"Detector: the generator is on {generator.device} but the model is on {self.device}; "
                 "pass a torch.Generator on the model's device"
             )
-        self.model_fingerprint = model_fingerprint(model)
 
     @property
     def name(self) -> str:
@@ -403,7 +402,8 @@ class Detector:
             "threshold": self.threshold,
             "fpr": self.fpr,
             "input_shape": list(self.input_shape) if self.input_shape is not None else None,
-            "model_fingerprint": self.model_fingerprint,
+            # Of the net with units: units have no state, so it is the model's state_dict.
+            "model_fingerprint": model_fingerprint(self.net),
         }
 
     def save(self, path: str | os.PathLike) -> None:
