@@ -222,7 +222,7 @@ C10_HOST_DEVICE inline void project_row(double* v, int64_t n, double z) {
 
 // The CUDA sampler's draw: a uniform double in [0, 1) with 53 random bits,
 // from two Philox outputs, and the search of the row's CDF below. (The CPU
-// draws from alias tables with its own streams: csrc/cpu/sample_rows.cpp.)
+// draws from guided CDF tables with its own streams: csrc/cpu/sample_rows.cpp.)
 // 53 bits (not a float's 24) so that rows with p down to 1e-9 and below are
 // drawn at their rate.
 C10_HOST_DEVICE inline double uniform53(at::Philox4_32& engine) {

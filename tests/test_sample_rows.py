@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -39,6 +40,42 @@ def test_inclusion_frequency_matches_pi(device):
     wrong = torch.clamp(c * p[0], max=1)
     z_wrong = (counts - n * wrong) / torch.sqrt(n * wrong * (1 - wrong) + 1e-12)
     assert z_wrong.abs().max().item() > bound  # the test has the power to see a wrong pi
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared_p", "p_per_sample"])
+def test_inclusion_frequency_long_rows(device, per_sample):
+    # Rows longer than the CPU kernel's bins of 1,024 (SAP's regime: a row of
+    # p per sample): a weight spanning bins, runs of zeros across bin edges,
+    # a wide dynamic range. Row i's keep count is Binomial(n, pi_i).
+    m, c, n = 3000, 400, 4000
+    g = torch.Generator().manual_seed(7)
+    p = torch.rand(m, generator=g, dtype=torch.float64) ** 4
+    p[1000:1100] = 0
+    p[2040:2050] = 0
+    p[1500] = p.sum()  # half the mass in one row
+    p[3], p[2999] = 1e-7 * p.sum(), 1e-4 * p.sum()
+    p = (p / p.sum())[None]
+    x = torch.ones(n, m, 1, device=device)
+    pp = p.expand(n, m) if per_sample else p
+    torch.manual_seed(3)
+    kept = _kept(mvm_cuda.sample_rows(x, pp.to(device), c).cpu()).double()
+    counts = kept.sum(0)
+    assert (counts[p[0] == 0] == 0).all()
+    assert counts[1500] == n
+    pi = ref.inclusion_prob(p[0], c).numpy()
+    k = counts.numpy()
+    # Exact two-sided binomial tails (many rows expect far less than one keep).
+    tail = 2 * np.minimum(stats.binom.cdf(k, n, pi), stats.binom.sf(k - 1, n, pi))
+    assert tail.min() > 0.001 / m  # Bonferroni over rows, 0.1% overall
+    # Rows kept per sample in each bin, against the sum of pi there (z over
+    # samples): sees a bin whose draws get 2% too much or too little mass.
+    for lo, hi in ((0, 1024), (1024, 2048), (2048, m)):
+        per_sample = kept[:, lo:hi].sum(1)
+        se = per_sample.std().item() / math.sqrt(n)
+        expected = pi[lo:hi].sum()
+        assert abs(per_sample.mean().item() - expected) / se < stats.norm.isf(0.001 / 6)
+        off = ref.inclusion_prob(p[0, lo:hi] * 1.02, c).sum().item()
+        assert abs(off - expected) / se > 2 * stats.norm.isf(0.001 / 6)  # the power to see it
 
 
 def test_unbiased_where_p_has_full_support(device):
@@ -164,7 +201,7 @@ def test_empty_batch_batch_one_and_large_c(device):
 
 
 def test_matches_reference_statistically(device):
-    # The kernels draw with their own streams (alias tables on the CPU, a CDF
+    # The kernels draw with their own streams (a guided CDF in bins on the CPU, a CDF
     # search on CUDA), the reference with torch.multinomial: compare
     # the distributions of the number of distinct kept rows (chi-square on counts).
     m, c, n = 30, 15, 20_000

@@ -15,21 +15,21 @@
 namespace mvm::cpu {
 namespace {
 
-// Writes one sample: out[h, w, :] = x[h, w, :] * kept[i] for a drawn row i
-// (kept[i] = 1/pi_i) and 0 for the others (kept[i] = 0, whatever x holds
-// there), walking whichever of the channel or pixel dimension has the smaller
+// Writes one sample: out[h, w, :] = x[h, w, :] * scale[i] for a drawn row i
+// (drawn[i] = 1, scale[i] = 1/pi_i) and 0 for the others (whatever x and
+// scale hold there), walking whichever of the channel or pixel dimension has the smaller
 // stride in the inner loop (C for NHWC, the pixels for the NHWC view of an
 // NCHW tensor and for rows of width 1).
 template <typename scalar_t>
 void write_sample(const scalar_t* x, scalar_t* out, const RowLayout& in, const RowLayout& o,
-                  const at::opmath_type<scalar_t>* kept) {
+                  const uint8_t* drawn, const at::opmath_type<scalar_t>* scale) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = in.H, W = in.W, C = in.C;
   if (C > 1 && std::abs(in.sC) <= std::abs(in.sW)) {
     const bool dense = in.sC == 1 && o.sC == 1;
     for (int64_t h = 0; h < H; ++h) {
       for (int64_t w = 0; w < W; ++w) {
-        const acc_t s = kept[h * W + w];
+        const acc_t s = drawn[h * W + w] ? scale[h * W + w] : acc_t(0);
         const scalar_t* xr = x + h * in.sH + w * in.sW;
         scalar_t* orow = out + h * o.sH + w * o.sW;
         if (s == acc_t(0)) {  // undrawn rows are not even read
@@ -55,17 +55,18 @@ void write_sample(const scalar_t* x, scalar_t* out, const RowLayout& in, const R
       for (int64_t h = 0; h < rows; ++h) {
         const scalar_t* xr = x + ch * in.sC + h * in.sH;
         scalar_t* orow = out + ch * o.sC + h * o.sH;
-        const acc_t* s = kept + h * W;
+        const uint8_t* d = drawn + h * W;
+        const acc_t* s = scale + h * W;
         if (dense) {
           const scalar_t* __restrict__ src = xr;
           scalar_t* __restrict__ dst = orow;
           for (int64_t w = 0; w < run; ++w) {
             const acc_t v = acc_t(src[w]) * s[w];
-            dst[w] = static_cast<scalar_t>(s[w] != acc_t(0) ? v : acc_t(0));
+            dst[w] = static_cast<scalar_t>(d[w] ? v : acc_t(0));
           }
         } else {
           for (int64_t w = 0; w < run; ++w)
-            orow[w * o.sW] = s[w] != acc_t(0) ? static_cast<scalar_t>(acc_t(xr[w * in.sW]) * s[w]) : scalar_t(0);
+            orow[w * o.sW] = d[w] ? static_cast<scalar_t>(acc_t(xr[w * in.sW]) * s[w]) : scalar_t(0);
         }
       }
     }
@@ -110,20 +111,46 @@ class SampleStream {
   uint64_t s_[4];
 };
 
-// The value checks of one row of p (the kernel's only pass over p, so they
-// cost nothing extra). Returns the row's total; *last is its last row with
-// p > 0. Branch-free: SAP's rows of p are as long as the activation.
+// One row of p as a table for drawing by inversion: the running sums of p
+// (cdf, in float64) and a guide of M buckets of equal mass, guide[g] <= the
+// first row whose cdf passes g / M of the total. A draw u in [0, 1) starts at
+// guide[floor(u M)] and steps forward while cdf <= u * total: most draws take
+// no step, the rest one or two. The table is built in two branch-free passes
+// (Walker's alias table, which needs no steps, takes a pass whose branches a
+// CPU cannot predict; for SAP a table serves one sample, so its build is what
+// counts).
+struct Table {
+  const double* cdf;
+  const int64_t* guide;
+  double total;
+  int64_t last;  // the last row with p > 0, for draws that rounding puts at the total
+};
+
+// Builds row `row` of p (M entries) into cdf (M) and guide (M + 1), checking
+// its values on the way (this is the kernel's only pass over p).
 template <typename prob_t>
-double scan_row(const prob_t* prow, int64_t M, int64_t row, int64_t* last) {
-  double total = 0.0;
-  int64_t l = 0;
+Table build_table(const prob_t* prow, int64_t M, int64_t row, double* cdf, int64_t* guide) {
+  // The running sum in two independent halves, so that two additions are in
+  // flight at a time (one chain would wait on each addition's latency); the
+  // second half's offset is added in the guide pass below.
+  const int64_t half = M / 2;
+  double sum0 = 0.0, sum1 = 0.0;  // locals whose address never escapes: kept in registers
+  int64_t last0 = 0, last1 = -1;  // the last row with p > 0 in each half
   bool ok = true;  // every entry finite and >= 0 (false for NaN too)
-  for (int64_t i = 0; i < M; ++i) {
+  auto scan = [&](int64_t i, double& sum, int64_t& last) {
     const double v = static_cast<double>(prow[i]);
     ok &= (v >= 0.0) & (v <= std::numeric_limits<double>::max());
-    total += v;
-    l = v > 0.0 ? i : l;
+    sum += v;
+    cdf[i] = sum;
+    last = v > 0.0 ? i : last;
+  };
+  for (int64_t i = 0; i < half; ++i) {
+    scan(i, sum0, last0);
+    scan(half + i, sum1, last1);
   }
+  if (M % 2) scan(M - 1, sum1, last1);
+  const double offset = sum0, total = sum0 + sum1;
+  const int64_t last = last1 >= 0 ? last1 : last0;
   if (!ok) {
     for (int64_t i = 0; i < M; ++i) {
       const double v = static_cast<double>(prow[i]);
@@ -133,57 +160,63 @@ double scan_row(const prob_t* prow, int64_t M, int64_t row, int64_t* last) {
   }
   TORCH_CHECK(std::abs(total - 1.0) <= kSumTolerance, "mvm::sample_rows: every row of p must sum to 1 (within ",
               kSumTolerance, "), row ", row, " sums to ", total);
-  *last = l;
-  return total;
+  // guide[g] = the number of rows i with b_i < g, b_i = floor(cdf[i] * scale):
+  // each row writes its count i + 1 at b_i + 1 (the last row of a bucket
+  // writes last), and a running max fills the buckets in between. scale is
+  // M / total shrunk by 1e-9, so that b_i < g puts cdf[i] below every draw
+  // of bucket g despite rounding: the guide never starts past the answer.
+  const double scale = static_cast<double>(M) / total * (1.0 - 1e-9);
+  std::fill_n(guide, M + 1, int64_t(0));
+  auto bucket = [&](int64_t i) {
+    const int64_t b = static_cast<int64_t>(cdf[i] * scale);
+    guide[std::min(b + 1, M)] = i + 1;  // slot M takes the rows past the last bucket
+  };
+  for (int64_t i = 0; i < half; ++i) bucket(i);
+  for (int64_t i = half; i < M; ++i) {
+    cdf[i] += offset;
+    bucket(i);
+  }
+  int64_t run = 0;
+  for (int64_t g = 1; g < M; ++g) guide[g] = run = std::max(guide[g], run);
+  return Table{cdf, guide, total, last};
 }
 
-// Walker's alias table (Vose's construction) for one row of p: a uniform u
-// picks bucket j = floor(u M) and, with f = u M - j, the row drawn is j if
-// f < cut[j], else alias[j]. A draw is then one uniform and two reads, with
-// no search. A row with p = 0 has cut 0 and is nobody's alias, so it is never
-// drawn; buckets left over by rounding get cut 1 (p > 0) or point at `last`.
-// `work` holds M indices.
-template <typename prob_t>
-void build_alias(const prob_t* prow, int64_t M, double total, int64_t last, double* cut, int64_t* alias,
-                 int64_t* work) {
-  // Small buckets (cut < 1) fill `work` from the front, large ones from the back.
-  int64_t small = 0, large = M;
-  const double scale = static_cast<double>(M) / total;
-  for (int64_t i = 0; i < M; ++i) {
-    cut[i] = static_cast<double>(prow[i]) * scale;
-    alias[i] = i;
-    const bool is_small = cut[i] < 1.0;
-    work[small] = i;  // both ends are written, one of them kept: no branch
-    work[large - 1] = i;
-    small += is_small;
-    large -= !is_small;
-  }
-  while (small > 0 && large < M) {
-    const int64_t s = work[--small], l = work[large];
-    alias[s] = l;
-    cut[l] = (cut[l] + cut[s]) - 1.0;
-    if (cut[l] < 1.0) {  // l turns small: move it from the large end
-      ++large;
-      work[small++] = l;
-    }
-  }
-  for (int64_t k = large; k < M; ++k) cut[work[k]] = 1.0;
-  for (int64_t k = 0; k < small; ++k) {
-    const int64_t i = work[k];
-    if (prow[i] > 0) cut[i] = 1.0;
-    else alias[i] = last;
-  }
+// The row drawn by u in [0, 1).
+inline int64_t resolve(const Table& t, int64_t M, double u) {
+  const double v = u * t.total;
+  int64_t i = t.guide[std::min(static_cast<int64_t>(u * static_cast<double>(M)), M - 1)];
+  // Two steps without a branch (most draws need none, many one: a branch
+  // here would be mispredicted half the time), then a loop rarely entered.
+  i += (i < t.last) & (t.cdf[i] <= v);
+  i += (i < t.last) & (t.cdf[i] <= v);
+  while (i < t.last && t.cdf[i] <= v) ++i;
+  return i;
 }
 
-// c draws with replacement from a row's alias table; mark(i) once per draw.
+// Guide buckets per bin of draws (below).
+constexpr int64_t kBinBuckets = 1024;
+
+// c draws with replacement from a row's table; mark(i) once per draw. A
+// table larger than a core's L1 cache is cut into bins of kBinBuckets guide
+// buckets (equal slices of [0, 1)): first the number of draws in each bin
+// (c uniform bin indices, counted), then each bin's draws, uniform within it.
+// Together these are c independent uniforms, as before, but each bin's draws
+// read only its slice of the table, which stays in cache, where draws in
+// random order would each miss it once or twice (for SAP's 43,264-entry
+// tables, a draw took four times as long). `counts` is work space.
 template <typename Mark>
-void draw_alias(SampleStream& rng, const double* cut, const int64_t* alias, int64_t M, int64_t c, Mark mark) {
-  const double m = static_cast<double>(M);
-  for (int64_t d = 0; d < c; ++d) {
-    const double u = rng.uniform() * m;
-    const int64_t j = std::min(static_cast<int64_t>(u), M - 1);
-    mark(u - static_cast<double>(j) < cut[j] ? j : alias[j]);
+void draw(SampleStream& rng, const Table& t, int64_t M, int64_t c, std::vector<int64_t>& counts, Mark mark) {
+  const int64_t bins = (M + kBinBuckets - 1) / kBinBuckets;
+  if (bins == 1) {
+    for (int64_t d = 0; d < c; ++d) mark(resolve(t, M, rng.uniform()));
+    return;
   }
+  const double nb = static_cast<double>(bins);
+  counts.assign(bins, 0);
+  for (int64_t d = 0; d < c; ++d) ++counts[std::min(static_cast<int64_t>(rng.uniform() * nb), bins - 1)];
+  for (int64_t b = 0; b < bins; ++b)
+    for (int64_t k = 0; k < counts[b]; ++k)
+      mark(resolve(t, M, (static_cast<double>(b) + rng.uniform()) / nb));
 }
 
 at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
@@ -210,8 +243,8 @@ at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
   const RowLayout in = shape.layout(x), o = shape.layout(out);
   const int64_t M = shape.M, P = shape.P, N = shape.N;
   // When every row of p serves several samples (R copies of a batch), its
-  // alias table is built once, up front; otherwise (SAP: a row of p per
-  // sample) each sample builds its own.
+  // table is built once, up front; otherwise (SAP: a row of p per sample)
+  // each sample builds its own.
   const bool shared = N >= 4 * P;
   const auto pc = p.contiguous();  // (P, M): small next to x, except for SAP where it is already contiguous
   // 1/pi for every row of p, by ATen's vectorised expm1/log1p: one pass,
@@ -232,37 +265,27 @@ at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
     AT_DISPATCH_FLOATING_TYPES(pc.scalar_type(), "sample_rows_p", [&] {
       using prob_t = scalar_t;
       const prob_t* pd = pc.const_data_ptr<prob_t>();
-      struct Table {  // the alias table of a row of p
-        const double* cut;
-        const int64_t* alias;
-      };
-      auto build = [&](int64_t j, double* cut, int64_t* alias, int64_t* work) {
-        int64_t last;
-        const double total = scan_row(pd + j * M, M, j, &last);
-        build_alias(pd + j * M, M, total, last, cut, alias, work);
-        return Table{cut, alias};
-      };
       const int64_t tables = shared ? P : 0;
-      std::vector<double> cuts(tables * M);
-      std::vector<int64_t> aliases(tables * M);
+      std::vector<double> cdfs(tables * M);
+      std::vector<int64_t> guides(tables * (M + 1));
+      std::vector<Table> table(tables);
       at::parallel_for(0, tables, 1, [&](int64_t begin, int64_t end) {
-        std::vector<int64_t> work(M);
-        for (int64_t j = begin; j < end; ++j) build(j, cuts.data() + j * M, aliases.data() + j * M, work.data());
+        for (int64_t j = begin; j < end; ++j)
+          table[j] = build_table(pd + j * M, M, j, cdfs.data() + j * M, guides.data() + j * (M + 1));
       });
 
       at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-        std::vector<double> own_cut(shared ? 0 : M);
-        std::vector<int64_t> own_alias(shared ? 0 : 2 * M);  // the table and its work space
-        std::vector<acc_t> kept(M);  // 1/pi of the drawn rows, 0 elsewhere
+        std::vector<double> own_cdf(shared ? 0 : M);
+        std::vector<int64_t> own_guide(shared ? 0 : M + 1);
+        std::vector<uint8_t> drawn(M);  // 1 for the rows drawn at least once
+        std::vector<int64_t> counts;
         for (int64_t n = begin; n < end; ++n) {
           const int64_t j = n % P;
-          const Table t = shared ? Table{cuts.data() + j * M, aliases.data() + j * M}
-                                 : build(j, own_cut.data(), own_alias.data(), own_alias.data() + M);
-          std::fill(kept.begin(), kept.end(), acc_t(0));
-          const acc_t* scale = sd + j * M;
+          const Table t = shared ? table[j] : build_table(pd + j * M, M, j, own_cdf.data(), own_guide.data());
+          std::fill(drawn.begin(), drawn.end(), uint8_t(0));
           SampleStream rng(key, static_cast<uint64_t>(n));
-          draw_alias(rng, t.cut, t.alias, M, c, [&](int64_t i) { kept[i] = scale[i]; });
-          write_sample(xd + n * in.sN, od + n * o.sN, in, o, kept.data());
+          draw(rng, t, M, c, counts, [&](int64_t i) { drawn[i] = 1; });
+          write_sample(xd + n * in.sN, od + n * o.sN, in, o, drawn.data(), sd + j * M);
         }
       });
     });
