@@ -74,11 +74,15 @@ def extension():
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -fno-trapping-math lets GCC turn the samplers' selects into vector
-    # blends (nothing here reads floating-point exception flags).
-    cxx = ["-O3", "-fno-trapping-math", "-fdiagnostics-color=always"]
+    # blends (nothing here reads floating-point exception flags). -fopenmp:
+    # at::parallel_for is a header template that parallelises with `omp
+    # parallel` pragmas, which without it are ignored (the kernels then run on
+    # one thread, whatever torch.set_num_threads says). The libgomp this links
+    # is the one torch has already loaded (same soname).
+    cxx = ["-O3", "-fno-trapping-math", "-fopenmp", "-fdiagnostics-color=always"]
     if os.environ.get("MVM_SANITIZE") == "1":
         cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
-    kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=[])
+    kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     if os.environ.get("MVM_SANITIZE") == "1":
         kwargs["extra_link_args"] += ["-fsanitize=address,undefined"]
     if not use_cuda:
