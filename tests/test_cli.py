@@ -40,15 +40,23 @@ def test_reproduce_end_to_end(tmp_path, cache, capsys):
         png = out / f"roc_digits_{attack}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (cache / "models").is_dir() and (cache / "tensors").is_dir()
+    assert all(per_attack["cached"] == [] for per_attack in rows.values())
 
-    # A second run finds the model and the attacks in the cache and, with the same seed,
-    # gives the same numbers.
+    # A second run finds the model, the attacks and the scores in the cache (a long
+    # run that stopped resumes), and gives the same numbers. (That scores with the
+    # same seed are equal when computed afresh: test_detector.)
     again = reproduce.main(["reproduce", *TINY, "--attacks", "fgsm", "--out", str(tmp_path / "again")])
     assert again == 0
+    assert "scores of clean, fgsm from the cache" in capsys.readouterr().out
     second = json.loads((tmp_path / "again" / "results_digits.json").read_text())
     assert second["table2"]["fgsm"] == record["table2"]["fgsm"]
     for name, per_attack in second["table3"].items():
+        assert per_attack["cached"] == ["clean", "fgsm"]
         assert per_attack["fgsm"]["all"]["auc"] == rows[name]["fgsm"]["all"]["auc"]
+    # Other settings are other keys: R = 5 scores afresh.
+    reproduce.main(["reproduce", *TINY, "--attacks", "fgsm", "--R", "5", "--out", str(tmp_path / "r5")])
+    third = json.loads((tmp_path / "r5" / "results_digits.json").read_text())
+    assert all(per_attack["cached"] == [] for per_attack in third["table3"].values())
 
 
 def test_reproduce_is_the_default_command():

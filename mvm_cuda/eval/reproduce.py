@@ -125,6 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _code_hash() -> str:
+    """A hash of the code a detector's scores depend on besides its settings and
+    inputs: the package's Python modules and its compiled kernels (whose random
+    streams change with them)."""
+    from .. import _C
+
+    pkg = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for path in sorted(pkg.glob("*.py")) + [Path(_C.__file__)]:
+        h.update(path.read_bytes())
+    return h.hexdigest()[:8]
+
+
 def _hash(tensors) -> str:
     h = hashlib.sha256()
     for t in tensors:
@@ -263,14 +276,38 @@ def run(args: argparse.Namespace) -> dict:
         table2[name] = attacks.attack_stats(model, x, adversarial[name], y)
     timings["attacks"] = time.perf_counter() - t
 
-    results, detector_seconds = {}, {}
+    # Scores are cached like the attacks (a long run that stops resumes where it
+    # was): each detector restarts its generator from the seed on every call,
+    # so a set's scores depend only on the key below, not on what ran before.
+    code = _code_hash()
+    results, detector_seconds, cached = {}, {}, {}
     for method, kwargs in DETECTORS:
         det = Detector(model, method, R=R, max_batch=args.max_batch, seed=args.seed, progress=progress, **kwargs)
         t = time.perf_counter()
-        clean_scores = det.scores(x)
+        cached[det.name] = []
+
+        # The settings that change scores (not the threshold, nor what scoring records).
+        settings_key = json.dumps({k: v for k, v in det.config().items()
+                                   if k not in ("threshold", "fpr", "input_shape", "model_fingerprint")},
+                                  sort_keys=True)
+
+        def scores(images, label):
+            key = f"scores-{args.dataset}-{settings_key}-{device.type}-code{code}-model{model_hash}-x{_hash([images])}"
+            fresh = []
+
+            def compute():
+                fresh.append(label)
+                return {"s": det.scores(images)}
+
+            out = models.cached_tensors(key, compute)["s"]
+            if not fresh:
+                cached[det.name].append(label)
+            return out
+
+        clean_scores = scores(x, "clean")
         per_attack = {}
         for name in attack_names:
-            adv_scores = det.scores(adversarial[name])
+            adv_scores = scores(adversarial[name], name)
             per_attack[name] = {
                 "successful": roc_report(clean_scores, adv_scores[success[name]], n_boot=args.n_boot,
                                          seed=args.seed).to_dict(),
@@ -280,10 +317,12 @@ def run(args: argparse.Namespace) -> dict:
         per_attack["mean_score_clean"] = float(clean_scores.mean())
         detector_seconds[det.name] = time.perf_counter() - t
         per_attack["seconds"] = detector_seconds[det.name]
+        per_attack["cached"] = cached[det.name]
         per_attack["config"] = det.config()
         results[det.name] = per_attack
         summary = ", ".join(f"{a} {per_attack[a]['successful']['auc']:.3f}" for a in attack_names)
-        print(f"{det.name}: AUC {summary} ({detector_seconds[det.name]:.0f} s)", flush=True)
+        note = f"; scores of {', '.join(cached[det.name])} from the cache" if cached[det.name] else ""
+        print(f"{det.name}: AUC {summary} ({detector_seconds[det.name]:.0f} s{note})", flush=True)
     timings["detectors"] = sum(detector_seconds.values())
 
     adaptive_results = None
