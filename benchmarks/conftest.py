@@ -3,38 +3,22 @@ the detector end to end with either. Run from the repo root:
     make bench   (or: .venv/bin/pytest benchmarks --benchmark-json=out/bench.json)
 then `python benchmarks/ratios.py out/bench.json` for the markdown tables.
 Devices: the CPU always, CUDA when present. --quick shrinks the batches."""
-import ctypes
-import ctypes.util
 import functools
 
 import pytest
 import torch
 from torch import nn
 
+from mvm_cuda.eval.malloc import keep_freed_memory
 from mvm_cuda.eval.models import INPUT_SHAPES, build_model
 
 
-def _keep_freed_memory():
-    """Ask glibc to keep freed memory instead of returning it to the OS.
-
-    Otherwise a timed op whose output (tens of MB) was just freed by the last
-    round may get fresh pages from the OS and pay a page fault per 4 KiB; on
-    this project's VM that alone made single calls swing between 5 and 25 ms,
-    at random, for kernel, reference and clone alike. Same setting for every
-    implementation, so the ratios stay fair. No-op where libc is not glibc."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is not None:
-        # Every block from glibc's heap (no mmap per large block), and the heap
-        # never trimmed back to the OS. (Setting the trim threshold alone
-        # freezes glibc's dynamic mmap threshold, and then every large block is
-        # a fresh mmap: slower still.)
-        m_trim_threshold, m_mmap_max = -1, -4
-        mallopt(m_mmap_max, 0)
-        mallopt(m_trim_threshold, 2**31 - 1)
-
-
-_keep_freed_memory()
+# Freed memory stays in the process: otherwise a timed op whose output was just
+# freed by the last round may get fresh pages from the OS and pay a page fault
+# per 4 KiB (single calls swung between 5 and 25 ms at random, for kernel,
+# reference and clone alike). The same for every implementation, so the ratios
+# stay fair.
+keep_freed_memory()
 
 
 def pytest_addoption(parser):

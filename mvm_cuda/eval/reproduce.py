@@ -27,6 +27,7 @@ import torch
 from .. import __version__
 from ..detector import Detector, roc_report
 from . import adaptive, attacks, data, models
+from .malloc import keep_freed_memory
 
 __all__ = ["DETECTORS", "PAPER", "DEFAULTS", "FULL", "build_parser", "run", "main"]
 
@@ -418,6 +419,8 @@ def _with_default_command(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `mvm-cuda` and `python -m mvm_cuda`; with no subcommand (or only
     options) it runs `reproduce`. Returns the exit status."""
+    if argv is None:  # run as a program (not called from Python): see keep_freed_memory
+        keep_freed_memory()
     args = build_parser().parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
     if args.command == "reproduce":
         run(args)
