@@ -203,7 +203,8 @@ constexpr int64_t kBinBuckets = 1024;
 // Together these are c independent uniforms, as before, but each bin's draws
 // read only its slice of the table, which stays in cache, where draws in
 // random order would each miss it once or twice (for SAP's 43,264-entry
-// tables, a draw took four times as long). `counts` is work space.
+// tables a draw took 18 ns that way, 10 to 11 ns binned, one thread).
+// `counts` is work space.
 template <typename Mark>
 void draw(SampleStream& rng, const Table& t, int64_t M, int64_t c, std::vector<int64_t>& counts, Mark mark) {
   const int64_t bins = (M + kBinBuckets - 1) / kBinBuckets;
