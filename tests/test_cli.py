@@ -1,5 +1,6 @@
 """The `mvm-cuda reproduce` command line, end to end with tiny settings on 8x8 digits."""
 import json
+import platform
 import subprocess
 import sys
 
@@ -80,3 +81,23 @@ def test_python_dash_m_help(tmp_path):
 def test_unknown_attack_is_refused(tmp_path, cache):
     with pytest.raises(SystemExit, match="unknown attack"):
         reproduce.main([*TINY, "--attacks", "cw", "--out", str(tmp_path)])
+
+
+def test_program_keeps_freed_memory_but_a_call_from_python_does_not(monkeypatch):
+    calls = []
+    monkeypatch.setattr(reproduce, "keep_freed_memory", lambda: calls.append(1) or True)
+    with pytest.raises(SystemExit):
+        reproduce.main(["--version"])  # called from Python: the process's allocator is left alone
+    assert calls == []
+    monkeypatch.setattr(sys, "argv", ["mvm-cuda", "--version"])
+    with pytest.raises(SystemExit):
+        reproduce.main()  # as the program
+    assert calls == [1]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
+def test_keep_freed_memory_applies_on_glibc(tmp_path):
+    # In a child process (the setting is process-wide), outside the repository
+    # (whose source folder has no compiled _C).
+    code = "from mvm_cuda.eval.malloc import keep_freed_memory; assert keep_freed_memory() is True"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tmp_path)
