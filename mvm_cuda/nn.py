@@ -287,9 +287,12 @@ class DropoutUnit(SamplingUnit):
 
     def _keep(self, h: Tensor) -> Tensor:
         # 1 with probability 1 - p_drop, else 0, in h's dtype: uniforms compared in place
-        # (on the CPU twice as fast as bernoulli_, whose per-entry cost dominated a pass).
-        u = torch.rand(h.shape, dtype=h.dtype, device=h.device, generator=self.generator)
-        return u.ge_(self.p_drop)
+        # (on the CPU twice as fast as bernoulli_, whose per-entry cost dominated a pass),
+        # drawn in float32 or better so that half types do not round p_drop.
+        u = torch.rand(h.shape, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device,
+                       generator=self.generator)
+        keep = u.ge_(self.p_drop)
+        return keep if keep.dtype == h.dtype else keep.to(h.dtype)
 
     def sample(self, h: Tensor) -> Tensor:
         keep = self._keep(h)
