@@ -78,6 +78,26 @@ def test_inclusion_frequency_long_rows(device, per_sample):
         assert abs(off - expected) / se > 2 * stats.norm.isf(0.001 / 6)  # the power to see it
 
 
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared_p", "p_per_sample"])
+def test_inclusion_frequency_when_c_far_exceeds_m(device, per_sample):
+    # c = 25 M: the big rows are all drawn within the first draws, and the CPU
+    # kernel stops drawing once every row with p > 0 is; the small row (pi
+    # near 1/2) and the zero rows must keep their rates all the same.
+    m, c, n = 8, 200, 20_000
+    p = torch.tensor([[0, 0.35, 0.3, 0.2, 0.0035, 0.07, 0, 0.0765]], dtype=torch.float64)
+    x = torch.ones(n, m, 3, device=device)
+    pp = p.expand(n, m) if per_sample else p
+    torch.manual_seed(5)
+    counts = _kept(mvm_cuda.sample_rows(x, pp.to(device), c).cpu()).sum(0).double()
+    assert counts[0] == 0 and counts[6] == 0
+    pi = ref.inclusion_prob(p[0], c).numpy()
+    k = counts.numpy()
+    tail = 2 * np.minimum(stats.binom.cdf(k, n, pi), stats.binom.sf(k - 1, n, pi))
+    assert tail[[1, 2, 3, 4, 5, 7]].min() > 0.001 / 6  # exact binomial tails, Bonferroni
+    half = ref.inclusion_prob(p[0], c // 2)[4]  # what stopping at c / 2 draws would give
+    assert abs((counts[4] - n * half) / torch.sqrt(n * half * (1 - half))) > 10
+
+
 def test_unbiased_where_p_has_full_support(device):
     m, ch, c, n = 30, 3, 10, 50_000
     g = torch.Generator().manual_seed(3)
@@ -201,7 +221,7 @@ def test_empty_batch_batch_one_and_large_c(device):
 
 
 def test_matches_reference_statistically(device):
-    # The kernels draw with their own streams (a guided CDF in bins on the CPU, a CDF
+    # The kernels draw with their own streams (alias tables or a guided CDF on the CPU, a CDF
     # search on CUDA), the reference with torch.multinomial: compare
     # the distributions of the number of distinct kept rows (chi-square on counts).
     m, c, n = 30, 15, 20_000

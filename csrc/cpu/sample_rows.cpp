@@ -123,7 +123,8 @@ struct Table {
   const double* cdf;
   const int64_t* guide;
   double total;
-  int64_t last;  // the last row with p > 0, for draws that rounding puts at the total
+  int64_t last;      // the last row with p > 0, for draws that rounding puts at the total
+  int64_t positive;  // rows with p > 0: once all are drawn, further draws change nothing
 };
 
 // Builds row `row` of p (M entries) into cdf (M) and guide (M + 1), checking
@@ -136,6 +137,7 @@ Table build_table(const prob_t* prow, int64_t M, int64_t row, double* cdf, int64
   const int64_t half = M / 2;
   double sum0 = 0.0, sum1 = 0.0;  // locals whose address never escapes: kept in registers
   int64_t last0 = 0, last1 = -1;  // the last row with p > 0 in each half
+  int64_t positive = 0;
   bool ok = true;  // every entry finite and >= 0 (false for NaN too)
   auto scan = [&](int64_t i, double& sum, int64_t& last) {
     const double v = static_cast<double>(prow[i]);
@@ -143,6 +145,7 @@ Table build_table(const prob_t* prow, int64_t M, int64_t row, double* cdf, int64
     sum += v;
     cdf[i] = sum;
     last = v > 0.0 ? i : last;
+    positive += v > 0.0;
   };
   for (int64_t i = 0; i < half; ++i) {
     scan(i, sum0, last0);
@@ -178,7 +181,7 @@ Table build_table(const prob_t* prow, int64_t M, int64_t row, double* cdf, int64
   }
   int64_t run = 0;
   for (int64_t g = 1; g < M; ++g) guide[g] = run = std::max(guide[g], run);
-  return Table{cdf, guide, total, last};
+  return Table{cdf, guide, total, last, positive};
 }
 
 // The row drawn by u in [0, 1).
@@ -193,23 +196,39 @@ inline int64_t resolve(const Table& t, int64_t M, double u) {
   return i;
 }
 
+// Marks row i drawn; false once every row with p > 0 is (the drawn set is
+// then final, so the remaining draws, which can change nothing, are skipped:
+// with c several times M, as in a CIFAR-10 net's last layers, most of them).
+struct Marks {
+  uint8_t* drawn;
+  int64_t left;  // rows with p > 0 not drawn yet
+  bool mark(int64_t i) {
+    left -= !drawn[i];
+    drawn[i] = 1;
+    return left > 0;
+  }
+};
+
 // Guide buckets per bin of draws (below).
 constexpr int64_t kBinBuckets = 1024;
 
-// c draws with replacement from a row's table; mark(i) once per draw. A
-// table larger than a core's L1 cache is cut into bins of kBinBuckets guide
-// buckets (equal slices of [0, 1)): first the number of draws in each bin
-// (c uniform bin indices, counted), then each bin's draws, uniform within it.
-// Together these are c independent uniforms, as before, but each bin's draws
-// read only its slice of the table, which stays in cache, where draws in
-// random order would each miss it once or twice (for SAP's 43,264-entry
-// tables a draw took 18 ns that way, 10 to 11 ns binned, one thread).
-// `counts` is work space.
-template <typename Mark>
-void draw(SampleStream& rng, const Table& t, int64_t M, int64_t c, std::vector<int64_t>& counts, Mark mark) {
+// c draws with replacement from a row's table into `marks`. A table larger
+// than a core's L1 cache is cut into bins of kBinBuckets guide buckets (equal
+// slices of [0, 1)): first the number of draws in each bin (c uniform bin
+// indices, counted), then each bin's draws, uniform within it. Together these
+// are c independent uniforms, as before, but each bin's draws read only its
+// slice of the table, which stays in cache, where draws in random order would
+// each miss it once or twice (for SAP's 43,264-entry tables a draw took 18 ns
+// that way, 10 to 11 ns binned, one thread). `counts` is work space.
+void draw(SampleStream& rng, const Table& t, int64_t M, int64_t c, std::vector<int64_t>& counts, Marks& marks) {
   const int64_t bins = (M + kBinBuckets - 1) / kBinBuckets;
   if (bins == 1) {
-    for (int64_t d = 0; d < c; ++d) mark(resolve(t, M, rng.uniform()));
+    SampleStream r = rng;  // in registers, as in the alias draw below
+    Marks m = marks;
+    for (int64_t d = 0; d < c; ++d)
+      if (!m.mark(resolve(t, M, r.uniform()))) break;
+    rng = r;
+    marks = m;
     return;
   }
   // A bin index from each 32-bit half of a random word, (x * bins) >> 32: bin
@@ -224,7 +243,70 @@ void draw(SampleStream& rng, const Table& t, int64_t M, int64_t c, std::vector<i
   const double width = 1.0 / static_cast<double>(bins);
   for (int64_t b = 0; b < bins; ++b)
     for (int64_t k = 0; k < counts[b]; ++k)
-      mark(resolve(t, M, (static_cast<double>(b) + rng.uniform()) * width));
+      if (!marks.mark(resolve(t, M, (static_cast<double>(b) + rng.uniform()) * width))) return;
+}
+
+// Walker's alias table of a row of p, for rows shared by many samples (whose
+// build, with its unpredictable branches, is then paid once): a 64-bit random
+// word w picks bucket k = floor(w M / 2^64), and the low 64 bits of w M, uniform
+// within the bucket, keep k when below keep[k] and take alias[k] otherwise. A
+// draw is then two independent loads, where the guided CDF's steps are a chain
+// of them, and its resolution is 2^-64 of a bucket.
+struct Alias {
+  const uint64_t* keep;
+  const int64_t* alias;
+  int64_t positive;
+};
+
+// Vose's construction, from the row's checked table (its total and count).
+template <typename prob_t>
+Alias build_alias(const prob_t* prow, int64_t M, const Table& t, uint64_t* keep, int64_t* alias) {
+  std::vector<double> q(M);  // each row's mass in units of a bucket (1 / M of the total)
+  std::vector<int64_t> small, large;
+  const double unit = static_cast<double>(M) / t.total;
+  for (int64_t i = 0; i < M; ++i) {
+    q[i] = static_cast<double>(prow[i]) * unit;
+    (q[i] < 1.0 ? small : large).push_back(i);
+  }
+  // Rows with p = 0 leave the small list while a large row is sure to exist
+  // (the others then average over 1), so rounding cannot leave one behind.
+  while (!small.empty() && !large.empty()) {
+    const int64_t s = small.back(), l = large.back();
+    small.pop_back();
+    keep[s] = static_cast<uint64_t>(q[s] * 0x1.0p64);  // q[s] < 1: below 2^64
+    alias[s] = l;
+    q[l] = (q[l] + q[s]) - 1.0;
+    if (q[l] < 1.0) {
+      large.pop_back();
+      small.push_back(l);
+    }
+  }
+  // What is left holds a full bucket (up to rounding): it keeps itself.
+  for (const auto* rest : {&small, &large})
+    for (const int64_t i : *rest) {
+      keep[i] = std::numeric_limits<uint64_t>::max();
+      alias[i] = i;
+    }
+  return Alias{keep, alias, t.positive};
+}
+
+void draw(SampleStream& rng, const Alias& a, int64_t M, int64_t c, Marks& marks) {
+  // Local copies: the byte stores to drawn may alias anything reachable, so
+  // the stream and the count would otherwise go through memory on every draw.
+  SampleStream r = rng;
+  Marks m = marks;
+  const uint64_t* keep = a.keep;
+  const int64_t* alias = a.alias;
+  for (int64_t d = 0; d < c; ++d) {
+    const unsigned __int128 wide = static_cast<unsigned __int128>(r.next()) * static_cast<uint64_t>(M);
+    const int64_t k = static_cast<int64_t>(wide >> 64);
+    // Keep or alias without a branch (either is as likely as the other).
+    const int64_t other = alias[k];
+    const int64_t i = static_cast<uint64_t>(wide) < keep[k] ? k : other;
+    if (!m.mark(i)) break;
+  }
+  rng = r;
+  marks = m;
 }
 
 at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
@@ -273,13 +355,18 @@ at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
     AT_DISPATCH_FLOATING_TYPES(pc.scalar_type(), "sample_rows_p", [&] {
       using prob_t = scalar_t;
       const prob_t* pd = pc.const_data_ptr<prob_t>();
+      // Shared rows: a checked CDF table (its total and count) and, from
+      // it, the alias table the draws use.
       const int64_t tables = shared ? P : 0;
       std::vector<double> cdfs(tables * M);
-      std::vector<int64_t> guides(tables * (M + 1));
-      std::vector<Table> table(tables);
+      std::vector<int64_t> guides(tables * (M + 1)), aliases(tables * M);
+      std::vector<uint64_t> keeps(tables * M);
+      std::vector<Alias> alias(tables);
       at::parallel_for(0, tables, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t j = begin; j < end; ++j)
-          table[j] = build_table(pd + j * M, M, j, cdfs.data() + j * M, guides.data() + j * (M + 1));
+        for (int64_t j = begin; j < end; ++j) {
+          const Table t = build_table(pd + j * M, M, j, cdfs.data() + j * M, guides.data() + j * (M + 1));
+          alias[j] = build_alias(pd + j * M, M, t, keeps.data() + j * M, aliases.data() + j * M);
+        }
       });
 
       at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
@@ -289,10 +376,16 @@ at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
         std::vector<int64_t> counts;
         for (int64_t n = begin; n < end; ++n) {
           const int64_t j = n % P;
-          const Table t = shared ? table[j] : build_table(pd + j * M, M, j, own_cdf.data(), own_guide.data());
           std::fill(drawn.begin(), drawn.end(), uint8_t(0));
           SampleStream rng(key, static_cast<uint64_t>(n));
-          draw(rng, t, M, c, counts, [&](int64_t i) { drawn[i] = 1; });
+          if (shared) {
+            Marks marks{drawn.data(), alias[j].positive};
+            draw(rng, alias[j], M, c, marks);
+          } else {
+            const Table t = build_table(pd + j * M, M, j, own_cdf.data(), own_guide.data());
+            Marks marks{drawn.data(), t.positive};
+            draw(rng, t, M, c, counts, marks);
+          }
           write_sample(xd + n * in.sN, od + n * o.sN, in, o, drawn.data(), sd + j * M);
         }
       });
