@@ -20,6 +20,7 @@ from .ops import (  # noqa: E402
     row_alpha,
     sample_rows,
     sap_sample,
+    sap_scale,
     set_value_checks,
     solve_mvm,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "solve_mvm",
     "sample_rows",
     "sap_sample",
+    "sap_scale",
     "row_alpha",
     "set_value_checks",
 ]

@@ -262,10 +262,8 @@ class SAPUnit(SamplingUnit):
         _check_nchw("SAPUnit", h)
         order = _dense_order(h) or (0, 1, 2, 3)
         with torch.no_grad():
-            view = h.detach().permute(order)
-            flat, p, r = self.backend.sap_inputs(view, self.frac)
-            scale = self.backend.sample_rows(torch.ones_like(flat), p, r, generator=self.generator)
-        return scale.reshape(view.shape).permute(tuple(order.index(d) for d in range(4)))
+            scale = self.backend.sap_scale(h.detach().permute(order), self.frac, self.generator)
+        return scale.permute(tuple(order.index(d) for d in range(4)))
 
     def extra_repr(self) -> str:
         return f"frac={self.frac}, mode={self.mode!r}" + self._differentiable_repr()

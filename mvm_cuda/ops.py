@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import row_alpha, sap_inputs  # noqa: F401  (pure tensor algebra, shared)
+from .reference import row_alpha, sap_draws, sap_inputs  # noqa: F401  (pure tensor algebra, shared)
 
 _lib = torch.ops.mvm
 
@@ -94,13 +94,39 @@ def _(x, p, c, *, generator=None):
 
 
 def sap_sample(h: torch.Tensor, frac: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Stochastic activation pruning on h (N, ...): sample_rows on the view of
-    each sample as K rows of width 1, with p = |h| / sum |h| recomputed from h
-    and r = max(1, round(frac * K)) draws. Zeros stay zero."""
+    """Stochastic activation pruning on h (N, ...): each sample's K entries are
+    rows of width 1 with p = |h| / sum |h| (recomputed from h), drawn
+    r = max(1, round(frac * K)) times; kept entries are scaled by 1/pi, the
+    others (zeros included) are 0. On the CPU one fused op, which reads a
+    contiguous or channels_last h in place (entries in memory order) and copies
+    other layouts; elsewhere sample_rows on (N, K, 1)."""
+    return _sap(h, frac, generator, scale_only=False)
+
+
+def sap_scale(h: torch.Tensor, frac: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The random scale of sap_sample(h, frac) with the same generator state:
+    1/pi_j on the drawn entries, 0 elsewhere, shaped like h (in h's dtype);
+    sap_sample(h) == h * sap_scale(h) for float32 and float64."""
+    return _sap(h, frac, generator, scale_only=True)
+
+
+def _sap(h, frac, generator, scale_only):
+    r = sap_draws(h, frac)
+    if h.device.type == "cpu":
+        return _lib.sap_sample(h, r, scale_only=scale_only, generator=generator)
     flat, p, r = sap_inputs(h, frac)
     if h.numel() == 0:  # nothing to prune
         return torch.empty_like(h)
-    return sample_rows(flat, p, r, generator=generator).reshape(h.shape)
+    x = torch.ones_like(flat) if scale_only else flat
+    return sample_rows(x, p, r, generator=generator).reshape(h.shape)
+
+
+@torch.library.register_fake("mvm::sap_sample")
+def _(h, r, *, scale_only=False, generator=None):
+    # The kernel reads a contiguous or channels_last h in place and copies any
+    # other layout (contiguous); its output takes that tensor's strides.
+    in_place = h.is_contiguous() or (h.dim() == 4 and h.is_contiguous(memory_format=torch.channels_last))
+    return torch.empty_like(h if in_place else h.contiguous())
 
 
 def set_value_checks(enabled: bool) -> bool:
@@ -109,5 +135,5 @@ def set_value_checks(enabled: bool) -> bool:
     return _lib.set_value_checks(enabled)
 
 
-for _name in ("project_simplex", "mvm_step", "solve_mvm", "sample_rows"):
+for _name in ("project_simplex", "mvm_step", "solve_mvm", "sample_rows", "sap_sample"):
     _inference_only(_name)

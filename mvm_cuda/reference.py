@@ -179,12 +179,19 @@ def sample_rows(x: torch.Tensor, p: torch.Tensor, c: int, *,
     return out.to(x.dtype).reshape(x.shape)
 
 
+def sap_draws(h: torch.Tensor, frac: float) -> int:
+    """SAP's number of draws for activation h (N, ...) of K entries a sample:
+    r = max(1, round(frac * K))."""
+    if not (frac > 0 and math.isfinite(frac)):
+        raise ValueError(f"sap_sample: frac must be finite and > 0, got {frac}")
+    return max(1, round(frac * math.prod(h.shape[1:])))
+
+
 def sap_inputs(h: torch.Tensor, frac: float):
     """What SAP hands the row sampler for activation h (N, ...): the view
     (N, K, 1), p_j = |h_j| / sum |h| per sample (uniform for an all-zero
-    sample, whose output is zero anyway), and r = max(1, round(frac * K))."""
-    if not (frac > 0 and math.isfinite(frac)):
-        raise ValueError(f"sap_sample: frac must be finite and > 0, got {frac}")
+    sample, whose output is zero anyway), and r = sap_draws(h, frac)."""
+    r = sap_draws(h, frac)
     n = h.shape[0]
     k = math.prod(h.shape[1:])
     flat = h.reshape(n, k, 1)
@@ -193,7 +200,7 @@ def sap_inputs(h: torch.Tensor, frac: float):
     # activations near 3e38), written in place into mag: no extra pass or copy.
     total = mag.sum(-1, keepdim=True, dtype=torch.float64)
     p = mag.div_(total).masked_fill_(total == 0, 1.0 / max(k, 1))
-    return flat, p, max(1, round(frac * k))
+    return flat, p, r
 
 
 def sap_sample(h: torch.Tensor, frac: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -204,6 +211,15 @@ def sap_sample(h: torch.Tensor, frac: float, generator: torch.Generator | None =
     if h.numel() == 0:  # nothing to prune
         return torch.empty_like(h)
     return sample_rows(flat, p, r, generator=generator).reshape(h.shape)
+
+
+def sap_scale(h: torch.Tensor, frac: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The random scale of sap_sample(h, frac) with the same generator state:
+    1/pi_j on the drawn entries, 0 elsewhere, shaped like h (in h's dtype)."""
+    flat, p, r = sap_inputs(h, frac)
+    if h.numel() == 0:
+        return torch.empty_like(h)
+    return sample_rows(torch.ones_like(flat), p, r, generator=generator).reshape(h.shape)
 
 
 def row_alpha(x: torch.Tensor) -> torch.Tensor:

@@ -378,14 +378,15 @@ CASES = [
          r"sap_sample: frac must be finite and > 0, got nan"), ops=True),
     Case("sap_sample-frac-inf", lambda c: mvm_cuda.sap_sample(_x(c), float("inf")), Raises(ValueError,
          r"sap_sample: frac must be finite and > 0, got inf"), ops=True),
+    # (the fused CPU op names h; elsewhere sample_rows names its x and p)
     Case("sap_sample-h-int", lambda c: mvm_cuda.sap_sample(_x(c).int(), 0.5), Raises(E,
-         r"x must be float32, float64, float16 or bfloat16, got Int"), ops=True),
+         r"(h|x) must be float32, float64, float16 or bfloat16, got Int"), ops=True),
     Case("sap_sample-h-empty-batch", lambda c: mvm_cuda.sap_sample(_x(c)[:0], 0.5),
          Gives(lambda out, c: out.shape == (0, 2, 3, 5)), ops=True),
     Case("sap_sample-h-nan", lambda c: mvm_cuda.sap_sample(_with(_x(c), (0, 0, 0, 0), float("nan")), 1.0),
-         Raises(E, r"sample_rows: p must be finite, got a NaN or inf"), ops=True),
+         Raises(E, r"(sap_sample: h|sample_rows: p) must be finite, got a NaN or inf"), ops=True),
     Case("sap_sample-h-inf", lambda c: mvm_cuda.sap_sample(_with(_x(c), (0, 0, 0, 0), float("inf")), 0.5),
-         Raises(E, r"sample_rows: p must be finite, got a NaN or inf"), ops=True),
+         Raises(E, r"(sap_sample: h|sample_rows: p) must be finite, got a NaN or inf"), ops=True),
     Case("sap_sample-h-float32-overflow", lambda c: mvm_cuda.sap_sample(torch.full((2, 3), 3e38, device=c.dev), 0.5),
          Gives(lambda out, c: ((out == 0) | (out == float("inf"))).all() and (out == 0).any()), ops=True),
     # insert_units

@@ -24,12 +24,18 @@ def _samples(device):
         (torch.ops.mvm.sample_rows.default, (torch.rand(4, 3, 4, 5, device=device), p, 4), {}),
         (torch.ops.mvm.sample_rows.default, (torch.rand(4, 5, 3, 4, device=device).permute(0, 2, 3, 1), p, 4),
          {"generator": torch.Generator(device=device).manual_seed(0)}),
+        (torch.ops.mvm.sap_sample.default, (torch.relu(torch.randn(4, 3, 4, 5, device=device)), 30), {}),
+        (torch.ops.mvm.sap_sample.default,
+         (torch.rand(4, 3, 4, 5, device=device).contiguous(memory_format=torch.channels_last), 7), {"scale_only": True}),
+        (torch.ops.mvm.sap_sample.default, (torch.rand(4, 3, 4, 10, device=device)[..., ::2], 9), {}),  # copied
     ]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(9))
 def test_opcheck(device, case):
     op, args, kwargs = _samples(device)[case]
+    if op is torch.ops.mvm.sap_sample.default and device != "cpu":
+        pytest.skip("mvm::sap_sample has a CPU kernel only (mvm_cuda.sap_sample composes sample_rows elsewhere)")
     utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     if "generator" in kwargs:
         # An explicit generator advances between opcheck's eager and traced
@@ -46,7 +52,7 @@ def test_compile_fullgraph_traces_every_op(device):
         p = mvm_cuda.solve_mvm(alpha, 8, "kkt")
         q = mvm_cuda.mvm_step(p, alpha, 8, 1e-4)
         q = mvm_cuda.project_simplex(q, 1.0)
-        return mvm_cuda.sample_rows(h, q, 8), mvm_cuda.solve_mvm(alpha, 8, "pgd")
+        return mvm_cuda.sample_rows(h, q, 8) + mvm_cuda.sap_sample(h, 0.5), mvm_cuda.solve_mvm(alpha, 8, "pgd")
 
     compiled = torch.compile(pipeline, fullgraph=True)
     h = torch.rand(4, 3, 5, 2, device=device)

@@ -265,3 +265,74 @@ def test_sap_matches_reference_kept_counts(device):
     a = (out != 0).reshape(3000, -1).sum(1).double()
     b = (ref_out != 0).reshape(3000, -1).sum(1).double()
     assert stats.ttest_ind(a, b).pvalue > 0.001
+
+
+def _sap_h(n, k, seed, dtype=torch.float64):
+    """n copies of one activation of k entries: half zeros, a heavy tail, one
+    entry with a tenth of the mass."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.rand(k, generator=g, dtype=torch.float64) ** 4
+    h[torch.rand(k, generator=g) < 0.5] = 0
+    h[k // 3] = h.sum() / 9
+    h[1] = -h[1] - 0.1  # a negative entry: p uses |h|, the output keeps the sign
+    return h.to(dtype).expand(n, k).contiguous()
+
+
+def test_sap_inclusion_frequency(device):
+    # SAP's tables span several of the CPU kernel's bins (1,500 nonzero entries):
+    # each entry's keep count is Binomial(n, pi_j), pi_j = 1 - (1 - |h_j| / sum|h|)^r.
+    n, k = 2000, 3000
+    h = _sap_h(n, k, seed=11)
+    r = round(0.2 * k)
+    torch.manual_seed(2)
+    kept = (mvm_cuda.sap_sample(h.to(device), 0.2).cpu() != 0).double()
+    counts = kept.sum(0)
+    p = h[0].abs() / h[0].abs().sum()
+    assert (counts[p == 0] == 0).all()
+    pi = ref.inclusion_prob(p, r).numpy()
+    c = counts.numpy()
+    tail = 2 * np.minimum(stats.binom.cdf(c, n, pi), stats.binom.sf(c - 1, n, pi))
+    assert tail.min() > 0.001 / k  # Bonferroni over entries, 0.1% overall
+    # The power to see 2% too much mass in one bin's third of the entries.
+    se = kept[:, : k // 3].sum(1).std().item() / math.sqrt(n)
+    assert abs(ref.inclusion_prob(p[: k // 3] * 1.02, r).sum() - pi[: k // 3].sum()) / se > 2 * stats.norm.isf(0.001)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_sap_kept_entries_scaled_exactly(device, dtype):
+    n, k = 50, 400
+    h = _sap_h(n, k, seed=12, dtype=dtype)
+    out = mvm_cuda.sap_sample(h.to(device), 0.5).cpu()
+    kept = out != 0
+    assert kept.any() and (kept.sum(1) <= 200).all()
+    p = h[0].double().abs() / h[0].double().abs().sum()
+    want = h.double() / ref.inclusion_prob(p, 200)
+    # float64 throughout, or p rounded to float32 and 1/pi in float32 (a few ulps).
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out[kept].double(), want[kept], rtol=rtol, atol=0)
+    assert (out[1] == 0).all() or (out[:, 1][kept[:, 1]] < 0).all()  # the sign is kept
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_sap_scale_is_the_scale_of_sap_sample(device, layout):
+    h = torch.relu(torch.randn(6, 4, 5, 6, generator=torch.Generator().manual_seed(4))).to(device)
+    if layout == "channels_last":
+        h = h.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        h = torch.relu(torch.randn(6, 4, 5, 12, generator=torch.Generator().manual_seed(4))).to(device)[..., ::2]
+    out = mvm_cuda.sap_sample(h, 0.5, torch.Generator(device=device).manual_seed(9))
+    scale = mvm_cuda.sap_scale(h, 0.5, torch.Generator(device=device).manual_seed(9))
+    assert torch.equal(out, h * scale)
+    assert ((scale == 0) | (h != 0)).all() and (scale[scale != 0] > 1).all()
+    if layout != "strided":  # read in place: the output keeps h's strides
+        assert out.stride() == h.stride() and scale.stride() == h.stride()
+
+
+def test_sap_op_checks_r_and_the_sum():
+    h = torch.rand(2, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"mvm::sap_sample: r \(the number of draws\) must be >= 1, got 0"):
+        torch.ops.mvm.sap_sample(h, 0)
+    with pytest.raises(RuntimeError, match=r"mvm::sap_sample: h must have a batch dimension"):
+        torch.ops.mvm.sap_sample(torch.tensor(1.0), 1)
+    with pytest.raises(RuntimeError, match=r"mvm::sap_sample: sum \|h\| of sample 1 overflows float64"):
+        torch.ops.mvm.sap_sample(torch.tensor([[1.0, 2.0], [1e308, 1e308]], dtype=torch.float64), 1)

@@ -1,15 +1,14 @@
-#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <limits>
-#include <mutex>
 #include <vector>
 
 #include "../checks.h"
 #include "../math.h"
+#include "draws.h"
 
 
 namespace mvm::cpu {
@@ -73,67 +72,12 @@ void write_sample(const scalar_t* x, scalar_t* out, const RowLayout& in, const R
   }
 }
 
-// A sample's random stream: xoshiro256++ (Blackman and Vigna), its state
-// seeded through SplitMix64 from the call's key and the sample's index, four
-// SplitMix steps per sample so that no two samples of a call share a seed
-// word. A draw then costs about a nanosecond; a 10-round Philox (what the CUDA
-// kernel uses, for its counter-based offsets) costs several times that here.
-class SampleStream {
- public:
-  SampleStream(uint64_t key, uint64_t sample) {
-    uint64_t z = key + sample * 4 * kGolden;
-    for (auto& s : s_) s = splitmix64(z);
-  }
-  uint64_t next() {
-    const uint64_t result = rotl(s_[0] + s_[3], 23) + s_[0];
-    const uint64_t t = s_[1] << 17;
-    s_[2] ^= s_[0];
-    s_[3] ^= s_[1];
-    s_[1] ^= s_[2];
-    s_[0] ^= s_[3];
-    s_[2] ^= t;
-    s_[3] = rotl(s_[3], 45);
-    return result;
-  }
-  // Uniform in [0, 1) with 53 random bits, so rows with p down to 1e-9 and
-  // below are drawn at their rate.
-  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
-
- private:
-  static constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
-  static uint64_t rotl(uint64_t v, int k) { return (v << k) | (v >> (64 - k)); }
-  static uint64_t splitmix64(uint64_t& z) {
-    uint64_t r = (z += kGolden);
-    r = (r ^ (r >> 30)) * 0xBF58476D1CE4E5B9ull;
-    r = (r ^ (r >> 27)) * 0x94D049BB133111EBull;
-    return r ^ (r >> 31);
-  }
-  uint64_t s_[4];
-};
-
-// One row of p as a table for drawing by inversion: the running sums of p
-// (cdf, in float64) and a guide of M buckets of equal mass, guide[g] <= the
-// first row whose cdf passes g / M of the total. A draw u in [0, 1) starts at
-// guide[floor(u M)] and steps forward while cdf <= u * total: most draws take
-// no step, the rest one or two. The table is built in two branch-free passes
-// (Walker's alias table, which needs no steps, takes a pass whose branches a
-// CPU cannot predict; for SAP a table serves one sample, so its build is what
-// counts).
-struct Table {
-  const double* cdf;
-  const int64_t* guide;
-  double total;
-  int64_t last;      // the last row with p > 0, for draws that rounding puts at the total
-  int64_t positive;  // rows with p > 0: once all are drawn, further draws change nothing
-};
-
 // Builds row `row` of p (M entries) into cdf (M) and guide (M + 1), checking
 // its values on the way (this is the kernel's only pass over p).
 template <typename prob_t>
 Table build_table(const prob_t* prow, int64_t M, int64_t row, double* cdf, int64_t* guide) {
   // The running sum in two independent halves, so that two additions are in
-  // flight at a time (one chain would wait on each addition's latency); the
-  // second half's offset is added in the guide pass below.
+  // flight at a time (one chain would wait on each addition's latency).
   const int64_t half = M / 2;
   double sum0 = 0.0, sum1 = 0.0;  // locals whose address never escapes: kept in registers
   int64_t last0 = 0, last1 = -1;  // the last row with p > 0 in each half
@@ -163,87 +107,8 @@ Table build_table(const prob_t* prow, int64_t M, int64_t row, double* cdf, int64
   }
   TORCH_CHECK(std::abs(total - 1.0) <= kSumTolerance, "mvm::sample_rows: every row of p must sum to 1 (within ",
               kSumTolerance, "), row ", row, " sums to ", total);
-  // guide[g] = the number of rows i with b_i < g, b_i = floor(cdf[i] * scale):
-  // each row writes its count i + 1 at b_i + 1 (the last row of a bucket
-  // writes last), and a running max fills the buckets in between. scale is
-  // M / total shrunk by 1e-9, so that b_i < g puts cdf[i] below every draw
-  // of bucket g despite rounding: the guide never starts past the answer.
-  const double scale = static_cast<double>(M) / total * (1.0 - 1e-9);
-  std::fill_n(guide, M + 1, int64_t(0));
-  auto bucket = [&](int64_t i) {
-    const int64_t b = static_cast<int64_t>(cdf[i] * scale);
-    guide[std::min(b + 1, M)] = i + 1;  // slot M takes the rows past the last bucket
-  };
-  for (int64_t i = 0; i < half; ++i) bucket(i);
-  for (int64_t i = half; i < M; ++i) {
-    cdf[i] += offset;
-    bucket(i);
-  }
-  int64_t run = 0;
-  for (int64_t g = 1; g < M; ++g) guide[g] = run = std::max(guide[g], run);
-  return Table{cdf, guide, total, last, positive};
-}
-
-// The row drawn by u in [0, 1).
-inline int64_t resolve(const Table& t, int64_t M, double u) {
-  const double v = u * t.total;
-  int64_t i = t.guide[std::min(static_cast<int64_t>(u * static_cast<double>(M)), M - 1)];
-  // Two steps without a branch (most draws need none, many one: a branch
-  // here would be mispredicted half the time), then a loop rarely entered.
-  i += (i < t.last) & (t.cdf[i] <= v);
-  i += (i < t.last) & (t.cdf[i] <= v);
-  while (i < t.last && t.cdf[i] <= v) ++i;
-  return i;
-}
-
-// Marks row i drawn; false once every row with p > 0 is (the drawn set is
-// then final, so the remaining draws, which can change nothing, are skipped:
-// with c several times M, as in a CIFAR-10 net's last layers, most of them).
-struct Marks {
-  uint8_t* drawn;
-  int64_t left;  // rows with p > 0 not drawn yet
-  bool mark(int64_t i) {
-    left -= !drawn[i];
-    drawn[i] = 1;
-    return left > 0;
-  }
-};
-
-// Guide buckets per bin of draws (below).
-constexpr int64_t kBinBuckets = 1024;
-
-// c draws with replacement from a row's table into `marks`. A table larger
-// than a core's L1 cache is cut into bins of kBinBuckets guide buckets (equal
-// slices of [0, 1)): first the number of draws in each bin (c uniform bin
-// indices, counted), then each bin's draws, uniform within it. Together these
-// are c independent uniforms, as before, but each bin's draws read only its
-// slice of the table, which stays in cache, where draws in random order would
-// each miss it once or twice (for SAP's 43,264-entry tables a draw took 18 ns
-// that way, 10 to 11 ns binned, one thread). `counts` is work space.
-void draw(SampleStream& rng, const Table& t, int64_t M, int64_t c, std::vector<int64_t>& counts, Marks& marks) {
-  const int64_t bins = (M + kBinBuckets - 1) / kBinBuckets;
-  if (bins == 1) {
-    SampleStream r = rng;  // in registers, as in the alias draw below
-    Marks m = marks;
-    for (int64_t d = 0; d < c; ++d)
-      if (!m.mark(resolve(t, M, r.uniform()))) break;
-    rng = r;
-    marks = m;
-    return;
-  }
-  // A bin index from each 32-bit half of a random word, (x * bins) >> 32: bin
-  // masses off by at most bins / 2^32 of a bin (1e-8 for SAP's tables).
-  const uint64_t nb = static_cast<uint64_t>(bins);
-  counts.assign(bins, 0);
-  for (int64_t d = 0; d < c; d += 2) {
-    const uint64_t x = rng.next();
-    ++counts[((x & 0xFFFFFFFFull) * nb) >> 32];
-    if (d + 1 < c) ++counts[((x >> 32) * nb) >> 32];
-  }
-  const double width = 1.0 / static_cast<double>(bins);
-  for (int64_t b = 0; b < bins; ++b)
-    for (int64_t k = 0; k < counts[b]; ++k)
-      if (!marks.mark(resolve(t, M, (static_cast<double>(b) + rng.uniform()) * width))) return;
+  for (int64_t i = half; i < M; ++i) cdf[i] += offset;
+  return Table{cdf, build_guide(cdf, M, total, M, guide), total, last, positive, M};
 }
 
 // Walker's alias table of a row of p, for rows shared by many samples (whose
@@ -318,17 +183,7 @@ at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
     return out;
   }
 
-  // One 64-bit key per call from the torch generator, under its lock, so
-  // threads sharing the default generator never race; sample n's stream is
-  // a function of (key, n) only, so the draws do not depend on how samples
-  // are split across threads, and every call gets fresh ones.
-  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
-      generator, at::detail::getDefaultCPUGenerator());
-  uint64_t key;
-  {
-    std::lock_guard<std::mutex> lock(gen->mutex_);
-    key = gen->random64();
-  }
+  const uint64_t key = call_key(generator);  // draws.h
 
   const RowLayout in = shape.layout(x), o = shape.layout(out);
   const int64_t M = shape.M, P = shape.P, N = shape.N;
@@ -384,7 +239,7 @@ at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
           } else {
             const Table t = build_table(pd + j * M, M, j, own_cdf.data(), own_guide.data());
             Marks marks{drawn.data(), t.positive};
-            draw(rng, t, M, c, counts, marks);
+            draw(rng, t, c, counts, marks);
           }
           write_sample(xd + n * in.sN, od + n * o.sN, in, o, drawn.data(), sd + j * M);
         }
