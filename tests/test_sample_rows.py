@@ -44,7 +44,7 @@ def test_inclusion_frequency_matches_pi(device):
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared_p", "p_per_sample"])
 def test_inclusion_frequency_long_rows(device, per_sample):
-    # Rows longer than the CPU kernel's bins of 1,024 (SAP's regime: a row of
+    # Rows longer than the CPU kernel's bins of 128 buckets (SAP's regime: a row of
     # p per sample): a weight spanning bins, runs of zeros across bin edges,
     # a wide dynamic range. Row i's keep count is Binomial(n, pi_i).
     m, c, n = 3000, 400, 4000
