@@ -4,7 +4,13 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define MVM_F16C 1
+#endif
 
 #include "../checks.h"
 #include "../math.h"
@@ -13,6 +19,23 @@
 
 namespace mvm::cpu {
 namespace {
+
+#ifdef MVM_F16C
+// A float16 row times s with the F16C conversions, 8 at a time: this build
+// targets plain x86-64, where c10::Half converts in software (a float16
+// sample_rows ran at 0.14 of clone's bandwidth). Both round to nearest even,
+// so the result is the same.
+__attribute__((target("avx,f16c"))) void scale_half_row(const c10::Half* src, c10::Half* dst, int64_t C, float s) {
+  const __m256 vs = _mm256_set1_ps(s);
+  int64_t ch = 0;
+  for (; ch + 8 <= C; ch += 8) {
+    const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + ch)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + ch), _mm256_cvtps_ph(_mm256_mul_ps(v, vs), _MM_FROUND_TO_NEAREST_INT));
+  }
+  for (; ch < C; ++ch) dst[ch] = static_cast<c10::Half>(static_cast<float>(src[ch]) * s);
+}
+const bool kHasF16c = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+#endif
 
 // Writes one sample: out[h, w, :] = x[h, w, :] * scale[i] for a drawn row i
 // (drawn[i] = 1, scale[i] = 1/pi_i) and 0 for the others (whatever x and
@@ -35,6 +58,14 @@ void write_sample(const scalar_t* x, scalar_t* out, const RowLayout& in, const R
           if (dense) std::fill_n(orow, C, scalar_t(0));
           else for (int64_t ch = 0; ch < C; ++ch) orow[ch * o.sC] = scalar_t(0);
         } else if (dense) {
+#ifdef MVM_F16C
+          if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+            if (kHasF16c) {
+              scale_half_row(xr, orow, C, s);
+              continue;
+            }
+          }
+#endif
           const scalar_t* __restrict__ src = xr;
           scalar_t* __restrict__ dst = orow;
           for (int64_t ch = 0; ch < C; ++ch) dst[ch] = static_cast<scalar_t>(acc_t(src[ch]) * s);
