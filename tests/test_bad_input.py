@@ -387,6 +387,14 @@ CASES = [
          Raises(E, r"(sap_sample: h|sample_rows: p) must be finite, got a NaN or inf"), ops=True),
     Case("sap_sample-h-inf", lambda c: mvm_cuda.sap_sample(_with(_x(c), (0, 0, 0, 0), float("inf")), 0.5),
          Raises(E, r"(sap_sample: h|sample_rows: p) must be finite, got a NaN or inf"), ops=True),
+    # the fused CPU op itself (mvm_cuda.sap_sample computes r from frac)
+    Case("sap_sample-op-r-zero", lambda c: torch.ops.mvm.sap_sample(torch.rand(2, 3), 0), Raises(E,
+         r"mvm::sap_sample: r \(the number of draws\) must be >= 1, got 0")),
+    Case("sap_sample-op-h-0d", lambda c: torch.ops.mvm.sap_sample(torch.tensor(1.0), 1), Raises(E,
+         r"mvm::sap_sample: h must have a batch dimension \(N, ...\), got a 0-d tensor")),
+    Case("sap_sample-op-sum-overflow", lambda c: torch.ops.mvm.sap_sample(
+         torch.tensor([[1.0, 2.0], [1e308, 1e308]], dtype=torch.float64), 1), Raises(E,
+         r"mvm::sap_sample: sum \|h\| of sample 1 overflows float64")),
     Case("sap_sample-h-float32-overflow", lambda c: mvm_cuda.sap_sample(torch.full((2, 3), 3e38, device=c.dev), 0.5),
          Gives(lambda out, c: ((out == 0) | (out == float("inf"))).all() and (out == 0).any()), ops=True),
     # insert_units

@@ -3,6 +3,7 @@
 // a mask of drawn rows.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
@@ -21,6 +22,13 @@ inline uint64_t call_key(const std::optional<at::Generator>& generator) {
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
   std::lock_guard<std::mutex> lock(gen->mutex_);
   return gen->random64();
+}
+
+// p -> 1/pi = 1 / (1 - (1-p)^c), in place, by ATen's vectorised log1p and
+// expm1 (-1 / expm1(c log1p(-p))): cheaper than a libm call per entry, and
+// in p's dtype (float32 keeps the relative accuracy a float32 output holds).
+inline at::Tensor& inverse_inclusion_(at::Tensor& p, int64_t c) {
+  return p.neg_().log1p_().mul_(static_cast<double>(c)).expm1_().neg_().reciprocal_();
 }
 
 // A sample's random stream: xoshiro256++ (Blackman and Vigna), its state

@@ -219,18 +219,16 @@ at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
   const RowLayout in = shape.layout(x), o = shape.layout(out);
   const int64_t M = shape.M, P = shape.P, N = shape.N;
   // When every row of p serves several samples (R copies of a batch), its
-  // table is built once, up front; otherwise (SAP: a row of p per sample)
-  // each sample builds its own.
+  // table is built once, up front; otherwise (a row of p per sample) each
+  // sample builds its own.
   const bool shared = N >= 4 * P;
-  const auto pc = p.contiguous();  // (P, M): small next to x, except for SAP where it is already contiguous
-  // 1/pi for every row of p, by ATen's vectorised expm1/log1p: one pass,
-  // where a libm call per drawn row costs more. Only drawn rows are read.
-  // float32 arithmetic when neither x nor p is float64: pi then has float32's
-  // relative accuracy, as much as a float32 (or narrower) output keeps.
+  const auto pc = p.contiguous();  // (P, M): small next to x, or already contiguous
+  // 1/pi for every row of p, in one vectorised pass (only drawn rows are
+  // read), in float32 when neither x nor p is float64.
   const auto acc_dtype = at::toOpMathType(x.scalar_type());
   const auto work_dtype = at::promote_types(pc.scalar_type(), acc_dtype);
-  const auto scales = at::log1p(at::neg(pc.to(work_dtype))).mul_(static_cast<double>(c))
-                          .expm1_().neg_().reciprocal_().to(acc_dtype);
+  auto work = pc.to(work_dtype, /*non_blocking=*/false, /*copy=*/true);
+  const auto scales = inverse_inclusion_(work, c).to(acc_dtype);
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(M * shape.C, 1));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sample_rows", [&] {

@@ -96,8 +96,8 @@ at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, bool scale_only, std::o
         draw(rng, t, r, counts, marks);
 
         // The drawn entries, packed in place, and their p as sample_rows gets
-        // it from sap_inputs (|h| / sum in float64, rounded to acc_t); then
-        // 1/pi = 1 / (1 - (1-p)^r) by ATen's vectorised ops, in place.
+        // it from sap_inputs (|h| / sum in float64, rounded to acc_t), then
+        // their 1/pi.
         int64_t k = 0;
         for (int64_t q = 0; q < m; ++q) {
           entry[k] = entry[q];
@@ -105,8 +105,8 @@ at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, bool scale_only, std::o
         }
         for (int64_t q = 0; q < k; ++q)
           scale[q] = static_cast<acc_t>(std::abs(static_cast<double>(hs[entry[q]])) / sum);
-        at::from_blob(scale.data(), {k}, at::TensorOptions().dtype(acc_dtype))
-            .neg_().log1p_().mul_(static_cast<double>(r)).expm1_().neg_().reciprocal_();
+        auto drawn_p = at::from_blob(scale.data(), {k}, at::TensorOptions().dtype(acc_dtype));
+        inverse_inclusion_(drawn_p, r);
         for (int64_t q = 0; q < k; ++q) {
           const int64_t j = entry[q];
           os[j] = static_cast<scalar_t>(scale_only ? scale[q] : acc_t(hs[j]) * scale[q]);
