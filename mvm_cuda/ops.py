@@ -111,9 +111,8 @@ def sap_scale(h: torch.Tensor, frac: float, generator: torch.Generator | None = 
 
 
 def _sap(h, frac, generator, scale_only):
-    r = sap_draws(h, frac)
     if h.device.type == "cpu":
-        return _lib.sap_sample(h, r, scale_only=scale_only, generator=generator)
+        return _lib.sap_sample(h, sap_draws(h, frac), scale_only=scale_only, generator=generator)
     flat, p, r = sap_inputs(h, frac)
     if h.numel() == 0:  # nothing to prune
         return torch.empty_like(h)
