@@ -195,10 +195,12 @@ def test_independent_of_thread_count():
         results = []
         for nt in (1, 2):
             torch.set_num_threads(nt)
-            results.append(mvm_cuda.sample_rows(x, p, 300, generator=torch.Generator().manual_seed(0)))
+            results.append((mvm_cuda.sample_rows(x, p, 300, generator=torch.Generator().manual_seed(0)),
+                            mvm_cuda.sap_sample(x, 0.3, generator=torch.Generator().manual_seed(0))))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(results[0], results[1])
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
 
 
 def test_nan_and_inf_only_in_drawn_rows(device):
