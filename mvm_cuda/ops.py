@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import row_alpha, sap_draws, sap_inputs  # noqa: F401  (pure tensor algebra, shared)
+from .reference import row_alpha, sap_by_rows, sap_draws, sap_inputs  # noqa: F401  (pure tensor algebra, shared)
 
 _lib = torch.ops.mvm
 
@@ -113,11 +113,7 @@ def sap_scale(h: torch.Tensor, frac: float, generator: torch.Generator | None = 
 def _sap(h, frac, generator, scale_only):
     if h.device.type == "cpu":
         return _lib.sap_sample(h, sap_draws(h, frac), scale_only=scale_only, generator=generator)
-    flat, p, r = sap_inputs(h, frac)
-    if h.numel() == 0:  # nothing to prune
-        return torch.empty_like(h)
-    x = torch.ones_like(flat) if scale_only else flat
-    return sample_rows(x, p, r, generator=generator).reshape(h.shape)
+    return sap_by_rows(sample_rows, h, frac, generator, scale_only)
 
 
 @torch.library.register_fake("mvm::sap_sample")

@@ -207,19 +207,23 @@ def sap_sample(h: torch.Tensor, frac: float, generator: torch.Generator | None =
     """Stochastic activation pruning (Dhillon et al. 2018) on h (N, ...): each
     sample's entries are rows of width 1, drawn r = max(1, round(frac * K))
     times with p proportional to |h|, kept entries scaled by 1/pi."""
-    flat, p, r = sap_inputs(h, frac)
-    if h.numel() == 0:  # nothing to prune
-        return torch.empty_like(h)
-    return sample_rows(flat, p, r, generator=generator).reshape(h.shape)
+    return sap_by_rows(sample_rows, h, frac, generator, scale_only=False)
 
 
 def sap_scale(h: torch.Tensor, frac: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """The random scale of sap_sample(h, frac) with the same generator state:
     1/pi_j on the drawn entries, 0 elsewhere, shaped like h (in h's dtype)."""
+    return sap_by_rows(sample_rows, h, frac, generator, scale_only=True)
+
+
+def sap_by_rows(rows_op, h, frac, generator, scale_only):
+    """SAP through a row sampler `rows_op` (this module's sample_rows, or the
+    kernel's): on the (N, K, 1) view of h, or of ones for the scale alone."""
     flat, p, r = sap_inputs(h, frac)
-    if h.numel() == 0:
+    if h.numel() == 0:  # nothing to prune
         return torch.empty_like(h)
-    return sample_rows(torch.ones_like(flat), p, r, generator=generator).reshape(h.shape)
+    x = torch.ones_like(flat) if scale_only else flat
+    return rows_op(x, p, r, generator=generator).reshape(h.shape)
 
 
 def row_alpha(x: torch.Tensor) -> torch.Tensor:

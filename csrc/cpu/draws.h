@@ -74,10 +74,10 @@ class SampleStream {
 // for weights spread unevenly), guide[g] <= the first row whose cdf passes
 // g / G of the total. A draw u in [0, 1) starts at guide[floor(u G)] and
 // steps forward while cdf <= u * total: most draws take no step, the rest
-// one or two. The table is built in two branch-free passes
-// (Walker's alias table, which needs no steps, takes a pass whose branches a
-// CPU cannot predict; for SAP a table serves one sample, so its build is what
-// counts).
+// one or two. The table is built in two branch-free passes, which is what
+// counts where a table serves one sample (SAP); rows of p shared by many
+// samples get a Walker alias table on top (sample_rows.cpp), whose draws take
+// no steps but whose build has branches a CPU cannot predict.
 struct Table {
   const double* cdf;
   const int64_t* guide;
@@ -142,34 +142,29 @@ constexpr int64_t kBinBuckets = 128;
 // counted), then each bin's draws, uniform within it. Together these are c
 // independent uniforms, but each bin's draws read only its slice of the
 // table, which stays in L1, where draws in random order would each miss it.
-// `counts` is work space.
-inline void draw(SampleStream& rng, const Table& t, int64_t c, std::vector<int64_t>& counts, Marks& marks) {
-  // Local copies: the byte stores to drawn may alias anything reachable, so
-  // the stream and the count would otherwise go through memory on every draw.
-  SampleStream r = rng;
-  Marks m = marks;
+// `counts` is work space. The stream and the marks come by value: as locals
+// they stay in registers, where through a reference the byte stores to drawn
+// (which may alias anything) would send them through memory on every draw.
+inline void draw(SampleStream r, const Table& t, int64_t c, std::vector<int64_t>& counts, Marks m) {
   const int64_t bins = (t.buckets + kBinBuckets - 1) / kBinBuckets;
   if (bins == 1) {
     for (int64_t d = 0; d < c; ++d)
-      if (!m.mark(resolve(t, r.uniform()))) break;
-  } else {
-    // A bin index from each 32-bit half of a random word, (x * bins) >> 32: bin
-    // masses off by at most bins / 2^32 of a bin (1e-8 for SAP's tables).
-    const uint64_t nb = static_cast<uint64_t>(bins);
-    counts.assign(bins, 0);
-    for (int64_t d = 0; d < c; d += 2) {
-      const uint64_t x = r.next();
-      ++counts[((x & 0xFFFFFFFFull) * nb) >> 32];
-      if (d + 1 < c) ++counts[((x >> 32) * nb) >> 32];
-    }
-    const double width = 1.0 / static_cast<double>(bins);
-    bool more = true;
-    for (int64_t b = 0; b < bins && more; ++b)
-      for (int64_t k = 0; k < counts[b] && more; ++k)
-        more = m.mark(resolve(t, (static_cast<double>(b) + r.uniform()) * width));
+      if (!m.mark(resolve(t, r.uniform()))) return;
+    return;
   }
-  rng = r;
-  marks = m;
+  // A bin index from each 32-bit half of a random word, (x * bins) >> 32: bin
+  // masses off by at most bins / 2^32 of a bin (1e-8 for SAP's tables).
+  const uint64_t nb = static_cast<uint64_t>(bins);
+  counts.assign(bins, 0);
+  for (int64_t d = 0; d < c; d += 2) {
+    const uint64_t x = r.next();
+    ++counts[((x & 0xFFFFFFFFull) * nb) >> 32];
+    if (d + 1 < c) ++counts[((x >> 32) * nb) >> 32];
+  }
+  const double width = 1.0 / static_cast<double>(bins);
+  for (int64_t b = 0; b < bins; ++b)
+    for (int64_t k = 0; k < counts[b]; ++k)
+      if (!m.mark(resolve(t, (static_cast<double>(b) + r.uniform()) * width))) return;
 }
 
 }  // namespace mvm::cpu

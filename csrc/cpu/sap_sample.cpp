@@ -91,9 +91,7 @@ at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, bool scale_only, std::o
         const int64_t G = kGuidePerEntry * m;
         const Table t{cdf.data(), build_guide(cdf.data(), m, sum, G, guide.data()), sum, m - 1, m, G};
         std::fill_n(drawn.data(), m, uint8_t(0));
-        SampleStream rng(key, static_cast<uint64_t>(n));
-        Marks marks{drawn.data(), m};
-        draw(rng, t, r, counts, marks);
+        draw(SampleStream(key, static_cast<uint64_t>(n)), t, r, counts, Marks{drawn.data(), m});
 
         // The drawn entries, packed in place, and their p as sample_rows gets
         // it from sap_inputs (|h| / sum in float64, rounded to acc_t), then
