@@ -66,7 +66,7 @@ fi
 if ! $PY -P -c '
 import torch, mvm_cuda
 assert torch.cuda.is_available(), "no CUDA device visible"
-for op in ("sample_rows", "project_simplex", "mvm_step", "solve_mvm"):
+for op in ("sample_rows", "project_simplex", "mvm_step", "solve_mvm", "sap_sample"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key("mvm::" + op, "CUDA"), op + ": no CUDA kernel"
 print("mvm_cuda from", mvm_cuda.__file__)' > "$WORK/import.log" 2>&1; then
   note "- import: FAILED"; tail -20 "$WORK/import.log" | tee -a "$SUMMARY"; exit 1

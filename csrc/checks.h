@@ -173,6 +173,27 @@ inline void check_mvm_step(const at::Tensor& p, const at::Tensor& alpha, int64_t
   }
 }
 
+// sap_sample's checks; returns the tensor the kernels read: h itself when
+// each sample's K entries are one dense block (contiguous or channels_last,
+// read in memory order: the entries' order does not matter), else a
+// contiguous copy (documented). NaN/inf in h and a sum |h| that overflows
+// float64 are value checks: the CPU kernel finds them as it packs h, the CUDA
+// kernel checks here when value checks are on.
+inline at::Tensor check_sap_sample(const at::Tensor& h, int64_t r) {
+  constexpr const char* op = "sap_sample";
+  TORCH_CHECK(h.dim() >= 1, "mvm::", op, ": h must have a batch dimension (N, ...), got a 0-d tensor");
+  check_float_dtype(op, "h", h, /*allow_half=*/true);
+  TORCH_CHECK(r >= 1, "mvm::", op, ": r (the number of draws) must be >= 1, got ", r);
+  if (!h.device().is_cpu() && should_check_values(h) && h.numel() > 0) {
+    check_finite(op, "h", h);
+    const auto sums = h.reshape({h.size(0), -1}).abs().sum(1, /*keepdim=*/false, at::kDouble);
+    const auto bad = at::isinf(sums).nonzero();
+    TORCH_CHECK(bad.size(0) == 0, "mvm::", op, ": sum |h| of sample ", bad[0][0].item<int64_t>(), " overflows float64");
+  }
+  const bool in_place = h.is_contiguous() || h.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return in_place ? h : h.contiguous();
+}
+
 // Returns true for method "kkt", false for "pgd".
 inline bool check_solve_mvm(const at::Tensor& alpha, int64_t c, c10::string_view method,
                             int64_t max_iter, double tol) {

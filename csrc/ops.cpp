@@ -39,7 +39,7 @@ TORCH_LIBRARY(mvm, m) {
   m.def("mvm_step(Tensor p, Tensor alpha, int c, float lr) -> Tensor");
   m.def("solve_mvm(Tensor alpha, int c, str method=\"kkt\", int max_iter=1000, float tol=1e-6) -> Tensor");
   m.def("sample_rows(Tensor x, Tensor p, int c, *, Generator? generator=None) -> Tensor");
-  // SAP fused (CPU only; mvm_cuda.sap_sample composes it from sample_rows elsewhere).
+  // SAP fused: what sample_rows(h.reshape(N, K, 1), abs(h) / sum abs(h), r) draws, without p.
   m.def("sap_sample(Tensor h, int r, *, bool scale_only=False, Generator? generator=None) -> Tensor");
   // Not a tensor op: switches the device-syncing value checks of non-CPU
   // kernels on or off (see checks.h).

@@ -97,9 +97,9 @@ def sap_sample(h: torch.Tensor, frac: float, generator: torch.Generator | None =
     """Stochastic activation pruning on h (N, ...): each sample's K entries are
     rows of width 1 with p = |h| / sum |h| (recomputed from h), drawn
     r = max(1, round(frac * K)) times; kept entries are scaled by 1/pi, the
-    others (zeros included) are 0. On the CPU one fused op, which reads a
-    contiguous or channels_last h in place (entries in memory order) and copies
-    other layouts; elsewhere sample_rows on (N, K, 1)."""
+    others (zeros included) are 0. On the CPU and CUDA one fused op, which
+    reads a contiguous or channels_last h in place (entries in memory order)
+    and copies other layouts; on other devices sample_rows on (N, K, 1)."""
     return _sap(h, frac, generator, scale_only=False)
 
 
@@ -111,7 +111,7 @@ def sap_scale(h: torch.Tensor, frac: float, generator: torch.Generator | None = 
 
 
 def _sap(h, frac, generator, scale_only):
-    if h.device.type == "cpu":
+    if h.device.type in ("cpu", "cuda"):
         return _lib.sap_sample(h, sap_draws(h, frac), scale_only=scale_only, generator=generator)
     return sap_by_rows(sample_rows, h, frac, generator, scale_only)
 

@@ -8,7 +8,7 @@ from scipy import stats
 import mvm_cuda
 from mvm_cuda import reference as ref
 
-from conftest import ALL_DTYPES
+from conftest import ALL_DTYPES, HAS_CUDA
 
 
 def _probs(m, seed=0, zeros=0):
@@ -280,10 +280,12 @@ def _sap_h(n, k, seed, dtype=torch.float64):
     return h.to(dtype).expand(n, k).contiguous()
 
 
-def test_sap_inclusion_frequency(device):
-    # SAP's tables span several of the CPU kernel's bins (1,500 nonzero entries):
+@pytest.mark.parametrize("k", [3000, 9000])
+def test_sap_inclusion_frequency(device, k):
+    # SAP's tables span several of the CPU kernel's bins (1,500 or 4,500 nonzero
+    # entries), and at k = 9000 three of the CUDA kernel's slices of 4,096:
     # each entry's keep count is Binomial(n, pi_j), pi_j = 1 - (1 - |h_j| / sum|h|)^r.
-    n, k = 2000, 3000
+    n = 2000
     h = _sap_h(n, k, seed=11)
     r = round(0.2 * k)
     torch.manual_seed(2)
@@ -298,6 +300,24 @@ def test_sap_inclusion_frequency(device):
     # The power to see 2% too much mass in one bin's third of the entries.
     se = kept[:, : k // 3].sum(1).std().item() / math.sqrt(n)
     assert abs(ref.inclusion_prob(p[: k // 3] * 1.02, r).sum() - pi[: k // 3].sum()) / se > 2 * stats.norm.isf(0.001)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_sap_cuda_non_finite_without_value_checks():
+    # Without value checks the CUDA kernel does not sync to raise: a sample with
+    # NaN or inf, or whose sum |h| overflows float64, comes out all NaN; the
+    # other samples are untouched by it (same draws as without that sample's fault).
+    h = torch.rand(4, 3000, dtype=torch.float64, device="cuda")
+    bad = h.clone()
+    bad[0, 5], bad[1, 1000], bad[2] = float("nan"), float("inf"), 1e308
+    previous = mvm_cuda.set_value_checks(False)
+    try:
+        out = mvm_cuda.sap_sample(bad, 0.5, torch.Generator("cuda").manual_seed(0))
+    finally:
+        mvm_cuda.set_value_checks(previous)
+    good = mvm_cuda.sap_sample(h, 0.5, torch.Generator("cuda").manual_seed(0))
+    assert out[:3].isnan().all()
+    assert torch.equal(out[3], good[3])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

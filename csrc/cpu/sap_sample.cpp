@@ -25,17 +25,9 @@ constexpr int64_t kGuidePerEntry = 2;
 // nonzero entries only: a ReLU output is about half zeros, and each run of
 // zeros would cost the guided search a step.
 at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, bool scale_only, std::optional<at::Generator> generator) {
-  constexpr const char* op = "sap_sample";
-  TORCH_CHECK(h_in.dim() >= 1, "mvm::sap_sample: h must have a batch dimension (N, ...), got a 0-d tensor");
-  check_float_dtype(op, "h", h_in, /*allow_half=*/true);
-  TORCH_CHECK(r >= 1, "mvm::sap_sample: r (the number of draws) must be >= 1, got ", r);
-  const int64_t N = h_in.size(0);
-  const int64_t K = N == 0 ? 0 : h_in.numel() / N;
-  // The entries' order does not matter, so a sample is read in memory order
-  // where its K entries are one dense block: a contiguous or channels_last h.
-  // Any other layout is copied first (documented).
-  const bool blocks = h_in.is_contiguous() || h_in.is_contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor h = blocks ? h_in : h_in.contiguous();
+  const at::Tensor h = check_sap_sample(h_in, r);
+  const int64_t N = h.size(0);
+  const int64_t K = N == 0 ? 0 : h.numel() / N;
   auto out = at::empty_like(h);  // h's strides: entry j of a sample sits where it sits in h
   if (h.numel() == 0) return out;
 

@@ -1,0 +1,279 @@
+// sap_sample on CUDA: stochastic activation pruning in one kernel, one block
+// per sample (a grid-stride loop over the samples). A sample's K entries, in
+// memory order, are cut into S slices of at most kSlice entries:
+//   1. each slice's mass, sum |h| in float64 (a block reduction each), and
+//      their running sums (one thread: S is small, K / 4096);
+//   2. (S > 1) each of the r draws picks a slice by the slices' masses (a
+//      binary search of the S running sums), counted per slice;
+//   3. each slice with draws: the running sums of |h| over its entries (a
+//      block scan into shared memory), its draws by inversion (a binary
+//      search each) into a keep bitmask, then its output: h_j / pi_j (or
+//      1/pi_j) where kept, 0 elsewhere. A slice without draws is written as
+//      zeros without reading h.
+// A slice picked by its mass and then an entry by its share of the slice is a
+// draw with p_j = |h_j| / sum |h|, as the CPU op draws; the split keeps every
+// search in shared memory however large K is, and nothing of size K goes to
+// global memory: h is read twice (steps 1 and 3), the output written once.
+// Same semantics as csrc/cpu/sap_sample.cpp (the draws differ, not their law),
+// except that without value checks a sample with NaN or inf in h, or whose
+// sum |h| overflows float64, comes out all NaN instead of raising.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <ATen/cuda/PhiloxUtils.cuh>
+#include <torch/library.h>
+
+#include <cub/block/block_scan.cuh>
+
+#include <cfloat>
+#include <cstdint>
+#include <mutex>
+#include <optional>
+
+#include "../checks.h"
+#include "../math.h"
+#include "common.cuh"
+
+namespace mvm::gpu {
+namespace {
+
+constexpr int kThreads = 256;
+using BlockScan = cub::BlockScan<double, kThreads>;
+
+// Entries per slice: 32 KB of running sums in float64, so that several blocks
+// share an SM.
+constexpr int64_t kSlice = 4096;
+
+struct SapArgs {
+  int64_t N, K, S, L;  // L: entries per slice (the last one may have fewer)
+  int64_t r;
+  bool scale_only;
+  at::PhiloxCudaState rng;
+  uint64_t slice_blocks;  // Philox blocks of step 2 (0 when S == 1)
+};
+
+// Adds `amount` to counter[key] for the lanes of a warp, one atomic per
+// distinct key; lanes with valid == false take part without adding.
+__device__ __forceinline__ void warp_count(unsigned long long* counter, unsigned key, bool valid,
+                                           unsigned long long amount = 1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+  const unsigned peers = __match_any_sync(0xffffffffu, valid ? key : 0xffffffffu);
+  if (valid && (threadIdx.x % kWarp) == static_cast<unsigned>(__ffs(peers) - 1)) {
+    atomicAdd(counter + key, amount * __popc(peers));
+  }
+#else
+  if (valid) atomicAdd(counter + key, amount);
+#endif
+}
+
+// Sets bit i of the keep bitmask for the lanes of a warp, one atomic per word.
+__device__ __forceinline__ void warp_mark(uint32_t* keep, int64_t i, bool valid) {
+  const unsigned word = valid ? static_cast<unsigned>(i >> 5) : 0xffffffffu;
+  const unsigned bit = valid ? 1u << (i & 31) : 0u;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned peers = __match_any_sync(0xffffffffu, word);
+  const unsigned bits = __reduce_or_sync(peers, bit);
+  if (valid && (threadIdx.x % kWarp) == static_cast<unsigned>(__ffs(peers) - 1)) atomicOr(keep + word, bits);
+#else
+  if (valid) atomicOr(keep + word, bit);
+#endif
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+sap_sample_kernel(const scalar_t* __restrict__ h, scalar_t* __restrict__ out, const SapArgs a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  extern __shared__ double sap_smem[];
+  __shared__ BlockScan::TempStorage scan_tmp;
+  __shared__ double dscratch[kScratch];
+  __shared__ int64_t iscratch[kWarp];
+  __shared__ int64_t last_slice;
+
+  const auto seeds = at::cuda::philox::unpack(a.rng);
+  const uint64_t seed = std::get<0>(seeds);
+  // The generator's offset counts 32-bit outputs; Philox4_32's, 128-bit blocks.
+  const uint64_t base = (std::get<1>(seeds) + 3) / 4;
+  const int64_t K = a.K, S = a.S, L = a.L;
+  const double rd = static_cast<double>(a.r);
+
+  // Shared memory: [cdf: L doubles][slice running sums: S doubles]
+  // [draws per slice: S][their Philox starts: S][keep: ceil(L / 32) words].
+  double* cdf = sap_smem;
+  double* mass = cdf + L;
+  auto* count = reinterpret_cast<unsigned long long*>(mass + S);
+  unsigned long long* start = count + S;
+  auto* keep = reinterpret_cast<uint32_t*>(start + S);
+
+  for (int64_t n = blockIdx.x; n < a.N; n += gridDim.x) {
+    const scalar_t* hs = h + n * K;
+    scalar_t* os = out + n * K;
+
+    // Step 1.
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t end = (s + 1) * L < K ? (s + 1) * L : K;
+      double v = 0.0;
+      for (int64_t i = s * L + threadIdx.x; i < end; i += kThreads) v += ::fabs(static_cast<double>(hs[i]));
+      v = block_sum(v, dscratch);
+      if (threadIdx.x == 0) mass[s] = v;
+    }
+    if (threadIdx.x == 0) {
+      double running = 0.0;
+      int64_t last = 0;
+      for (int64_t s = 0; s < S; ++s) {
+        if (mass[s] > 0.0) last = s;
+        running += mass[s];
+        mass[s] = running;
+        count[s] = S == 1 ? static_cast<unsigned long long>(a.r) : 0ull;
+      }
+      last_slice = last;
+    }
+    __syncthreads();
+    const double total = mass[S - 1];
+    if (!(total > 0.0 && total <= DBL_MAX)) {
+      // An all-zero sample stays zero (as on the CPU); NaN, inf or an
+      // overflowing sum (unchecked without value checks) gives NaN.
+      const scalar_t fill = total == 0.0 ? scalar_t(0) : static_cast<scalar_t>(NAN);
+      for (int64_t i = threadIdx.x; i < K; i += kThreads) os[i] = fill;
+      continue;  // no barrier needed: nothing in shared memory was written since the last one
+    }
+
+    // Step 2: draws 2j and 2j + 1 use the four outputs of Philox block
+    // base + j of subsequence n.
+    const int64_t pairs = (a.r + 1) / 2;
+    if (S > 1) {
+      for (int64_t j0 = 0; j0 < pairs; j0 += kThreads) {
+        const int64_t j = j0 + threadIdx.x;
+        at::Philox4_32 engine(seed, static_cast<uint64_t>(n), base + static_cast<uint64_t>(j));
+        for (int d = 0; d < 2; ++d) {
+          const bool valid = j < pairs && 2 * j + d < a.r;
+          int64_t s = 0;
+          if (valid) s = search_cdf(mass, S, uniform53(engine) * total, last_slice);
+          warp_count(count, static_cast<unsigned>(s), valid);
+        }
+      }
+      __syncthreads();
+    }
+    // A slice's draws use Philox blocks from its start on, two draws a block;
+    // starts are even, so no block serves two slices.
+    if (threadIdx.x == 0) {
+      unsigned long long running = 0;
+      for (int64_t s = 0; s < S; ++s) {
+        start[s] = running;
+        running += count[s] + (count[s] & 1ull);
+      }
+    }
+    __syncthreads();
+
+    // Step 3.
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t begin = s * L;
+      const int64_t len = K - begin < L ? K - begin : L;
+      const int64_t draws = static_cast<int64_t>(count[s]);
+      if (draws == 0) {
+        for (int64_t i = threadIdx.x; i < len; i += kThreads) os[begin + i] = scalar_t(0);
+        continue;
+      }
+      for (int64_t w = threadIdx.x; w < (len + 31) / 32; w += kThreads) keep[w] = 0u;
+      double running = 0.0;
+      int64_t last = 0;
+      for (int64_t t0 = 0; t0 < len; t0 += kThreads) {
+        const int64_t i = t0 + threadIdx.x;
+        const double v = i < len ? ::fabs(static_cast<double>(hs[begin + i])) : 0.0;
+        if (v > 0.0) last = i;
+        double inclusive = 0.0, aggregate = 0.0;
+        BlockScan(scan_tmp).InclusiveSum(v, inclusive, aggregate);
+        if (i < len) cdf[i] = running + inclusive;
+        running += aggregate;
+        __syncthreads();  // scan_tmp is reused
+      }
+      last = block_reduce(last, Max{}, iscratch);  // also publishes cdf and the cleared keep
+      const double slice_total = cdf[len - 1];
+      const int64_t slice_pairs = (draws + 1) / 2;
+      const uint64_t first = base + a.slice_blocks + start[s] / 2;
+      for (int64_t j0 = 0; j0 < slice_pairs; j0 += kThreads) {
+        const int64_t j = j0 + threadIdx.x;
+        at::Philox4_32 engine(seed, static_cast<uint64_t>(n), first + static_cast<uint64_t>(j));
+        for (int d = 0; d < 2; ++d) {
+          const bool valid = j < slice_pairs && 2 * j + d < draws;
+          int64_t i = 0;
+          if (valid) i = search_cdf(cdf, len, uniform53(engine) * slice_total, last);
+          warp_mark(keep, i, valid);
+        }
+      }
+      __syncthreads();
+      for (int64_t i = threadIdx.x; i < len; i += kThreads) {
+        acc_t o = acc_t(0);
+        if ((keep[i >> 5] >> (i & 31)) & 1u) {
+          const acc_t v = static_cast<acc_t>(hs[begin + i]);
+          // A zero entry is drawn only when the scan's rounding gives it a
+          // sliver of the slice (~1e-16): it stays 0, never 0 * (1/0).
+          if (v != acc_t(0)) {
+            // p as the CPU op gets it: |h| / sum in float64, rounded to acc_t.
+            const acc_t p = static_cast<acc_t>(::fabs(static_cast<double>(v)) / total);
+            const acc_t scale = static_cast<acc_t>(1.0 / inclusion_prob(static_cast<double>(p), rd));
+            o = a.scale_only ? scale : v * scale;
+          }
+        }
+        os[begin + i] = static_cast<scalar_t>(o);
+      }
+      __syncthreads();  // cdf and keep are reused by the next slice
+    }
+    __syncthreads();  // mass, count and start are reused by the next sample
+  }
+}
+
+at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, bool scale_only, std::optional<at::Generator> generator) {
+  const at::Tensor h = check_sap_sample(h_in, r);
+  const c10::cuda::CUDAGuard guard(h.device());
+  auto out = at::empty_like(h);  // h's strides: entry j of a sample sits where it sits in h
+  if (h.numel() == 0) return out;
+
+  SapArgs a{};
+  a.N = h.size(0);
+  a.K = h.numel() / a.N;
+  a.L = std::min(a.K, kSlice);
+  a.S = (a.K + a.L - 1) / a.L;
+  a.r = r;
+  a.scale_only = scale_only;
+  const uint64_t pairs = (static_cast<uint64_t>(r) + 1) / 2;
+  a.slice_blocks = a.S > 1 ? pairs : 0;
+
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  const size_t smem = static_cast<size_t>(a.L) * sizeof(double) +
+                      static_cast<size_t>(a.S) * (sizeof(double) + 2 * sizeof(unsigned long long)) +
+                      static_cast<size_t>((a.L + 31) / 32) * sizeof(uint32_t);
+
+  // Per sample: the slice blocks, then at most pairs + S blocks for the
+  // slices' draws (each slice's start rounded up to even).
+  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+      generator, at::cuda::detail::getDefaultCUDAGenerator());
+  {
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    a.rng = gen->philox_cuda_state(4 * (a.slice_blocks + pairs + static_cast<uint64_t>(a.S)));
+  }
+
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "mvm_sap_sample_cuda", [&] {
+    auto kernel = sap_sample_kernel<scalar_t>;
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    const size_t limit = prop->sharedMemPerBlockOptin - attr.sharedSizeBytes;
+    TORCH_CHECK(smem <= limit, "mvm::sap_sample: h has too many entries per sample for the CUDA kernel (K = ",
+                a.K, ", at most about ", (limit - kSlice * 8) / 24 * kSlice, ")");
+    if (smem > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+    }
+    const int64_t grid = std::min<int64_t>(a.N, (int64_t(1) << 31) - 1);
+    kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(
+        h.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mvm, CUDA, m) { m.impl("sap_sample", &sap_sample); }
+
+}  // namespace mvm::gpu
