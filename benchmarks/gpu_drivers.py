@@ -66,6 +66,15 @@ def drive_sample_rows() -> None:
     h = _cuda(torch.randn(4, 3, 5, 7))
     out = mvm_cuda.sap_sample(h, 0.5)
     assert out.shape == h.shape
+    # The fused SAP kernel over several slices of 4,096 entries (the last one
+    # partial), an all-zero sample, every dtype, and the scale alone.
+    for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        h = _cuda(torch.randn(3, 2, 50, 100).relu_().to(dt))
+        h[1] = 0
+        out = mvm_cuda.sap_sample(h, 0.5, generator=g)
+        scale = torch.ops.mvm.sap_sample(h, 5_000, scale_only=True, generator=g)
+        assert ((out == 0) | (h != 0)).all() and (out[1] == 0).all() and (scale[1] == 0).all()
+        assert (out[0] != 0).any() and ((scale == 0) | (scale >= 1)).all()
     # Big-M path (the CDF does not fit in shared memory): M = 40,000 rows.
     x = _cuda(torch.rand(3, 40_000, 1))
     _check_sample(mvm_cuda.sample_rows(x, _probs(3, 40_000, zeros=5), 30_000, generator=g), x, zeros=5)

@@ -6,11 +6,14 @@
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
+#include <optional>
 
 #include "../math.h"
 
@@ -119,6 +122,37 @@ struct RowPlan {
   double* buffer() const { return workspace.defined() ? workspace.data_ptr<double>() : nullptr; }
 };
 
+// The Philox state of a launch whose threads read at most `outputs` 32-bit
+// outputs of each subsequence, from `generator` or the default CUDA one,
+// under its lock: its offset moves past them, so successive calls get fresh
+// draws, and a CUDA graph replays with fresh ones too (the state is read on
+// the device, as ATen's own samplers do).
+inline at::PhiloxCudaState philox_state(const std::optional<at::Generator>& generator, uint64_t outputs) {
+  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+      generator, at::cuda::detail::getDefaultCUDAGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  return gen->philox_cuda_state(outputs);
+}
+
+// The dynamic shared memory one block of `kernel` may opt in to: the
+// device's per-block limit less the kernel's static shared memory.
+template <typename Kernel>
+size_t dynamic_smem_limit(Kernel kernel) {
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin - attr.sharedSizeBytes;
+}
+
+// Lets `kernel` launch with `bytes` of dynamic shared memory (past the
+// default 48 KB a kernel must opt in).
+template <typename Kernel>
+void allow_dynamic_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+  }
+}
+
 // Global workspace budget of the long-row path; past it, fewer blocks run.
 constexpr int64_t kWorkspaceBytes = int64_t(256) << 20;
 
@@ -133,18 +167,13 @@ RowPlan plan_rows(Kernel kernel, int64_t rows, int64_t n, int64_t doubles, int t
   RowPlan plan;
   plan.threads = threads;
   const auto* prop = at::cuda::getCurrentDeviceProperties();
-  cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  const size_t limit = prop->sharedMemPerBlockOptin - attr.sharedSizeBytes;
+  const size_t limit = dynamic_smem_limit(kernel);
   const size_t bytes = static_cast<size_t>(n) * static_cast<size_t>(doubles) * sizeof(double);
   const int64_t max_grid = int64_t(1) << 30;
   if (bytes <= limit) {
     plan.smem = bytes;
     plan.grid = std::min(rows, max_grid);
-    if (bytes > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(bytes)));
-    }
+    allow_dynamic_smem(kernel, bytes);
     return plan;
   }
   const int64_t per_block = n * doubles;

@@ -20,7 +20,6 @@
 // CPU's (another generator), not their law.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/PhiloxUtils.cuh>
 #include <torch/library.h>
 
@@ -28,7 +27,6 @@
 
 #include <cstdint>
 #include <cstdlib>
-#include <mutex>
 #include <optional>
 
 #include "../checks.h"
@@ -426,14 +424,8 @@ at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
   a.lines = plan_lines(shape, in, o, x.const_data_ptr(), out.const_data_ptr(), x.element_size());
 
   // Each sample reads ceil(c / 2) Philox blocks of its own subsequence, i.e.
-  // 4 ceil(c / 2) 32-bit outputs: the generator's offset moves past them, so
-  // successive calls get fresh draws (and CUDA graphs replay correctly).
-  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-      generator, at::cuda::detail::getDefaultCUDAGenerator());
-  {
-    std::lock_guard<std::mutex> lock(gen->mutex_);
-    a.rng = gen->philox_cuda_state(4 * static_cast<uint64_t>((c + 1) / 2));
-  }
+  // 4 ceil(c / 2) 32-bit outputs.
+  a.rng = philox_state(generator, 4 * static_cast<uint64_t>((c + 1) / 2));
 
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto* prop = at::cuda::getCurrentDeviceProperties();
@@ -448,9 +440,7 @@ at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
   const int64_t grid_y = (a.lines.count + a.lines_per_block - 1) / a.lines_per_block;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mvm_sample_rows_cuda", [&] {
     auto kernel = sample_rows_kernel<scalar_t>;
-    cudaFuncAttributes attr;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    const size_t limit = prop->sharedMemPerBlockOptin - attr.sharedSizeBytes;
+    const size_t limit = dynamic_smem_limit(kernel);
     const size_t smem_bytes = static_cast<size_t>(a.M) * sizeof(double) +
                               2 * static_cast<size_t>(a.words) * sizeof(uint32_t);
     size_t smem = 0;
@@ -478,10 +468,7 @@ at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
           reinterpret_cast<uint32_t*>(pos.mutable_data_ptr<int32_t>()), last.mutable_data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    if (smem > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
-    }
+    allow_dynamic_smem(kernel, smem);
     const dim3 blocks(static_cast<unsigned>(grid), static_cast<unsigned>(grid_y));
     kernel<<<blocks, kThreads, smem, stream>>>(
         x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), a);

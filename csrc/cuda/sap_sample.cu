@@ -19,7 +19,6 @@
 // sum |h| overflows float64, comes out all NaN instead of raising.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/PhiloxUtils.cuh>
 #include <torch/library.h>
 
@@ -27,7 +26,6 @@
 
 #include <cfloat>
 #include <cstdint>
-#include <mutex>
 #include <optional>
 
 #include "../checks.h"
@@ -238,32 +236,21 @@ at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, bool scale_only, std::o
   const uint64_t pairs = (static_cast<uint64_t>(r) + 1) / 2;
   a.slice_blocks = a.S > 1 ? pairs : 0;
 
-  const auto* prop = at::cuda::getCurrentDeviceProperties();
   const size_t smem = static_cast<size_t>(a.L) * sizeof(double) +
                       static_cast<size_t>(a.S) * (sizeof(double) + 2 * sizeof(unsigned long long)) +
                       static_cast<size_t>((a.L + 31) / 32) * sizeof(uint32_t);
 
   // Per sample: the slice blocks, then at most pairs + S blocks for the
-  // slices' draws (each slice's start rounded up to even).
-  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-      generator, at::cuda::detail::getDefaultCUDAGenerator());
-  {
-    std::lock_guard<std::mutex> lock(gen->mutex_);
-    a.rng = gen->philox_cuda_state(4 * (a.slice_blocks + pairs + static_cast<uint64_t>(a.S)));
-  }
+  // slices' draws (each slice's start rounded up to even), 4 outputs each.
+  a.rng = philox_state(generator, 4 * (a.slice_blocks + pairs + static_cast<uint64_t>(a.S)));
 
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "mvm_sap_sample_cuda", [&] {
     auto kernel = sap_sample_kernel<scalar_t>;
-    cudaFuncAttributes attr;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    const size_t limit = prop->sharedMemPerBlockOptin - attr.sharedSizeBytes;
+    const size_t limit = dynamic_smem_limit(kernel);
     TORCH_CHECK(smem <= limit, "mvm::sap_sample: h has too many entries per sample for the CUDA kernel (K = ",
                 a.K, ", at most about ", (limit - kSlice * 8) / 24 * kSlice, ")");
-    if (smem > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
-    }
+    allow_dynamic_smem(kernel, smem);
     const int64_t grid = std::min<int64_t>(a.N, (int64_t(1) << 31) - 1);
     kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(
         h.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), a);
