@@ -14,13 +14,21 @@ def _inputs(n=32, m=49, ch=16):
     return x, p / p.sum()
 
 
+# The two samplers, each as f(x, p): draws from the torch CUDA generator.
+SAMPLERS = {
+    "sample_rows": lambda x, p: mvm_cuda.sample_rows(x, p, 20),
+    "sap_sample": lambda x, p: mvm_cuda.sap_sample(x, 0.02),  # r = 16 of 784 entries
+}
+
+
 def test_default_path_has_no_host_sync():
     x, p = _inputs()
     alpha = mvm_cuda.row_alpha(x).double()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        mvm_cuda.sample_rows(x, p, 20)
+        for sample in SAMPLERS.values():
+            sample(x, p)
         mvm_cuda.solve_mvm(alpha, 20, "kkt")
         mvm_cuda.solve_mvm(alpha, 20, "pgd")
         mvm_cuda.project_simplex(alpha)
@@ -29,34 +37,40 @@ def test_default_path_has_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_non_default_stream_gives_the_same_draws():
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_non_default_stream_gives_the_same_draws(sampler):
     x, p = _inputs()
+    sample = SAMPLERS[sampler]
     torch.manual_seed(0)
-    expected = mvm_cuda.sample_rows(x, p, 20)
+    expected = sample(x, p)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     torch.manual_seed(0)
     with torch.cuda.stream(stream):
-        out = mvm_cuda.sample_rows(x, p, 20)
+        out = sample(x, p)
     stream.synchronize()
     assert torch.equal(out, expected)
 
 
-def test_graph_replay_draws_afresh():
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_graph_replay_draws_afresh(sampler):
     x, p = _inputs()
+    sample = SAMPLERS[sampler]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture
-        mvm_cuda.sample_rows(x, p, 20)
+        sample(x, p)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = mvm_cuda.sample_rows(x, p, 20)
+        out = sample(x, p)
     graph.replay()
     first = out.clone()
     graph.replay()
     second = out.clone()
     assert not torch.equal(first, second)
     for result in (first, second):
-        kept = (result != 0).any(-1).reshape(x.shape[0], -1)
-        assert (kept.sum(1) <= 20).all() and (kept.sum(1) >= 1).all()
+        # rows (sample_rows) or entries (SAP) kept: 1 to the number of draws
+        kept = (result != 0).any(-1) if sampler == "sample_rows" else result != 0
+        kept = kept.reshape(x.shape[0], -1).sum(1)
+        assert (kept <= 20).all() and (kept >= 1).all()
