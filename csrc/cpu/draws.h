@@ -161,10 +161,16 @@ inline void draw(SampleStream r, const Table& t, int64_t c, std::vector<int64_t>
     ++counts[((x & 0xFFFFFFFFull) * nb) >> 32];
     if (d + 1 < c) ++counts[((x >> 32) * nb) >> 32];
   }
+  // The bin's count and start in locals: read through counts[b] in the loop
+  // condition, they were reloaded after every mark (a byte store may alias
+  // them), and a draw took 11.5 ns rather than 7.5 (SAP's MNIST tables).
   const double width = 1.0 / static_cast<double>(bins);
-  for (int64_t b = 0; b < bins; ++b)
-    for (int64_t k = 0; k < counts[b]; ++k)
-      if (!m.mark(resolve(t, (static_cast<double>(b) + r.uniform()) * width))) return;
+  for (int64_t b = 0; b < bins; ++b) {
+    const int64_t n = counts[b];
+    const double lo = static_cast<double>(b);
+    for (int64_t k = 0; k < n; ++k)
+      if (!m.mark(resolve(t, (lo + r.uniform()) * width))) return;
+  }
 }
 
 }  // namespace mvm::cpu
