@@ -77,6 +77,23 @@ __device__ __forceinline__ void block_sum2(double& a, double& b, double* scratch
   __syncthreads();
 }
 
+// Sets bit i of the bitmask `keep` (in shared or global memory) for the lanes
+// of a warp whose `valid` is true: lanes marking the same 32-bit word merge
+// their bits first, so that with many draws over few rows it costs one atomic
+// per word and warp instead of one per draw. Every lane of the warp must call
+// it (it syncs the warp); word 2^32 - 1 is the invalid lanes' sentinel.
+__device__ __forceinline__ void warp_mark(uint32_t* keep, int64_t i, bool valid) {
+  const unsigned word = valid ? static_cast<unsigned>(i >> 5) : 0xffffffffu;
+  const unsigned bit = valid ? 1u << (i & 31) : 0u;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned peers = __match_any_sync(0xffffffffu, word);
+  const unsigned bits = __reduce_or_sync(peers, bit);
+  if (valid && (threadIdx.x % kWarp) == static_cast<unsigned>(__ffs(peers) - 1)) atomicOr(keep + word, bits);
+#else  // no __reduce_or_sync before sm_80
+  if (valid) atomicOr(keep + word, bit);
+#endif
+}
+
 // Projection onto {p >= 0, sum p = z} of the row v[0, n) that the whole block
 // holds, in place: math.h's Michelot search (simplex_cut) with a block-wide
 // "count and sum of the entries above tau". Entries equal to -inf are outside the problem:

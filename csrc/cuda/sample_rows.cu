@@ -273,32 +273,21 @@ sample_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, c
 
     // Step 2: draws 2j and 2j + 1 use the four outputs of Philox block
     // base + j of subsequence n (the CPU kernel's order of outputs). The
-    // loop runs the same number of rounds in every lane (whole warps), so
-    // that the lanes marking the same bitmask word can merge their bits
-    // first: with c >> M, one atomic per word and warp instead of per draw.
+    // loop runs the same number of rounds in every lane (whole warps), as
+    // warp_mark needs.
     const int64_t pairs = (a.c + 1) / 2;
     for (int64_t j0 = 0; j0 < pairs; j0 += kThreads) {
       const int64_t j = j0 + threadIdx.x;
       at::Philox4_32 engine(seed, static_cast<uint64_t>(n), base + static_cast<uint64_t>(j));
       for (int d = 0; d < 2; ++d) {
         const bool valid = j < pairs && 2 * j + d < a.c;
-        unsigned word = 0xffffffffu, bit = 0u;  // no real word is 2^32 - 1 (M < 2^37)
+        int64_t i = 0;
         if (valid) {
           const double t = uniform53(engine) * total;
-          const int64_t i = big ? draw_row_two_level(cdf, a.ncoarse, a.seg, row_cdf, M, row_pos, t, last)
-                                : draw_row(cdf, M, pos, t, last);
-          word = static_cast<unsigned>(i >> 5);
-          bit = 1u << (i & 31);
+          i = big ? draw_row_two_level(cdf, a.ncoarse, a.seg, row_cdf, M, row_pos, t, last)
+                  : draw_row(cdf, M, pos, t, last);
         }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-        const unsigned peers = __match_any_sync(0xffffffffu, word);
-        const unsigned bits = __reduce_or_sync(peers, bit);
-        if (valid && (threadIdx.x % kWarp) == static_cast<unsigned>(__ffs(peers) - 1)) {
-          atomicOr(keep + word, bits);
-        }
-#else  // no __reduce_or_sync before sm_80
-        if (valid) atomicOr(keep + word, bit);
-#endif
+        warp_mark(keep, i, valid);  // M < 2^37: no real word is the sentinel 2^32 - 1
       }
     }
     __syncthreads();

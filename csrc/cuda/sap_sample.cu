@@ -64,19 +64,6 @@ __device__ __forceinline__ void warp_count(unsigned long long* counter, unsigned
 #endif
 }
 
-// Sets bit i of the keep bitmask for the lanes of a warp, one atomic per word.
-__device__ __forceinline__ void warp_mark(uint32_t* keep, int64_t i, bool valid) {
-  const unsigned word = valid ? static_cast<unsigned>(i >> 5) : 0xffffffffu;
-  const unsigned bit = valid ? 1u << (i & 31) : 0u;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned peers = __match_any_sync(0xffffffffu, word);
-  const unsigned bits = __reduce_or_sync(peers, bit);
-  if (valid && (threadIdx.x % kWarp) == static_cast<unsigned>(__ffs(peers) - 1)) atomicOr(keep + word, bits);
-#else
-  if (valid) atomicOr(keep + word, bit);
-#endif
-}
-
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
 sap_sample_kernel(const scalar_t* __restrict__ h, scalar_t* __restrict__ out, const SapArgs a) {
