@@ -14,6 +14,9 @@
 // draw with p_j = |h_j| / sum |h|, as the CPU op draws; the split keeps every
 // search in shared memory however large K is, and nothing of size K goes to
 // global memory: h is read twice (steps 1 and 3), the output written once.
+// The S slice sums live in shared memory too, which bounds K: about 34 M
+// entries per sample on an H100 (a larger sample raises an error naming K).
+// One block per sample also means that a few huge samples leave most SMs idle.
 // Same semantics as csrc/cpu/sap_sample.cpp (the draws differ, not their law),
 // except that without value checks a sample with NaN or inf in h, or whose
 // sum |h| overflows float64, comes out all NaN instead of raising.
