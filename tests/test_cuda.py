@@ -74,3 +74,13 @@ def test_graph_replay_draws_afresh(sampler):
         kept = (result != 0).any(-1) if sampler == "sample_rows" else result != 0
         kept = kept.reshape(x.shape[0], -1).sum(1)
         assert (kept <= 20).all() and (kept >= 1).all()
+
+
+def test_sap_sample_too_large_a_sample_raises():
+    # The CUDA kernel keeps a sample's slice sums in shared memory: 2^27 entries
+    # (32,768 slices) exceed any GPU's per-block limit, and the error says so
+    # before anything is launched.
+    h = torch.empty(1, 2**27, dtype=torch.float16, device="cuda")
+    with pytest.raises(RuntimeError, match=r"mvm::sap_sample: h has too many entries per sample for the CUDA "
+                                           r"kernel \(K = 134217728, at most about \d+\)"):
+        torch.ops.mvm.sap_sample(h, 10)
