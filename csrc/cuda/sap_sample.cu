@@ -53,17 +53,16 @@ struct SapArgs {
   uint64_t slice_blocks;  // Philox blocks of step 2 (0 when S == 1)
 };
 
-// Adds `amount` to counter[key] for the lanes of a warp, one atomic per
-// distinct key; lanes with valid == false take part without adding.
-__device__ __forceinline__ void warp_count(unsigned long long* counter, unsigned key, bool valid,
-                                           unsigned long long amount = 1) {
+// Adds 1 to counter[key] for each lane of a warp whose `valid` is true, one
+// atomic per distinct key. Every lane of the warp must call it.
+__device__ __forceinline__ void warp_count(unsigned long long* counter, unsigned key, bool valid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
   const unsigned peers = __match_any_sync(0xffffffffu, valid ? key : 0xffffffffu);
   if (valid && (threadIdx.x % kWarp) == static_cast<unsigned>(__ffs(peers) - 1)) {
-    atomicAdd(counter + key, amount * __popc(peers));
+    atomicAdd(counter + key, static_cast<unsigned long long>(__popc(peers)));
   }
-#else
-  if (valid) atomicAdd(counter + key, amount);
+#else  // no __match_any_sync before sm_70
+  if (valid) atomicAdd(counter + key, 1ull);
 #endif
 }
 
