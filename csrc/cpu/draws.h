@@ -76,8 +76,8 @@ class SampleStream {
 // steps forward while cdf <= u * total: most draws take no step, the rest
 // one or two. The table is built in two branch-free passes, which is what
 // counts where a table serves one sample (SAP); rows of p shared by many
-// samples get a Walker alias table on top (sample_rows.cpp), whose draws take
-// no steps but whose build has branches a CPU cannot predict.
+// samples get a Walker alias table instead (sample_rows.cpp), whose draws
+// take no steps but whose build is a serial pairing pass.
 struct Table {
   const double* cdf;
   const int64_t* guide;

@@ -127,10 +127,17 @@ void write_sample(const scalar_t* x, scalar_t* out, const RowLayout& in, const R
   }
 }
 
-// Builds row `row` of p (M entries) into cdf (M) and guide (M + 1), checking
-// its values on the way (this is the kernel's only pass over p).
+// What one pass over a row of p finds: its total, its last row with p > 0
+// and how many rows have p > 0.
+struct RowSums {
+  double total;
+  int64_t last, positive;
+};
+
+// Checks row `row` of p (M entries) and writes its running sums into cdf
+// (M): the kernel's only pass over p.
 template <typename prob_t>
-Table build_table(const prob_t* prow, int64_t M, int64_t row, double* cdf, int64_t* guide) {
+RowSums scan_row(const prob_t* prow, int64_t M, int64_t row, double* cdf) {
   // The running sum in two independent halves, so that two additions are in
   // flight at a time (one chain would wait on each addition's latency).
   const int64_t half = M / 2;
@@ -163,11 +170,18 @@ Table build_table(const prob_t* prow, int64_t M, int64_t row, double* cdf, int64
   TORCH_CHECK(std::abs(total - 1.0) <= kSumTolerance, "mvm::sample_rows: every row of p must sum to 1 (within ",
               kSumTolerance, "), row ", row, " sums to ", total);
   for (int64_t i = half; i < M; ++i) cdf[i] += offset;
-  return Table{cdf, build_guide(cdf, M, total, M, guide), total, last, positive, M};
+  return RowSums{total, last, positive};
+}
+
+// The guided table of row `row` of p: cdf (M) and guide (M + 1).
+template <typename prob_t>
+Table build_table(const prob_t* prow, int64_t M, int64_t row, double* cdf, int64_t* guide) {
+  const RowSums s = scan_row(prow, M, row, cdf);
+  return Table{cdf, build_guide(cdf, M, s.total, M, guide), s.total, s.last, s.positive, M};
 }
 
 // Walker's alias table of a row of p, for rows shared by many samples (whose
-// build, with its unpredictable branches, is then paid once): a 64-bit random
+// build, a serial pairing pass, is then paid once): a 64-bit random
 // word w picks bucket k = floor(w M / 2^64), and the low 64 bits of w M, uniform
 // within the bucket, keep k when below keep[k] and take alias[k] otherwise. A
 // draw is then two independent loads, where the guided CDF's steps are a chain
@@ -186,14 +200,14 @@ inline uint64_t to_u64_below_2_64(double v) {
   return static_cast<uint64_t>(static_cast<int64_t>(v - static_cast<double>(high) * 0x1.0p63)) | (high << 63);
 }
 
-// Vose's construction, from the row's checked table (its total and count).
+// Vose's construction, from the row's checked sums (its total and count).
 // q (M) and stacks (2 M) are scratch. The stacks of small and large rows are
 // pushed and popped without a branch (each row is written to both tops, and
 // only one count moves): whether a row is small is a coin flip a CPU cannot
 // predict, and with branches the build took about 9 ns a row, a fifth of a
 // call on CIFAR-10's 32x32x32 layer.
 template <typename prob_t>
-Alias build_alias(const prob_t* prow, int64_t M, const Table& t, uint64_t* keep, int64_t* alias, double* q,
+Alias build_alias(const prob_t* prow, int64_t M, const RowSums& t, uint64_t* keep, int64_t* alias, double* q,
                   int64_t* stacks) {
   // q: each row's mass in units of a bucket (1 / M of the total).
   int64_t* small = stacks;
@@ -275,19 +289,19 @@ at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
     AT_DISPATCH_FLOATING_TYPES(pc.scalar_type(), "sample_rows_p", [&] {
       using prob_t = scalar_t;
       const prob_t* pd = pc.const_data_ptr<prob_t>();
-      // Shared rows: a checked CDF table (its total and count) and, from
-      // it, the alias table the draws use.
+      // Shared rows: each row checked (its total and count), then the alias
+      // table the draws use. The running sums are not needed: q, the alias
+      // build's scratch, takes them and is then overwritten.
       const int64_t tables = shared ? P : 0;
-      std::vector<double> cdfs(tables * M);
-      std::vector<int64_t> guides(tables * (M + 1)), aliases(tables * M);
+      std::vector<int64_t> aliases(tables * M);
       std::vector<uint64_t> keeps(tables * M);
       std::vector<Alias> alias(tables);
       at::parallel_for(0, tables, 1, [&](int64_t begin, int64_t end) {
         std::vector<double> q(M);
         std::vector<int64_t> stacks(2 * M);
         for (int64_t j = begin; j < end; ++j) {
-          const Table t = build_table(pd + j * M, M, j, cdfs.data() + j * M, guides.data() + j * (M + 1));
-          alias[j] = build_alias(pd + j * M, M, t, keeps.data() + j * M, aliases.data() + j * M, q.data(),
+          const RowSums s = scan_row(pd + j * M, M, j, q.data());
+          alias[j] = build_alias(pd + j * M, M, s, keeps.data() + j * M, aliases.data() + j * M, q.data(),
                                  stacks.data());
         }
       });
