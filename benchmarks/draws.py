@@ -114,9 +114,6 @@ def main():
         rows.append((f"SAP {frac:.0%} (r = {r:,})", r, sap(frac), 0.0))
     r50 = round(0.5 * k)
     rows.append((f"MVM c = {r50:,} (SAP 50%'s draws)", r50, mvm(r50), solve_per_image(r50) / R))
-    # The p SAP recomputes on every pass: inside the fused op on the CPU, by
-    # torch ops in Python elsewhere (timed alone there).
-    sap_p = None if device == "cpu" else per_pass(lambda: mvm_cuda.ops.sap_inputs(x, 0.5))
 
     p784 = mvm_cuda.solve_mvm(alpha, 784)  # the draw count, not p, is what the fit varies
     mvm_draws = [196, 392, 784, 1568, 3136]
@@ -135,8 +132,6 @@ def main():
     for scheme, d, t, solve in rows:
         solve_s = f"{solve * 1e6:.1f} us" if solve else "- (p from h on every pass, included)"
         lines.append(f"| {scheme} | {d:,} | {t * 1e6:.1f} us | {t / d * 1e9:.2f} ns | {solve_s} |")
-    if sap_p is not None:
-        lines.append(f"| SAP's p = abs(h) / sum abs(h) alone (in SAP's time above) | - | {sap_p * 1e6:.1f} us | - | - |")
     lines.append(f"| clone of the activation (memory floor) | - | {clone * 1e6:.1f} us | - | - |")
     lines += [
         "",

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <ATen/cuda/PhiloxUtils.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -77,6 +78,10 @@ __device__ __forceinline__ void block_sum2(double& a, double& b, double* scratch
   __syncthreads();
 }
 
+__device__ __forceinline__ bool test_bit(const uint32_t* bits, int64_t i) {
+  return (bits[i >> 5] >> (i & 31)) & 1u;
+}
+
 // Sets bit i of the bitmask `keep` (in shared or global memory) for the lanes
 // of a warp whose `valid` is true: lanes marking the same 32-bit word merge
 // their bits first, so that with many draws over few rows it costs one atomic
@@ -92,6 +97,66 @@ __device__ __forceinline__ void warp_mark(uint32_t* keep, int64_t i, bool valid)
 #else  // no __reduce_or_sync before sm_80
   if (valid) atomicOr(keep + word, bit);
 #endif
+}
+
+// Running sums in float64 of v_at(i), i in [0, n), into cdf[0, n): a block
+// scan (BlockScan, a cub::BlockScan<double, blockDim.x>) in tiles of
+// blockDim.x. Where pos is not null it gets the bitmask of the entries > 0
+// (a warp covers the 32 entries of a word: tiles start at multiples of 32).
+// Returns the last i with v_at(i) > 0 (0 if none) to every thread; ends
+// with a barrier. The scan's association differs from one entry to the
+// next, so an entry of 0 is not guaranteed cdf[i] == cdf[i - 1] in floating
+// point: that is what pos is for.
+template <typename BlockScan, typename Value>
+__device__ int64_t block_running_sums(Value v_at, int64_t n, double* cdf, uint32_t* pos,
+                                      typename BlockScan::TempStorage& scan_tmp, int64_t* scratch) {
+  double running = 0.0;
+  int64_t last = 0;
+  for (int64_t start = 0; start < n; start += blockDim.x) {
+    const int64_t i = start + threadIdx.x;
+    const double v = i < n ? v_at(i) : 0.0;
+    const bool positive = i < n && v > 0.0;
+    if (positive) last = i;
+    if (pos != nullptr) {
+      const unsigned ballot = __ballot_sync(0xffffffffu, positive);
+      if (threadIdx.x % kWarp == 0 && i < n) pos[i >> 5] = ballot;
+    }
+    double inclusive = 0.0, aggregate = 0.0;
+    BlockScan(scan_tmp).InclusiveSum(v, inclusive, aggregate);
+    if (i < n) cdf[i] = running + inclusive;
+    running += aggregate;
+    __syncthreads();  // scan_tmp is reused
+  }
+  return block_reduce(last, Max{}, scratch);
+}
+
+// The seed and the first Philox4_32 block of a launch's state (philox_state
+// below): the generator's offset counts 32-bit outputs and is a multiple of
+// 4; Philox4_32's offset counts 128-bit blocks of 4 outputs.
+struct PhiloxStart {
+  uint64_t seed, block;
+};
+__device__ __forceinline__ PhiloxStart philox_start(const at::PhiloxCudaState& state) {
+  const auto seeds = at::cuda::philox::unpack(state);
+  return {std::get<0>(seeds), (std::get<1>(seeds) + 3) / 4};
+}
+
+// `count` uniforms in [0, 1) of Philox subsequence `sub`, two to a block
+// from block `first` on (uniform k from the four outputs of block
+// first + k / 2, the CPU kernels' order of outputs), handed to f(u, valid)
+// by the block's threads. The rounds are the same in every lane (valid ==
+// false: no uniform, u = 0), as warp_mark and warp_count need.
+template <typename F>
+__device__ __forceinline__ void for_each_uniform(uint64_t seed, uint64_t sub, uint64_t first, int64_t count, F f) {
+  const int64_t pairs = (count + 1) / 2;
+  for (int64_t j0 = 0; j0 < pairs; j0 += blockDim.x) {
+    const int64_t j = j0 + threadIdx.x;
+    at::Philox4_32 engine(seed, sub, first + static_cast<uint64_t>(j));
+    for (int d = 0; d < 2; ++d) {
+      const bool valid = j < pairs && 2 * j + d < count;
+      f(valid ? uniform53(engine) : 0.0, valid);
+    }
+  }
 }
 
 // Projection onto {p >= 0, sum p = z} of the row v[0, n) that the whole block

@@ -20,7 +20,6 @@
 // CPU's (another generator), not their law.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/PhiloxUtils.cuh>
 #include <torch/library.h>
 
 #include <cub/block/block_scan.cuh>
@@ -75,34 +74,12 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
-__device__ __forceinline__ bool test_bit(const uint32_t* bits, int64_t i) {
-  return (bits[i >> 5] >> (i & 31)) & 1u;
-}
-
 // Step 1 for row r of p: cdf[0, M) = prefix sums in float64, pos = bitmask
-// of the rows with p > 0. Returns the last row with p > 0 (0 if none) to
-// every thread. The scan's association differs from one entry to the next,
-// so a row with p = 0 is not guaranteed cdf[i] == cdf[i - 1] in floating
-// point: the draws consult pos instead (see draw_row).
+// of the rows with p > 0 (the draws consult it: see draw_row). Returns the
+// last row with p > 0 (0 if none) to every thread; ends with a barrier.
 __device__ int64_t scan_row(const ProbRows& prob, int64_t r, int64_t M, double* cdf, uint32_t* pos,
                             BlockScan::TempStorage& scan_tmp, int64_t* scratch) {
-  double running = 0.0;
-  int64_t last = 0;
-  for (int64_t start = 0; start < M; start += kThreads) {
-    const int64_t i = start + threadIdx.x;
-    const double v = i < M ? prob(r, i) : 0.0;
-    const bool positive = i < M && v > 0.0;
-    if (positive) last = i;
-    // A warp covers the 32 rows of one word (start is a multiple of 32).
-    const unsigned ballot = __ballot_sync(0xffffffffu, positive);
-    if (threadIdx.x % kWarp == 0 && i < M) pos[i >> 5] = ballot;
-    double inclusive = 0.0, aggregate = 0.0;
-    BlockScan(scan_tmp).InclusiveSum(v, inclusive, aggregate);
-    if (i < M) cdf[i] = running + inclusive;
-    running += aggregate;
-    __syncthreads();  // scan_tmp is reused
-  }
-  return block_reduce(last, Max{}, scratch);
+  return block_running_sums<BlockScan>([&](int64_t i) { return prob(r, i); }, M, cdf, pos, scan_tmp, scratch);
 }
 
 // The row drawn by t in [0, total): the first i with cdf[i] > t, or `last`
@@ -229,11 +206,7 @@ sample_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, c
   __shared__ BlockScan::TempStorage scan_tmp;
   __shared__ int64_t scratch[kWarp];
 
-  const auto seeds = at::cuda::philox::unpack(a.rng);
-  const uint64_t seed = std::get<0>(seeds);
-  // The generator's offset counts 32-bit outputs and is a multiple of 4;
-  // Philox4_32's offset counts 128-bit blocks.
-  const uint64_t base = (std::get<1>(seeds) + 3) / 4;
+  const PhiloxStart rng = philox_start(a.rng);
   const int64_t M = a.M;
   const double cd = static_cast<double>(a.c);
   const bool big = a.cdf != nullptr;
@@ -271,25 +244,16 @@ sample_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, c
       __syncthreads();
     }
 
-    // Step 2: draws 2j and 2j + 1 use the four outputs of Philox block
-    // base + j of subsequence n (the CPU kernel's order of outputs). The
-    // loop runs the same number of rounds in every lane (whole warps), as
-    // warp_mark needs.
-    const int64_t pairs = (a.c + 1) / 2;
-    for (int64_t j0 = 0; j0 < pairs; j0 += kThreads) {
-      const int64_t j = j0 + threadIdx.x;
-      at::Philox4_32 engine(seed, static_cast<uint64_t>(n), base + static_cast<uint64_t>(j));
-      for (int d = 0; d < 2; ++d) {
-        const bool valid = j < pairs && 2 * j + d < a.c;
-        int64_t i = 0;
-        if (valid) {
-          const double t = uniform53(engine) * total;
-          i = big ? draw_row_two_level(cdf, a.ncoarse, a.seg, row_cdf, M, row_pos, t, last)
-                  : draw_row(cdf, M, pos, t, last);
-        }
-        warp_mark(keep, i, valid);  // M < 2^37: no real word is the sentinel 2^32 - 1
+    // Step 2: c draws from subsequence n, from the launch's first block on.
+    for_each_uniform(rng.seed, static_cast<uint64_t>(n), rng.block, a.c, [&](double u, bool valid) {
+      int64_t i = 0;
+      if (valid) {
+        const double t = u * total;
+        i = big ? draw_row_two_level(cdf, a.ncoarse, a.seg, row_cdf, M, row_pos, t, last)
+                : draw_row(cdf, M, pos, t, last);
       }
-    }
+      warp_mark(keep, i, valid);  // M < 2^37: no real word is the sentinel 2^32 - 1
+    });
     __syncthreads();
 
     const scalar_t* xs = x + n * a.in_sN;

@@ -22,7 +22,6 @@
 // sum |h| overflows float64, comes out all NaN instead of raising.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/PhiloxUtils.cuh>
 #include <torch/library.h>
 
 #include <cub/block/block_scan.cuh>
@@ -76,10 +75,7 @@ sap_sample_kernel(const scalar_t* __restrict__ h, scalar_t* __restrict__ out, co
   __shared__ int64_t iscratch[kWarp];
   __shared__ int64_t last_slice;
 
-  const auto seeds = at::cuda::philox::unpack(a.rng);
-  const uint64_t seed = std::get<0>(seeds);
-  // The generator's offset counts 32-bit outputs; Philox4_32's, 128-bit blocks.
-  const uint64_t base = (std::get<1>(seeds) + 3) / 4;
+  const PhiloxStart rng = philox_start(a.rng);
   const int64_t K = a.K, S = a.S, L = a.L;
   const double rd = static_cast<double>(a.r);
 
@@ -124,20 +120,13 @@ sap_sample_kernel(const scalar_t* __restrict__ h, scalar_t* __restrict__ out, co
       continue;  // no barrier needed: nothing in shared memory was written since the last one
     }
 
-    // Step 2: draws 2j and 2j + 1 use the four outputs of Philox block
-    // base + j of subsequence n.
-    const int64_t pairs = (a.r + 1) / 2;
+    // Step 2: each of the r draws picks its slice, with uniforms of
+    // subsequence n from the launch's first block on.
     if (S > 1) {
-      for (int64_t j0 = 0; j0 < pairs; j0 += kThreads) {
-        const int64_t j = j0 + threadIdx.x;
-        at::Philox4_32 engine(seed, static_cast<uint64_t>(n), base + static_cast<uint64_t>(j));
-        for (int d = 0; d < 2; ++d) {
-          const bool valid = j < pairs && 2 * j + d < a.r;
-          int64_t s = 0;
-          if (valid) s = search_cdf(mass, S, uniform53(engine) * total, last_slice);
-          warp_count(count, static_cast<unsigned>(s), valid);
-        }
-      }
+      for_each_uniform(rng.seed, static_cast<uint64_t>(n), rng.block, a.r, [&](double u, bool valid) {
+        const int64_t s = valid ? search_cdf(mass, S, u * total, last_slice) : 0;
+        warp_count(count, static_cast<unsigned>(s), valid);
+      });
       __syncthreads();
     }
     // A slice's draws use Philox blocks from its start on, two draws a block;
@@ -161,36 +150,19 @@ sap_sample_kernel(const scalar_t* __restrict__ h, scalar_t* __restrict__ out, co
         continue;
       }
       for (int64_t w = threadIdx.x; w < (len + 31) / 32; w += kThreads) keep[w] = 0u;
-      double running = 0.0;
-      int64_t last = 0;
-      for (int64_t t0 = 0; t0 < len; t0 += kThreads) {
-        const int64_t i = t0 + threadIdx.x;
-        const double v = i < len ? ::fabs(static_cast<double>(hs[begin + i])) : 0.0;
-        if (v > 0.0) last = i;
-        double inclusive = 0.0, aggregate = 0.0;
-        BlockScan(scan_tmp).InclusiveSum(v, inclusive, aggregate);
-        if (i < len) cdf[i] = running + inclusive;
-        running += aggregate;
-        __syncthreads();  // scan_tmp is reused
-      }
-      last = block_reduce(last, Max{}, iscratch);  // also publishes cdf and the cleared keep
+      // Its barriers also publish the cleared keep.
+      const int64_t last = block_running_sums<BlockScan>(
+          [&](int64_t i) { return ::fabs(static_cast<double>(hs[begin + i])); }, len, cdf, nullptr, scan_tmp,
+          iscratch);
       const double slice_total = cdf[len - 1];
-      const int64_t slice_pairs = (draws + 1) / 2;
-      const uint64_t first = base + a.slice_blocks + start[s] / 2;
-      for (int64_t j0 = 0; j0 < slice_pairs; j0 += kThreads) {
-        const int64_t j = j0 + threadIdx.x;
-        at::Philox4_32 engine(seed, static_cast<uint64_t>(n), first + static_cast<uint64_t>(j));
-        for (int d = 0; d < 2; ++d) {
-          const bool valid = j < slice_pairs && 2 * j + d < draws;
-          int64_t i = 0;
-          if (valid) i = search_cdf(cdf, len, uniform53(engine) * slice_total, last);
-          warp_mark(keep, i, valid);
-        }
-      }
+      const uint64_t first = rng.block + a.slice_blocks + start[s] / 2;
+      for_each_uniform(rng.seed, static_cast<uint64_t>(n), first, draws, [&](double u, bool valid) {
+        warp_mark(keep, valid ? search_cdf(cdf, len, u * slice_total, last) : 0, valid);
+      });
       __syncthreads();
       for (int64_t i = threadIdx.x; i < len; i += kThreads) {
         acc_t o = acc_t(0);
-        if ((keep[i >> 5] >> (i & 31)) & 1u) {
+        if (test_bit(keep, i)) {
           const acc_t v = static_cast<acc_t>(hs[begin + i]);
           // A zero entry is drawn only when the scan's rounding gives it a
           // sliver of the slice (~1e-16): it stays 0, never 0 * (1/0).
