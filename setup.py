@@ -1,7 +1,8 @@
 """Build of mvm_cuda's compiled ops (mvm_cuda._C).
 
-The extension is compiled against the torch that is installed, so it must be
-built without pip's build isolation:  pip install --no-build-isolation .
+The extension is compiled against the torch that is installed: `pip install .`
+finds it through the in-tree build backend (backend/torch_aware_backend.py),
+`pip install --no-build-isolation .` sees it directly.
 CUDA kernels are built when torch was built with CUDA and nvcc is found
 (not when a GPU happens to be visible); MVM_FORCE_CPU=1 / MVM_FORCE_CUDA=1
 override. On a machine without network: pip install --no-build-isolation --no-deps --no-index .
@@ -20,12 +21,30 @@ try:
     import torch
 except ImportError:
     sys.exit(
-        "mvm_cuda is compiled against the torch you have installed, and pip's build "
-        "isolation hides it.\nInstall torch first (e.g. pip install torch==2.13.0), then run:\n"
-        "    pip install --no-build-isolation .\n"
+        "mvm_cuda is compiled against the torch you have installed, and none was found.\n"
+        "Install torch first (e.g. pip install torch==2.13.0), then run: pip install .\n"
     )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def torch_floor():
+    """The lowest torch version pyproject.toml's dependencies accept, as a tuple."""
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        m = re.search(r'"torch\s*>=\s*([0-9][0-9.]*)', f.read())
+    return tuple(int(v) for v in m.group(1).split(".")) if m else ()
+
+
+def version_tuple(version):
+    return tuple(int(v) for v in re.match(r"[0-9]+(\.[0-9]+)*", version).group(0).split("."))
+
+
+FLOOR = torch_floor()
+if version_tuple(torch.__version__)[: len(FLOOR)] < FLOOR:
+    sys.exit(
+        f"mvm_cuda needs torch >= {'.'.join(map(str, FLOOR))} (pyproject.toml), but the installed "
+        f"torch is {torch.__version__} ({os.path.dirname(torch.__file__)}). Upgrade torch, then build again.\n"
+    )
 
 
 def find_cuda_home():
@@ -79,7 +98,9 @@ def extension():
     # parallel` pragmas, which without it are ignored (the kernels then run on
     # one thread, whatever torch.set_num_threads says). The libgomp this links
     # is the one torch has already loaded (same soname).
-    cxx = ["-O3", "-fno-trapping-math", "-fopenmp", "-fdiagnostics-color=always"]
+    # -std=c++20 explicitly: torch 2.11's cpp_extension adds -std=c++17 when
+    # none is given (the kernels use std::bit_cast); newer torch needs 20 anyway.
+    cxx = ["-std=c++20", "-O3", "-fno-trapping-math", "-fopenmp", "-fdiagnostics-color=always"]
     if os.environ.get("MVM_SANITIZE") == "1":
         cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
     kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
@@ -89,11 +110,13 @@ def extension():
         return CppExtension("mvm_cuda._C", sources, **kwargs)
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     # A minimal toolkit may lack headers that ATen's CUDA headers include
-    # (cusparse.h, curand_kernel.h); CUDA builds of torch ship them.
-    include_dirs = [d for d in glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu*", "include"))]
+    # (cusparse.h, curand_kernel.h); CUDA builds of torch ship them, in the
+    # nvidia wheels beside torch or anywhere on sys.path.
+    include_dirs = sorted({os.path.realpath(d) for p in sys.path if p
+                           for d in glob.glob(os.path.join(p, "nvidia", "cu*", "include"))})
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # H100/H200; needed when no GPU is visible
     # No --use_fast_math: the kernels rely on exact expm1/log1p.
-    kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo"]
+    kwargs["extra_compile_args"]["nvcc"] = ["-std=c++20", "-O3", "-lineinfo"]
     return CUDAExtension("mvm_cuda._C", sources, include_dirs=include_dirs,
                          define_macros=[("MVM_WITH_CUDA", "1")], **kwargs)
 

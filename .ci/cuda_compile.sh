@@ -12,7 +12,13 @@
 #   MVM_CUDA_VENV    the venv (created, or reused when it already has the torch
 #                    below with CUDA): default ~/.cache/mvm_cuda/venv-cuda-$MVM_CUDA_TORCH
 #   MVM_CUDA_TORCH   torch version to build against (default 2.14.1, a CUDA 13.0 build)
-#   MVM_CUDA_BUILD   build folder (default ~/.cache/mvm_cuda/build-cuda); kept
+#   MVM_CUDA_LIBS_FROM  a venv whose CUDA libraries and headers (the nvidia
+#                    wheels) this torch borrows: its wheel is then installed
+#                    without dependencies, from a download cached in
+#                    ~/.cache/mvm_cuda/wheels (a registry that cannot serve it
+#                    gives "SKIPPED", not a failure); for a torch whose CUDA
+#                    wheels are not on this disk, such as the GPU machine's 2.11.0
+#   MVM_CUDA_BUILD   build folder (default ~/.cache/mvm_cuda/build-cuda-$MVM_CUDA_TORCH); kept
 #                    between runs, so that ninja recompiles only what changed;
 #                    MVM_CUDA_CLEAN=1 starts it afresh
 #   CUDA_HOME        the CUDA toolkit (default: the one nvcc reports)
@@ -24,7 +30,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 TORCH_VERSION=${MVM_CUDA_TORCH:-2.14.1}
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/mvm_cuda
 VENV=${MVM_CUDA_VENV:-$CACHE/venv-cuda-$TORCH_VERSION}
-BUILD=${MVM_CUDA_BUILD:-$CACHE/build-cuda}
+BUILD=${MVM_CUDA_BUILD:-$CACHE/build-cuda-$TORCH_VERSION}
 PYTHON=${PYTHON:-python3}
 
 step() { echo "cuda_compile: $* ($(( $(date +%s) - T0 ))s)"; }
@@ -65,13 +71,35 @@ EOF
 mkdir -p "$CACHE"
 PIPLOG="$CACHE/pip.log"
 if ! venv_ok; then
-  step "creating $VENV with torch==$TORCH_VERSION (a CUDA build, ~5.5 GB)"
   rm -rf "$VENV"
   mkdir -p "$(dirname "$VENV")"
-  "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install "torch==$TORCH_VERSION" > "$PIPLOG" 2>&1 \
-    || { tail -20 "$PIPLOG" >&2; fail "could not install torch==$TORCH_VERSION into $VENV"; }
-  venv_ok || fail "torch==$TORCH_VERSION in $VENV is not a CUDA build"
+  if [ -n "${MVM_CUDA_LIBS_FROM:-}" ]; then
+    WHEELS=$CACHE/wheels
+    mkdir -p "$WHEELS"
+    libs=$("$MVM_CUDA_LIBS_FROM/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
+      || fail "MVM_CUDA_LIBS_FROM=$MVM_CUDA_LIBS_FROM is not a venv with Python"
+    if ! ls "$WHEELS"/torch-"$TORCH_VERSION"-*.whl >/dev/null 2>&1; then
+      step "downloading torch==$TORCH_VERSION (its wheel alone) into $WHEELS"
+      "$PYTHON" -m pip download --no-deps --only-binary=:all: -d "$WHEELS" "torch==$TORCH_VERSION" > "$PIPLOG" 2>&1 || {
+        tail -5 "$PIPLOG"
+        echo "cuda_compile: SKIPPED: the registry could not serve torch==$TORCH_VERSION; nothing was compiled against it"
+        exit 0
+      }
+    fi
+    step "creating $VENV with torch==$TORCH_VERSION, CUDA libraries from $MVM_CUDA_LIBS_FROM"
+    "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --no-deps "$WHEELS"/torch-"$TORCH_VERSION"-*.whl > "$PIPLOG" 2>&1 \
+      || { tail -20 "$PIPLOG" >&2; fail "could not install torch==$TORCH_VERSION into $VENV"; }
+    # After the venv's own packages, so its torch wins; the rest (the nvidia
+    # wheels, torch's pure-Python needs) comes from the other venv.
+    echo "$libs" > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_borrowed_libs.pth"
+  else
+    step "creating $VENV with torch==$TORCH_VERSION (a CUDA build, ~5.5 GB)"
+    "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install "torch==$TORCH_VERSION" > "$PIPLOG" 2>&1 \
+      || { tail -20 "$PIPLOG" >&2; fail "could not install torch==$TORCH_VERSION into $VENV"; }
+  fi
+  venv_ok || fail "torch==$TORCH_VERSION in $VENV is not a CUDA build (or does not import)"
 fi
 # The build tools and the package's runtime dependencies (from pyproject.toml,
 # torch aside), so that the import below runs the package's own __init__;

@@ -1,175 +1,220 @@
 #!/usr/bin/env bash
-# GPU check for a lent H100/H200 (no network; torch with CUDA, nvcc, pytest
-# already installed). Run from anywhere; about 5 minutes:
-#   1. build and install mvm_cuda with its CUDA kernels (pip, no build isolation);
-#   2. the test suite, CUDA included (tests skip CUDA only without a GPU);
-#   3. compute-sanitizer memcheck, racecheck, initcheck and synccheck on the
-#      small drivers in benchmarks/gpu_drivers.py ("unavailable" when the tool
-#      is missing or refused, not a failure), in parallel with the tests;
-#   4. the benchmark table of benchmarks/gpu_table.py, alone on the GPU;
-#   5. the detector end to end (benchmarks/test_bench_detector.py --quick, CUDA
-#      cases only, tabled by benchmarks/ratios.py) and SAP vs MVM per draw
-#      (benchmarks/draws.py), alone on the GPU ("unavailable" without
-#      pytest-benchmark, not a failure).
-# Writes a summary and the tables to stdout, and to $OUT/gpu_check.md when $OUT
-# is set. Exits non-zero when the build, a test or a sanitizer finds a problem.
-# Knobs: PYTHON, MAX_JOBS, TORCH_CUDA_ARCH_LIST (default 9.0),
-# MVM_PYTEST_ARGS (default: -x -q -m "not slow"), MVM_SKIP_BUILD=1 (reuse the
-# installed package, e.g. for a rerun on the same machine).
+# GPU check for a lent H100/H200, in two phases that each fit one call of at
+# most 240 s, the build from nothing included (every call may start on a bare
+# machine with torch, nvcc and pytest, and no network):
+#
+#   benchmarks/gpu_check.sh tests   build; tests/test_cuda.py; the CUDA cases of
+#                                   the other test files; the rest of the suite
+#                                   while time remains; compute-sanitizer
+#                                   memcheck, racecheck, initcheck and synccheck
+#                                   on benchmarks/gpu_drivers.py, beside the tests
+#   benchmarks/gpu_check.sh bench   build; the per-op table against copy
+#                                   bandwidth and the reference
+#                                   (benchmarks/gpu_table.py); the detector end
+#                                   to end (benchmarks/test_bench_detector.py)
+#
+# A deadline inside the phase (MVM_GPU_DEADLINE seconds from the start, default
+# 215) cuts a running step short and skips the steps left, saying which. Each
+# step's log reaches $OUT as soon as the step ends, so that a call killed at its
+# limit still returns everything done so far. $OUT holds at most three files:
+# summary.md (the short summary, rewritten after every step), logs.tar.gz (every
+# log) and, for bench, tables.md. Without $OUT they go to a temporary folder,
+# whose path is printed. Without a visible GPU (a dry run on a machine without
+# one) every step that needs one says "skipped: no GPU visible".
+#
+# Exit status: 0 when every step that ran passed, 1 otherwise.
+# Knobs: PYTHON (default python3), MAX_JOBS (default: the cores),
+# TORCH_CUDA_ARCH_LIST (default 9.0), MVM_GPU_DEADLINE, MVM_SKIP_BUILD=1 (use the
+# mvm_cuda that python already imports); test knobs: MVM_GPU_STEP_DELAY=step:seconds
+# (that step first sleeps, as if slow), MVM_GPU_VISIBLE=yes|no (overrides the probe).
 set -uo pipefail
 
+PHASE=${1:-}
+case "$PHASE" in
+  tests|bench) ;;
+  *) echo "usage: $0 tests|bench" >&2; exit 2 ;;
+esac
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
-PY=${PYTHON:-python}
-WORK=$(mktemp -d)
+PY=${PYTHON:-python3}
 T0=$(date +%s)
+DEADLINE=${MVM_GPU_DEADLINE:-215}
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+LOGS=$(mktemp -d)/logs
+mkdir -p "$LOGS"
+SUMMARY=$OUT/summary.md
 STATUS=0
-SUMMARY="$WORK/summary.md"
-: > "$SUMMARY"
-
-note() { echo "$*" | tee -a "$SUMMARY"; }
-elapsed() { echo $(( $(date +%s) - $1 ))s; }
-
-# setup.py asks nvcc for its toolkit when CUDA_HOME is unset, but torch reads
-# CUDA_HOME when cpp_extension is first imported; set it up front so that a
-# wrapper nvcc on PATH cannot mislead either.
-if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
-  probe="$WORK/probe.cu"; : > "$probe"
-  top=$(nvcc --dryrun -c "$probe" -o "$WORK/probe.o" 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
-  # TOP is the toolkit folder (".../cuda-13.0/bin/..").
-  [ -n "$top" ] && [ -x "$top/bin/nvcc" ] && export CUDA_HOME=$(cd "$top" && pwd -P)
-fi
+GPU=unknown
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
-note "# mvm_cuda GPU check"
-note ""
-note "- device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
-note "- torch: $($PY -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)' 2>&1 | tail -1)"
-note "- CUDA_HOME: ${CUDA_HOME:-unset}, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS"
+now() { echo $(( $(date +%s) - T0 )); }
+note() { echo "$*" | tee -a "$SUMMARY"; }
+flush() { tar -czf "$OUT/logs.tar.gz.tmp" -C "$(dirname "$LOGS")" logs && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"; }
+left() { echo $(( DEADLINE - $(now) )); }
 
-# 1. Build and install.
-t=$(date +%s)
-if [ "${MVM_SKIP_BUILD:-0}" = 1 ]; then
-  note "- build + install: skipped (MVM_SKIP_BUILD=1)"
-elif MVM_FORCE_CUDA=1 timeout 420 $PY -m pip install --no-build-isolation --no-deps --no-index . \
-     > "$WORK/build.log" 2>&1; then
-  note "- build + install: ok ($(elapsed $t))"
-else
-  note "- build + install: FAILED ($(elapsed $t)); last lines:"
-  tail -40 "$WORK/build.log" | tee -a "$SUMMARY"
-  [ -n "${OUT:-}" ] && cp "$SUMMARY" "$OUT/gpu_check.md" && cp "$WORK/build.log" "$OUT/build.log"
-  exit 1
-fi
-# Run Python with -P (no current folder on sys.path), so that the installed
-# package, not the source folder without its _C, is imported.
-if ! $PY -P -c '
-import torch, mvm_cuda
-assert torch.cuda.is_available(), "no CUDA device visible"
-for op in ("sample_rows", "project_simplex", "mvm_step", "solve_mvm", "sap_sample"):
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("mvm::" + op, "CUDA"), op + ": no CUDA kernel"
-print("mvm_cuda from", mvm_cuda.__file__)' > "$WORK/import.log" 2>&1; then
-  note "- import: FAILED"; tail -20 "$WORK/import.log" | tee -a "$SUMMARY"; exit 1
-fi
-note "- $(tail -1 "$WORK/import.log")"
-
-# 2 and 3. Tests and sanitizers side by side (correctness only, no timings).
-t=$(date +%s)
-if [ -n "${MVM_PYTEST_ARGS:-}" ]; then read -r -a PYTEST_ARGS <<< "$MVM_PYTEST_ARGS"
-else PYTEST_ARGS=(-x -q -m "not slow"); fi
-( timeout 240 $PY -P -m pytest tests "${PYTEST_ARGS[@]}" > "$WORK/pytest.log" 2>&1
-  echo $? > "$WORK/pytest.rc" ) &
-TEST_PID=$!
-
-SAN=$(command -v compute-sanitizer || true)
-[ -z "$SAN" ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/compute-sanitizer" ] && SAN="$CUDA_HOME/bin/compute-sanitizer"
-TOOLS="memcheck racecheck initcheck synccheck"
-if [ -n "$SAN" ]; then
-  FILTER=()
-  # Instrument only the mvm kernels (much faster). Not for initcheck: it
-  # must see the writes of torch's kernels too, or their outputs would look
-  # uninitialised to ours.
-  "$SAN" --help 2>&1 | grep -q -- "--kernel-name" && FILTER=(--kernel-name kns=mvm)
-  for tool in $TOOLS; do
-    f=(${FILTER[@]+"${FILTER[@]}"}); [ "$tool" = initcheck ] && f=()
-    # No caching allocator: out-of-bounds accesses must leave their own
-    # allocation to be seen, not land in a cached neighbour.
-    ( PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 240 "$SAN" --tool "$tool" --error-exitcode 9 ${f[@]+"${f[@]}"} $PY -P benchmarks/gpu_drivers.py \
-        > "$WORK/san_$tool.log" 2>&1; echo $? > "$WORK/san_$tool.rc" ) &
-  done
-fi
-wait
-rc=$(cat "$WORK/pytest.rc")
-summary_line=$(grep -E "passed|failed|error|skipped|no tests ran" "$WORK/pytest.log" | tail -1)
-if [ "$rc" = 0 ]; then
-  note "- tests: ok ($summary_line) ($(elapsed $t), alongside the sanitizers)"
-else
-  STATUS=1
-  note "- tests: FAILED (rc $rc: $summary_line); last lines:"
-  tail -40 "$WORK/pytest.log" | tee -a "$SUMMARY"
-fi
-for tool in $TOOLS; do
-  if [ -z "$SAN" ]; then note "- compute-sanitizer $tool: unavailable (compute-sanitizer not found)"; continue; fi
-  log="$WORK/san_$tool.log"; rc=$(cat "$WORK/san_$tool.rc")
-  result=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|SYNCCHECK SUMMARY|INITCHECK SUMMARY" "$log" | tail -1 | sed 's/^=* *//')
-  drivers=$(grep -c "^gpu_drivers: .* ok" "$log")
-  if [ "$rc" = 0 ] && [ "$drivers" = 4 ]; then
-    note "- compute-sanitizer $tool: clean (${result:-no summary line})"
-  elif [ "$rc" = 9 ]; then
+# step NAME NEEDS_GPU MIN_SECONDS CMD...: runs CMD with its output in
+# $LOGS/NAME.log, cut at the deadline; skipped when less than MIN_SECONDS are
+# left or when it needs a GPU and none is visible. Sets STEP_RC.
+step() {
+  local name=$1 needs_gpu=$2 min=$3; shift 3
+  local t=$(date +%s) budget
+  budget=$(left)
+  STEP_RC=
+  if [ "$needs_gpu" = 1 ] && [ "$GPU" != yes ]; then
+    note "- $name: skipped: no GPU visible"; return
+  fi
+  if [ "$budget" -lt "$min" ]; then
+    note "- $name: skipped: deadline (${budget}s left of ${DEADLINE}s, needs ${min}s)"; return
+  fi
+  (
+    delay=${MVM_GPU_STEP_DELAY:-}
+    [ "${delay%%:*}" = "$name" ] && sleep "${delay#*:}"
+    "$@"
+  ) > "$LOGS/$name.log" 2>&1 &
+  local pid=$!
+  # A deadline watchdog, so that a step cannot outlive the phase.
+  ( sleep "$budget"; kill -TERM -- -$pid 2>/dev/null ) &
+  local dog=$!
+  { wait $pid; } 2>/dev/null; STEP_RC=$?
+  kill -- -$dog 2>/dev/null; wait $dog 2>/dev/null
+  local took=$(( $(date +%s) - t ))
+  if [ "$STEP_RC" = 0 ]; then
+    note "- $name: ok (${took}s)$(summary_of "$name")"
+  elif [ "$took" -ge "$budget" ]; then
     STATUS=1
-    note "- compute-sanitizer $tool: ERRORS (${result}); first reports:"
-    grep -m 30 -E "^=========" "$log" | tee -a "$SUMMARY"
-  elif [ "$rc" = 124 ]; then
-    note "- compute-sanitizer $tool: timed out after 240 s ($drivers of 4 drivers done)"
-  elif [ "$drivers" = 0 ] && ! grep -q "Traceback" "$log"; then
-    note "- compute-sanitizer $tool: unavailable (rc $rc: $(grep -v -e '^$' -e 'SUMMARY' "$log" | tail -1))"
+    note "- $name: cut at the deadline after ${took}s$(summary_of "$name")"
   else
     STATUS=1
-    note "- compute-sanitizer $tool: FAILED (rc $rc); last lines:"
-    tail -20 "$log" | tee -a "$SUMMARY"
+    note "- $name: FAILED (rc $STEP_RC, ${took}s)$(summary_of "$name"); last lines:"
+    tail -15 "$LOGS/$name.log" | sed 's/^/    /' | tee -a "$SUMMARY"
   fi
-done
-
-# 4. Benchmarks, alone on the GPU.
-t=$(date +%s)
-if timeout 180 $PY -P benchmarks/gpu_table.py --out "$WORK/table.md" > "$WORK/bench.log" 2>&1; then
-  note "- benchmarks: ok ($(elapsed $t))"
-else
-  note "- benchmarks: FAILED or timed out ($(elapsed $t)); last lines:"
-  tail -20 "$WORK/bench.log" | tee -a "$SUMMARY"
-fi
-
-# 5. The detector end to end and SAP vs MVM per draw, also alone on the GPU.
-# Timing failures are reported, not fatal, as in step 4.
-t=$(date +%s)
-if ! $PY -P -c 'import pytest_benchmark' > /dev/null 2>&1; then
-  note "- detector benchmark: unavailable (pytest-benchmark not installed)"
-elif timeout 150 $PY -P -m pytest benchmarks/test_bench_detector.py -q --quick -k "cuda and not cpu" \
-       --benchmark-json "$WORK/detector.json" > "$WORK/detector.log" 2>&1 \
-     && $PY -P benchmarks/ratios.py "$WORK/detector.json" > "$WORK/detector.md" 2>> "$WORK/detector.log"; then
-  note "- detector benchmark: ok ($(elapsed $t))"
-else
-  note "- detector benchmark: FAILED or timed out ($(elapsed $t)); last lines:"
-  tail -20 "$WORK/detector.log" | tee -a "$SUMMARY"
-fi
-t=$(date +%s)
-if timeout 60 $PY -P benchmarks/draws.py --device cuda --out "$WORK/draws.md" > "$WORK/draws.log" 2>&1; then
-  note "- SAP vs MVM per draw: ok ($(elapsed $t))"
-else
-  note "- SAP vs MVM per draw: FAILED or timed out ($(elapsed $t)); last lines:"
-  tail -20 "$WORK/draws.log" | tee -a "$SUMMARY"
-fi
-note "- total: $(elapsed "$T0")"
-
-tables() {
-  for f in table.md detector.md draws.md; do
-    [ -f "$WORK/$f" ] && { cat "$WORK/$f"; echo; }
-  done
+  flush
 }
-echo
-tables
-if [ -n "${OUT:-}" ]; then
-  { cat "$SUMMARY"; echo; tables; } > "$OUT/gpu_check.md"
-  cp "$WORK"/*.log "$WORK"/*.json "$OUT/" 2>/dev/null || true
+set -m  # each background step in its own process group, for the watchdog
+
+# A pytest summary line ("3 passed, 1 skipped in 2.1s"), when the log has one.
+summary_of() {
+  local line
+  line=$(grep -E "^=*.*[0-9]+ (passed|failed|error|skipped|deselected)" "$LOGS/$1.log" 2>/dev/null | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')
+  [ -n "$line" ] && echo ": $line"
+}
+
+: > "$SUMMARY"
+note "# mvm_cuda GPU check: $PHASE ($(date -u +%Y-%m-%dT%H:%MZ))"
+note ""
+note "- device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1 | grep . || echo "no nvidia-smi answer")"
+note "- $($PY -c 'import sys, importlib.metadata as m; print("python", sys.version.split()[0], "torch", m.version("torch"))' 2>&1 | tail -1)"
+
+# setup.py asks nvcc for its toolkit when CUDA_HOME is unset, but torch reads
+# CUDA_HOME when cpp_extension is first imported; set it up front.
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
+  probe=$(mktemp -d)
+  : > "$probe/probe.cu"
+  top=$(nvcc --dryrun -c "$probe/probe.cu" -o "$probe/probe.o" 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
+  [ -n "$top" ] && [ -x "$top/bin/nvcc" ] && export CUDA_HOME=$(cd "$top" && pwd -P)
 fi
+note "- CUDA_HOME=${CUDA_HOME:-unset}, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS, deadline ${DEADLINE}s"
+
+# 1. Build in place (ninja keeps build/ between calls on a warm machine), then
+# check that every op has its CUDA kernel.
+build() {
+  MVM_FORCE_CUDA=1 $PY setup.py build_ext --inplace || return 1
+  $PY -P - <<'EOF'
+import torch, mvm_cuda
+for op in ("sample_rows", "project_simplex", "mvm_step", "solve_mvm", "sap_sample"):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("mvm::" + op, "CUDA"), op + ": no CUDA kernel"
+print("mvm_cuda from", mvm_cuda.__file__, "with CUDA kernels for every op")
+EOF
+}
+if [ "${MVM_SKIP_BUILD:-0}" != 1 ]; then
+  export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}  # the in-place build
+fi
+if [ "${MVM_SKIP_BUILD:-0}" = 1 ]; then
+  note "- build: skipped (MVM_SKIP_BUILD=1)"
+else
+  step build 0 30 build
+  [ "$STEP_RC" = 0 ] || { note "- stopped: no build"; flush; exit 1; }
+fi
+if [ -n "${MVM_GPU_VISIBLE:-}" ]; then
+  GPU=$MVM_GPU_VISIBLE
+elif probe=$($PY -P -c 'import sys, torch
+print("torch", torch.__version__, "CUDA", torch.version.cuda, "device", torch.cuda.is_available() and torch.cuda.get_device_name())
+sys.exit(0 if torch.cuda.is_available() else 1)' 2>&1); then
+  GPU=yes
+  note "- $(echo "$probe" | tail -1)"
+else
+  GPU=no
+  note "- $(echo "$probe" | tail -1)"
+fi
+[ "$GPU" = yes ] || note "- no GPU visible: the steps below that need one are skipped"
+
+PYTEST=($PY -P -m pytest -q)
+$PY -P -c 'import pytest_timeout' 2>/dev/null && PYTEST+=(--timeout=60)
+$PY -P -c 'import xdist' 2>/dev/null && XDIST=(-n 8) || XDIST=()
+
+if [ "$PHASE" = tests ]; then
+  # The sanitizers run beside the tests (correctness only, no timings), in the
+  # background, each cut at the deadline like a step.
+  SAN=$(command -v compute-sanitizer || true)
+  [ -z "$SAN" ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/compute-sanitizer" ] && SAN=$CUDA_HOME/bin/compute-sanitizer
+  TOOLS="memcheck racecheck initcheck synccheck"
+  SAN_PIDS=()
+  if [ "$GPU" = yes ] && [ -n "$SAN" ]; then
+    FILTER=()
+    # Only the mvm kernels (much faster); not for initcheck, which must see
+    # torch's kernels write the inputs.
+    "$SAN" --help 2>&1 | grep -q -- "--kernel-name" && FILTER=(--kernel-name kns=mvm)
+    for tool in $TOOLS; do
+      f=(${FILTER[@]+"${FILTER[@]}"}); [ "$tool" = initcheck ] && f=()
+      # No caching allocator: an out-of-bounds access must leave its own
+      # allocation to be seen.
+      ( PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(left)" "$SAN" --tool "$tool" --error-exitcode 9 \
+          ${f[@]+"${f[@]}"} $PY -P benchmarks/gpu_drivers.py > "$LOGS/sanitizer_$tool.log" 2>&1
+        echo $? > "$LOGS/sanitizer_$tool.rc" ) &
+      SAN_PIDS+=($!)
+    done
+  fi
+
+  step test_cuda 1 20 "${PYTEST[@]}" tests/test_cuda.py
+  step cuda_cases 1 20 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} tests --ignore=tests/test_cuda.py -k cuda -m "not slow"
+  step cpu_rest 1 30 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} tests --ignore=tests/test_cuda.py -k "not cuda" -m "not slow"
+
+  for pid in ${SAN_PIDS[@]+"${SAN_PIDS[@]}"}; do wait "$pid"; done
+  for tool in $TOOLS; do
+    name="compute-sanitizer $tool"
+    if [ "$GPU" != yes ]; then note "- $name: skipped: no GPU visible"; continue; fi
+    if [ -z "$SAN" ]; then note "- $name: unavailable (compute-sanitizer not found)"; continue; fi
+    log=$LOGS/sanitizer_$tool.log; rc=$(cat "$LOGS/sanitizer_$tool.rc" 2>/dev/null || echo "?")
+    result=$(grep -E "(ERROR|RACECHECK|SYNCCHECK|INITCHECK) SUMMARY" "$log" | tail -1 | sed 's/^=* *//')
+    if grep -q -i "device not supported" "$log"; then
+      note "- $name: unavailable (the tool answered \"Device not supported\" on this runtime)"
+    elif [ "$rc" = 0 ]; then
+      note "- $name: clean (${result:-no summary line})"
+    elif [ "$rc" = 9 ]; then
+      STATUS=1
+      note "- $name: ERRORS (${result}); first reports:"
+      grep -m 20 -E "^=========" "$log" | sed 's/^/    /' | tee -a "$SUMMARY"
+    elif [ "$rc" = 124 ]; then
+      note "- $name: cut at the deadline ($(grep -c "^gpu_drivers: .* ok" "$log") drivers done)"
+    else
+      STATUS=1
+      note "- $name: FAILED (rc $rc); last lines:"
+      tail -10 "$log" | sed 's/^/    /' | tee -a "$SUMMARY"
+    fi
+  done
+else
+  # Alone on the GPU, one after the other: timings.
+  step op_table 1 40 $PY -P benchmarks/gpu_table.py --out "$LOGS/op_table.md"
+  step detector 1 40 "${PYTEST[@]}" benchmarks/test_bench_detector.py --quick -k "cuda and not cpu" \
+    --benchmark-json "$LOGS/detector.json"
+  [ "$STEP_RC" = 0 ] && $PY -P benchmarks/ratios.py "$LOGS/detector.json" > "$LOGS/detector.md" 2>> "$LOGS/detector.log"
+  { for f in op_table.md detector.md; do [ -s "$LOGS/$f" ] && { cat "$LOGS/$f"; echo; }; done; } > "$OUT/tables.md"
+  [ -s "$OUT/tables.md" ] || rm -f "$OUT/tables.md"
+fi
+
+note "- total: $(now)s"
+flush
+echo "gpu_check: results in $OUT"
 exit $STATUS

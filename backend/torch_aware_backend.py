@@ -1,0 +1,82 @@
+"""PEP 517 build backend: setuptools, with the installed torch made visible.
+
+mvm_cuda's extension must be compiled against the torch it will run with.
+pip's default build isolation runs this backend with the target interpreter
+but hides that interpreter's site-packages, where torch lives; listing torch
+in build-system.requires would instead fetch another torch (several GB) and
+build against it. So before any hook runs, the folder that holds the target
+environment's torch is appended to sys.path (after the build environment's
+own packages, so that the isolated setuptools still wins).
+"""
+import os
+import site
+import sys
+import sysconfig
+
+from setuptools import build_meta as _setuptools
+
+
+def _candidate_folders():
+    """Where the target environment keeps its packages, most specific first."""
+    folders = []
+    for prefix in (os.environ.get("VIRTUAL_ENV"), os.environ.get("CONDA_PREFIX")):
+        if prefix:
+            folders.append(sysconfig.get_path("purelib", vars={"base": prefix, "platbase": prefix}))
+            folders.append(sysconfig.get_path("platlib", vars={"base": prefix, "platbase": prefix}))
+    folders += site.getsitepackages()
+    if site.ENABLE_USER_SITE is not False:
+        folders.append(site.getusersitepackages())
+    seen = []
+    for f in folders:
+        if f and f not in seen:
+            seen.append(f)
+    return seen
+
+
+def _torch_visible():
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def _expose_installed_torch():
+    """Append the folder with the target environment's torch to sys.path.
+
+    Returns None when torch is (now) importable, else an error message.
+    """
+    if _torch_visible():  # --no-build-isolation, or torch already on sys.path
+        return None
+    folders = _candidate_folders()
+    for folder in folders:
+        if os.path.isfile(os.path.join(folder, "torch", "__init__.py")):
+            sys.path.append(folder)
+            return None
+    return (
+        "mvm_cuda is compiled against the torch installed for this Python, and none was found\n"
+        f"  interpreter: {sys.executable}\n  looked in: {', '.join(folders) or '(nowhere)'}\n"
+        "Install torch first (for example: pip install torch), then run pip install . again."
+    )
+
+
+_ERROR = _expose_installed_torch()
+
+
+def _with_torch(hook):
+    def wrapped(*args, **kwargs):
+        if _ERROR is not None:
+            raise SystemExit(_ERROR)
+        return hook(*args, **kwargs)
+
+    wrapped.__name__ = hook.__name__
+    wrapped.__doc__ = hook.__doc__
+    return wrapped
+
+
+get_requires_for_build_wheel = _with_torch(_setuptools.get_requires_for_build_wheel)
+get_requires_for_build_sdist = _with_torch(_setuptools.get_requires_for_build_sdist)
+get_requires_for_build_editable = _with_torch(_setuptools.get_requires_for_build_editable)
+prepare_metadata_for_build_wheel = _with_torch(_setuptools.prepare_metadata_for_build_wheel)
+prepare_metadata_for_build_editable = _with_torch(_setuptools.prepare_metadata_for_build_editable)
+build_wheel = _with_torch(_setuptools.build_wheel)
+build_sdist = _with_torch(_setuptools.build_sdist)
+build_editable = _with_torch(_setuptools.build_editable)
