@@ -8,7 +8,7 @@ from scipy import stats
 import mvm_cuda
 from mvm_cuda import reference as ref
 
-from conftest import ALL_DTYPES, HAS_CUDA
+from conftest import ALL_DTYPES
 
 
 def _probs(m, seed=0, zeros=0):
