@@ -15,9 +15,8 @@ from mvm_cuda.eval.models import INPUT_SHAPES, build_model
 
 # Freed memory stays in the process: otherwise a timed op whose output was just
 # freed by the last round may get fresh pages from the OS and pay a page fault
-# per 4 KiB (single calls swung between 5 and 25 ms at random, for kernel,
-# reference and clone alike). The same for every implementation, so the ratios
-# stay fair.
+# per 4 KiB, which swamps the op's own time. The same for every implementation,
+# so the ratios stay fair.
 keep_freed_memory()
 
 

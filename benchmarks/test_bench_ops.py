@@ -37,10 +37,8 @@ LAYERS = {
 # both stop earlier only where the line search can no longer decrease V).
 PGD_ITERS = 32
 # "To the accuracy of kkt": V(p_pgd) <= (1 + KKT_GAP) V(p_kkt) for every problem
-# (V, not f: f is nearly flat when c >> M, see shared/method.md). The steps this
-# takes depend on the data: 3-4 on these random-weight activations; measured
-# once on the trained MNIST model with real test images, 8 on its first layer and
-# 16-32 on its second; on heavy-tailed alphas (uniform^4) 2000 steps fall short.
+# (V, not f: f is nearly flat when c >> M, see docs/method.md); the steps this
+# takes depend on the data (docs/performance.md gives them).
 KKT_GAP = 1e-6
 
 

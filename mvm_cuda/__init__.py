@@ -42,6 +42,18 @@ from .nn import (DropoutUnit, MVMUnit, SAPUnit, SamplingUnit, insert_units, samp
                  set_differentiable, set_mode)
 from .detector import Detector, roc_report  # noqa: E402
 
+
+
+def __getattr__(name):
+    # The oracle stays out of the library's imports; `mvm_cuda.reference`
+    # still works as an attribute (e.g. Detector(..., backend=mvm_cuda.reference)).
+    if name == "reference":
+        import importlib
+
+        return importlib.import_module(".reference", __name__)
+    raise AttributeError(f"module 'mvm_cuda' has no attribute {name!r}")
+
+
 __all__ += [
     "SamplingUnit",
     "MVMUnit",

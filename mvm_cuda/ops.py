@@ -7,9 +7,9 @@ a device-to-host sync and run only after set_value_checks(True) (or with
 MVM_CHECK_VALUES=1 in the environment)."""
 from __future__ import annotations
 
-import torch
+import math
 
-from .reference import row_alpha, sap_by_rows, sap_draws, sap_inputs  # noqa: F401  (pure tensor algebra, shared)
+import torch
 
 _lib = torch.ops.mvm
 
@@ -110,10 +110,35 @@ def sap_scale(h: torch.Tensor, frac: float, generator: torch.Generator | None = 
     return _sap(h, frac, generator, scale_only=True)
 
 
+def sap_draws(h: torch.Tensor, frac: float) -> int:
+    """SAP's number of draws for activation h (N, ...) of K entries a sample:
+    r = max(1, round(frac * K))."""
+    if not (frac > 0 and math.isfinite(frac)):
+        raise ValueError(f"sap_sample: frac must be finite and > 0, got {frac}")
+    return max(1, round(frac * math.prod(h.shape[1:])))
+
+
 def _sap(h, frac, generator, scale_only):
+    r = sap_draws(h, frac)
     if h.device.type in ("cpu", "cuda"):
-        return _lib.sap_sample(h, sap_draws(h, frac), scale_only=scale_only, generator=generator)
-    return sap_by_rows(sample_rows, h, frac, generator, scale_only)
+        return _lib.sap_sample(h, r, scale_only=scale_only, generator=generator)
+    return _sap_by_rows(h, r, generator, scale_only)
+
+
+def _sap_by_rows(h, r, generator, scale_only):
+    # Devices without the fused op: sample_rows on the (N, K, 1) view, with
+    # p_j = |h_j| / sum |h| per sample (uniform for an all-zero sample, whose
+    # output is zero anyway).
+    if h.numel() == 0:
+        return torch.empty_like(h)
+    n, k = h.shape[0], math.prod(h.shape[1:])
+    flat = h.reshape(n, k, 1)
+    mag = flat[..., 0].abs().to(torch.promote_types(h.dtype, torch.float32))
+    # The normaliser in float64: float32's sum overflows for activations near 3e38.
+    total = mag.sum(-1, keepdim=True, dtype=torch.float64)
+    p = mag.div_(total).masked_fill_(total == 0, 1.0 / k)
+    x = torch.ones_like(flat) if scale_only else flat
+    return sample_rows(x, p, r, generator=generator).reshape(h.shape)
 
 
 @torch.library.register_fake("mvm::sap_sample")
@@ -122,6 +147,13 @@ def _(h, r, *, scale_only=False, generator=None):
     # other layout (contiguous); its output takes that tensor's strides.
     in_place = h.is_contiguous() or (h.dim() == 4 and h.is_contiguous(memory_format=torch.channels_last))
     return torch.empty_like(h if in_place else h.contiguous())
+
+
+def row_alpha(x: torch.Tensor) -> torch.Tensor:
+    """alpha for MVM: the squared norm of every row (pixel) of x (N, H, W, C)
+    or (N, M, C), as (N, M), accumulated in float32 or better."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return x.to(acc).square().sum(-1).reshape(x.shape[0], -1)
 
 
 def set_value_checks(enabled: bool) -> bool:

@@ -1,5 +1,5 @@
 """Pure-PyTorch versions of every op: the oracle for the tests and the baseline
-for the benchmarks. They follow ../shared/method.md literally and favour
+for the benchmarks. They follow docs/method.md literally and favour
 clarity over speed (sort-based projection, bisection KKT, a Python PGD loop,
 torch.multinomial + scatter for sampling). Same signatures as mvm_cuda.ops, so
 either module can serve as the detector's backend."""

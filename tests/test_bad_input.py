@@ -1,19 +1,33 @@
-"""Every kind of bad input and what the user gets: one row per case.
+"""Every kind of bad input and what the user gets: one case per row of docs/bad-input.md.
 
-The rows of CASES mirror the table in README.md's "Bad input" section one to one
-(test_readme_table_mirrors_the_tests checks it): each README row names the id of the
-test that backs it, here `test_bad_input[<id>]` or, for the cache, one of the
-separate tests at the end. A row either raises (exception type and a regex on the
-message, which names the op or function and the argument) or gives a documented
-result (a check on it). Op rows run on every available device with the value checks
-on. Rows marked GAP describe the behaviour the ops should have and xfail (strict)
-until the kernels or wrappers get it.
+docs/bad-input.md is generated from this file (test_docs_bad_input_is_current fails when
+it is stale); regenerate it from the repository root with
+
+    .venv/bin/python tests/test_bad_input.py
+
+Each Case in CASES is one test, `test_bad_input[<id>]`, and one table row. A case either
+raises (exception type and a regex on the message, which names the op or function and
+the argument), gives a documented result (a check on it) or warns. Op cases (ops=True)
+run on every available device with the value checks on; cuda=True cases need a GPU.
+
+To add a case, append to CASES (new cases go in one block at the end of the list):
+
+    Case("<op>-<argument>-<fault>", lambda c: <the call>, Raises(E, r"<message regex>"),
+         ops=True,                               # an op case: every device, value checks on
+         input="`<op>`: <the bad input, in words>",
+         you_get="RuntimeError `<the message, abbreviated with ...>`"),
+
+then regenerate the docs. `input` and `you_get` are markdown; write `|` plainly (the
+generator escapes it). A case marked gap="<what should happen>" is a known hole: its
+row is marked GAP and its test xfails (strict) until the behaviour is there. A test
+outside CASES (the cache tests at the end) gets its rows from @documented(input,
+you_get) or, for the corruptions, from CORRUPTIONS.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import pickle
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +46,7 @@ from mvm_cuda.nn import DropoutUnit, insert_units
 
 F64 = dict(dtype=torch.float64)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-README = Path(__file__).resolve().parent.parent / "README.md"
+DOC = Path(__file__).resolve().parent.parent / "docs" / "bad-input.md"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,6 +82,8 @@ class Case:
     ops: bool = False  # an op row: run on every device, value checks on
     cuda: bool = False  # needs a CUDA device
     gap: str | None = None  # GAP: what should happen; the row xfails until it does
+    input: str = ""  # the table's "input" cell (markdown)
+    you_get: str = ""  # the table's "what you get" cell (markdown)
 
 
 @dataclass
@@ -85,6 +101,18 @@ class Ctx:
 
     def detector(self, method="dropout", **kw):
         return Detector(self.model, method, **{"R": 2, "progress": False, **kw})
+
+
+# Rows of the tests outside CASES, in definition order: (test name, input, what you get).
+OTHER_ROWS: list[tuple[str, str, str]] = []
+
+
+def documented(input: str, you_get: str):
+    """Gives the decorated test (one outside CASES) its row in docs/bad-input.md."""
+    def mark(test):
+        OTHER_ROWS.append((test.__name__, input, you_get))
+        return test
+    return mark
 
 
 # ---------------------------------------------------------------- helpers for the op rows
@@ -225,293 +253,568 @@ E = (RuntimeError, ValueError, TypeError)  # what the dispatcher and the checks 
 CASES = [
     # sample_rows: x
     Case("sample_rows-x-2d", lambda c: SR(_x(c)[0, 0], _p(6, dev=c.dev), 3), Raises(E,
-         r"mvm::sample_rows: x must have shape \(N, H, W, C\) or \(N, M, C\), got \(3, 5\)"), ops=True),
+         r"mvm::sample_rows: x must have shape \(N, H, W, C\) or \(N, M, C\), got \(3, 5\)"), ops=True,
+         input="`sample_rows`: x of shape (3, 5)",
+         you_get="RuntimeError `mvm::sample_rows: x must have shape (N, H, W, C) or (N, M, C), got (3, 5)`"),
     Case("sample_rows-x-5d", lambda c: SR(_x(c)[None], _p(6, dev=c.dev), 3), Raises(E,
-         r"x must have shape \(N, H, W, C\) or \(N, M, C\), got \(1, 4, 2, 3, 5\)"), ops=True),
+         r"x must have shape \(N, H, W, C\) or \(N, M, C\), got \(1, 4, 2, 3, 5\)"), ops=True,
+         input="`sample_rows`: x with 5 dims",
+         you_get="RuntimeError `... x must have shape (N, H, W, C) or (N, M, C), got (1, 4, 2, 3, 5)`"),
     Case("sample_rows-x-int", lambda c: SR(_x(c).int(), _p(6, dev=c.dev), 3), Raises(E,
-         r"sample_rows: x must be float32, float64, float16 or bfloat16, got Int"), ops=True),
+         r"sample_rows: x must be float32, float64, float16 or bfloat16, got Int"), ops=True,
+         input="`sample_rows`: integer x",
+         you_get="RuntimeError `... x must be float32, float64, float16 or bfloat16, got Int`"),
     Case("sample_rows-x-no-rows", lambda c: SR(_x(c)[:, :0], _p(1, dev=c.dev)[:, :0], 3), Raises(E,
-         r"x must have at least one row \(M = H\*W >= 1\), got \(4, 0, 3, 5\)"), ops=True),
+         r"x must have at least one row \(M = H\*W >= 1\), got \(4, 0, 3, 5\)"), ops=True,
+         input="`sample_rows`: x with H*W = 0",
+         you_get="RuntimeError `... x must have at least one row (M = H*W >= 1), got (4, 0, 3, 5)`"),
     Case("sample_rows-x-empty-batch", lambda c: SR(_x(c)[:0], _p(6, dev=c.dev), 3),
-         Gives(lambda out, c: out.shape == (0, 2, 3, 5)), ops=True),
+         Gives(lambda out, c: out.shape == (0, 2, 3, 5)), ops=True,
+         input="`sample_rows`: x with N = 0",
+         you_get="an empty (0, H, W, C) result"),
     Case("sample_rows-x-no-channels", lambda c: SR(_x(c)[..., :0], _p(6, dev=c.dev), 3),
-         Gives(lambda out, c: out.shape == (4, 2, 3, 0)), ops=True),
+         Gives(lambda out, c: out.shape == (4, 2, 3, 0)), ops=True,
+         input="`sample_rows`: x with C = 0",
+         you_get="an empty (N, H, W, 0) result"),
     Case("sample_rows-x-nchw-view", lambda c: (SR(torch.rand(4, 5, 2, 3, device=c.dev).permute(0, 2, 3, 1),
                                                   _p(6, dev=c.dev), 3)),
-         Gives(lambda out, c: out.stride() == (30, 3, 1, 6)), ops=True),
+         Gives(lambda out, c: out.stride() == (30, 3, 1, 6)), ops=True,
+         input="`sample_rows`: the NHWC view of an NCHW tensor (non-contiguous)",
+         you_get="read in place, no copy; the output has x's strides"),
     Case("sample_rows-x-strided", lambda c: _same_draws(c, torch.rand(4, 2, 3, 10, device=c.dev)[..., ::2],
                                                         _p(6, dev=c.dev)),
-         Gives(lambda same, c: same), ops=True),
+         Gives(lambda same, c: same), ops=True,
+         input="`sample_rows`: x with any strides (e.g. a `[..., ::2]` slice)",
+         you_get="handled; the same draws as for a contiguous copy"),
     Case("sample_rows-x-nan", _nan_only_in_drawn_rows,
-         Gives(lambda r, c: not r[0].isnan().any() and r[1][:, 0, 1].isnan().all()), ops=True),
+         Gives(lambda r, c: not r[0].isnan().any() and r[1][:, 0, 1].isnan().all()), ops=True,
+         input="`sample_rows`: NaN or inf in x",
+         you_get="data, not an error: it appears only in drawn rows (an undrawn row is 0)"),
     Case("sample_rows-x-backward", _backward, Raises(RuntimeError, r"mvm::sample_rows is inference-only"),
-         ops=True),
+         ops=True,
+         input="`sample_rows` (any op): backward through it",
+         you_get="RuntimeError `mvm::sample_rows is inference-only and has no gradient ...`"),
     # sample_rows: p
     Case("sample_rows-p-1d", lambda c: SR(_x(c), _p(6, dev=c.dev)[0], 3), Raises(E,
-         r"p must have shape \(P, M\) with M = H\*W = 6, got \(6,\)"), ops=True),
+         r"p must have shape \(P, M\) with M = H\*W = 6, got \(6,\)"), ops=True,
+         input="`sample_rows`: p of shape (M,)",
+         you_get="RuntimeError `... p must have shape (P, M) with M = H*W = 6, got (6,)`"),
     Case("sample_rows-p-wrong-M", lambda c: SR(_x(c), _p(7, dev=c.dev), 3), Raises(E,
-         r"mvm::sample_rows: p must have shape \(P, M\) with M = H\*W = 6, got \(1, 7\)"), ops=True),
+         r"mvm::sample_rows: p must have shape \(P, M\) with M = H\*W = 6, got \(1, 7\)"), ops=True,
+         input="`sample_rows`: p's M differs from H*W",
+         you_get="RuntimeError `... p must have shape (P, M) with M = H*W = 6, got (1, 7)`"),
     Case("sample_rows-p-no-rows", lambda c: SR(_x(c), _p(6, dev=c.dev)[:0], 3), Raises(E,
-         r"p must have shape \(P, M\) with M = H\*W = 6, got \(0, 6\)"), ops=True),
+         r"p must have shape \(P, M\) with M = H\*W = 6, got \(0, 6\)"), ops=True,
+         input="`sample_rows`: p with P = 0",
+         you_get="RuntimeError `... got (0, 6)`"),
     Case("sample_rows-p-rows-vs-batch", lambda c: SR(_x(c), _p(6, 3, dev=c.dev), 3), Raises(E,
-         r"x's batch N = 4 must be a multiple of p's rows P = 3"), ops=True),
+         r"x's batch N = 4 must be a multiple of p's rows P = 3"), ops=True,
+         input="`sample_rows`: N not a multiple of P",
+         you_get="RuntimeError `... x's batch N = 4 must be a multiple of p's rows P = 3 ...`"),
     Case("sample_rows-p-half", lambda c: SR(_x(c), _p(6, dev=c.dev).half(), 3), Raises(E,
-         r"sample_rows: p must be float32 or float64, got Half"), ops=True),
+         r"sample_rows: p must be float32 or float64, got Half"), ops=True,
+         input="`sample_rows`: float16 p",
+         you_get="RuntimeError `... p must be float32 or float64, got Half`"),
     Case("sample_rows-p-negative", lambda c: SR(_x(c), _with(_with(_p(6, dev=c.dev), (0, 0), -0.1), (0, 1), 0.1 + 1 / 3),
-                                                3), Raises(E, r"sample_rows: p must be non-negative, got -0.1"), ops=True),
+                                                3), Raises(E, r"sample_rows: p must be non-negative, got -0.1"),
+         ops=True,
+         input="`sample_rows`: a negative entry of p",
+         you_get="RuntimeError `... p must be non-negative, got -0.1` (CUDA: with value checks on)"),
     Case("sample_rows-p-not-normalized", lambda c: SR(_x(c), 2 * _p(6, dev=c.dev), 3), Raises(E,
-         r"every row of p must sum to 1 \(within 0.0001\), row 0 sums to 2"), ops=True),
+         r"every row of p must sum to 1 \(within 0.0001\), row 0 sums to 2"), ops=True,
+         input="`sample_rows`: a row of p summing to 2",
+         you_get=("RuntimeError `... every row of p must sum to 1 (within 0.0001), row 0 sums to 2` (CUDA: with "
+                  "value checks on)")),
     Case("sample_rows-p-all-zero", lambda c: SR(_x(c), 0 * _p(6, dev=c.dev), 3), Raises(E,
-         r"every row of p must sum to 1 \(within 0.0001\), row 0 sums to 0"), ops=True),
+         r"every row of p must sum to 1 \(within 0.0001\), row 0 sums to 0"), ops=True,
+         input="`sample_rows`: an all-zero row of p",
+         you_get="RuntimeError `... row 0 sums to 0` (CUDA: with value checks on)"),
     Case("sample_rows-p-nan", lambda c: SR(_x(c), _with(_p(6, dev=c.dev), (0, 2), float("nan")), 3), Raises(E,
-         r"sample_rows: p must be finite, got a NaN or inf"), ops=True),
+         r"sample_rows: p must be finite, got a NaN or inf"), ops=True,
+         input="`sample_rows`: NaN in p",
+         you_get="RuntimeError `... p must be finite, got a NaN or inf` (CUDA: with value checks on)"),
     Case("sample_rows-p-inf", lambda c: SR(_x(c), _with(_p(6, dev=c.dev), (0, 2), float("inf")), 3), Raises(E,
-         r"sample_rows: p must be finite, got a NaN or inf"), ops=True),
+         r"sample_rows: p must be finite, got a NaN or inf"), ops=True,
+         input="`sample_rows`: inf in p",
+         you_get="RuntimeError `... p must be finite, got a NaN or inf` (CUDA: with value checks on)"),
     Case("sample_rows-p-rounding", lambda c: SR(_x(c), _p(6, dev=c.dev) * (1 + 5e-5), 3),
-         Gives(lambda out, c: out.isfinite().all()), ops=True),
+         Gives(lambda out, c: out.isfinite().all()), ops=True,
+         input="`sample_rows`: rows of p off 1 by rounding (<= 1e-4)",
+         you_get="accepted: each row is drawn against its own total"),
     Case("sample_rows-p-strided", lambda c: _same_draws(c, _x(c), _p(6, dev=c.dev).expand(2, 6)),
-         Gives(lambda same, c: same), ops=True),
-    Case("sample_rows-p-meta", lambda c: SR(_x(c), _p(6).to("meta"), 3), Raises(E, r"same device"), ops=True),
+         Gives(lambda same, c: same), ops=True,
+         input="`sample_rows`: a non-contiguous p (e.g. `expand`)",
+         you_get="handled; the same draws as for a contiguous copy"),
+    Case("sample_rows-p-meta", lambda c: SR(_x(c), _p(6).to("meta"), 3), Raises(E, r"same device"), ops=True,
+         input="`sample_rows`: CPU x with a meta-device p",
+         you_get=("RuntimeError `mvm::sample_rows: x and p must be on the same device, got cpu and meta` (checked "
+                  "in the fake kernel too)")),
     Case("sample_rows-c-zero", lambda c: SR(_x(c), _p(6, dev=c.dev), 0), Raises(E,
-         r"sample_rows: c \(the number of draws\) must be >= 1, got 0"), ops=True),
+         r"sample_rows: c \(the number of draws\) must be >= 1, got 0"), ops=True,
+         input="`sample_rows`: c = 0",
+         you_get="RuntimeError `... c (the number of draws) must be >= 1, got 0`"),
     Case("sample_rows-c-negative", lambda c: SR(_x(c), _p(6, dev=c.dev), -5), Raises(E,
-         r"c \(the number of draws\) must be >= 1, got -5"), ops=True),
+         r"c \(the number of draws\) must be >= 1, got -5"), ops=True,
+         input="`sample_rows`: c < 0",
+         you_get="RuntimeError `... must be >= 1, got -5`"),
     Case("sample_rows-c-float", lambda c: SR(_x(c), _p(6, dev=c.dev), 3.0), Raises(E,
-         r"sample_rows\(\) Expected a value of type 'int' for argument 'c'"), ops=True),
+         r"sample_rows\(\) Expected a value of type 'int' for argument 'c'"), ops=True,
+         input="`sample_rows`: c = 3.0",
+         you_get="RuntimeError `mvm::sample_rows() Expected a value of type 'int' for argument 'c' ...`"),
     Case("sample_rows-devices-mixed", lambda c: SR(_x(c).cuda(), _p(6), 3), Raises(E,
-         r"x and p must be on the same device, got cuda:0 and cpu"), cuda=True),
+         r"x and p must be on the same device, got cuda:0 and cpu"), cuda=True,
+         input="`sample_rows`: x on CUDA, p on the CPU",
+         you_get="RuntimeError `... x and p must be on the same device, got cuda:0 and cpu`"),
     Case("sample_rows-generator-device", lambda c: SR(_x(c), _p(6), 3, generator=torch.Generator("cuda")),
-         Raises(E, r"generator"), cuda=True),
+         Raises(E, r"generator"), cuda=True,
+         input="`sample_rows`: CPU x with a CUDA generator",
+         you_get="RuntimeError from torch naming the generator's device"),
     # project_simplex
     Case("project_simplex-z-zero", lambda c: PS(_a(c), 0.0), Raises(E,
-         r"mvm::project_simplex: z must be finite and > 0, got 0"), ops=True),
+         r"mvm::project_simplex: z must be finite and > 0, got 0"), ops=True,
+         input="`project_simplex`: z = 0",
+         you_get="RuntimeError `mvm::project_simplex: z must be finite and > 0, got 0`"),
     Case("project_simplex-z-negative", lambda c: PS(_a(c), -1.0), Raises(E, r"z must be finite and > 0, got -1"),
-         ops=True),
+         ops=True,
+         input="`project_simplex`: z < 0",
+         you_get="RuntimeError `... z must be finite and > 0, got -1`"),
     Case("project_simplex-z-inf", lambda c: PS(_a(c), float("inf")), Raises(E, r"z must be finite and > 0, got inf"),
-         ops=True),
+         ops=True,
+         input="`project_simplex`: z = inf",
+         you_get="RuntimeError `... got inf`"),
     Case("project_simplex-z-nan", lambda c: PS(_a(c), float("nan")), Raises(E, r"z must be finite and > 0, got nan"),
-         ops=True),
+         ops=True,
+         input="`project_simplex`: z = NaN",
+         you_get="RuntimeError `... got nan`"),
     Case("project_simplex-v-half", lambda c: PS(_a(c).half()), Raises(E,
-         r"project_simplex: v must be float32 or float64, got Half"), ops=True),
+         r"project_simplex: v must be float32 or float64, got Half"), ops=True,
+         input="`project_simplex`: float16 v",
+         you_get="RuntimeError `... v must be float32 or float64, got Half`"),
     Case("project_simplex-v-scalar", lambda c: PS(torch.tensor(1.0, device=c.dev)), Raises(E,
-         r"project_simplex: v must have at least 1 dimension"), ops=True),
+         r"project_simplex: v must have at least 1 dimension"), ops=True,
+         input="`project_simplex`: a 0-d v",
+         you_get="RuntimeError `... v must have at least 1 dimension, got a scalar`"),
     Case("project_simplex-v-nan", lambda c: PS(_with(_a(c), (0, 1), float("nan"))), Raises(E,
-         r"project_simplex: v must be finite, got a NaN or inf"), ops=True),
+         r"project_simplex: v must be finite, got a NaN or inf"), ops=True,
+         input="`project_simplex`: NaN in v",
+         you_get="RuntimeError `... v must be finite, got a NaN or inf` (CUDA: with value checks on)"),
     Case("project_simplex-v-inf", lambda c: PS(_with(_a(c), (0, 1), float("-inf"))), Raises(E,
-         r"project_simplex: v must be finite, got a NaN or inf"), ops=True),
+         r"project_simplex: v must be finite, got a NaN or inf"), ops=True,
+         input="`project_simplex`: inf in v",
+         you_get="RuntimeError `... v must be finite, got a NaN or inf` (CUDA: with value checks on)"),
     Case("project_simplex-v-empty-batch", lambda c: PS(_a(c)[:0]), Gives(lambda out, c: out.shape == (0, 6)),
-         ops=True),
+         ops=True,
+         input="`project_simplex`: v of shape (0, n)",
+         you_get="an empty (0, n) result"),
     Case("project_simplex-v-zero-length", lambda c: PS(_a(c)[:, :0]), Raises(E,
-         r"v's last dimension must be non-empty"), ops=True),
+         r"v's last dimension must be non-empty"), ops=True,
+         input="`project_simplex`: v of shape (2, 0)",
+         you_get="RuntimeError `v's last dimension must be non-empty, got (2, 0)`"),
     Case("project_simplex-v-strided", lambda c: (PS(_a(c).t()), PS(_a(c).t().contiguous())),
-         Gives(lambda r, c: r[0].is_contiguous() and torch.equal(*r)), ops=True),
+         Gives(lambda r, c: r[0].is_contiguous() and torch.equal(*r)), ops=True,
+         input="`project_simplex`: a non-contiguous v",
+         you_get="handled; a contiguous result equal to that of a contiguous copy"),
     # mvm_step
     Case("mvm_step-alpha-shape", lambda c: MS(_a(c), _a(c)[:, :5], 3, 0.1), Raises(E,
-         r"mvm::mvm_step: alpha must have p's shape \(2, 6\), got \(2, 5\)"), ops=True),
+         r"mvm::mvm_step: alpha must have p's shape \(2, 6\), got \(2, 5\)"), ops=True,
+         input="`mvm_step`: alpha's shape differs from p's",
+         you_get="RuntimeError `mvm::mvm_step: alpha must have p's shape (2, 6), got (2, 5)`"),
     Case("mvm_step-dtypes-differ", lambda c: MS(_a(c), _a(c).float(), 3, 0.1), Raises(E,
-         r"mvm_step: p and alpha must have the same dtype, got Double and Float"), ops=True),
+         r"mvm_step: p and alpha must have the same dtype, got Double and Float"), ops=True,
+         input="`mvm_step`: float64 p, float32 alpha",
+         you_get="RuntimeError `... p and alpha must have the same dtype, got Double and Float`"),
     Case("mvm_step-p-half", lambda c: MS(_a(c).half(), _a(c).half(), 3, 0.1), Raises(E,
-         r"mvm_step: p must be float32 or float64, got Half"), ops=True),
+         r"mvm_step: p must be float32 or float64, got Half"), ops=True,
+         input="`mvm_step`: float16 p",
+         you_get="RuntimeError `... p must be float32 or float64, got Half`"),
     Case("mvm_step-p-scalar", lambda c: MS(_a(c)[0, 0], _a(c)[0, 0], 3, 0.1), Raises(E,
-         r"mvm_step: p must have at least 1 dimension"), ops=True),
+         r"mvm_step: p must have at least 1 dimension"), ops=True,
+         input="`mvm_step`: 0-d p",
+         you_get="RuntimeError `... p must have at least 1 dimension, got a scalar`"),
     Case("mvm_step-c-zero", lambda c: MS(_a(c), _a(c), 0, 0.1), Raises(E,
-         r"mvm_step: c \(the number of draws\) must be >= 1, got 0"), ops=True),
+         r"mvm_step: c \(the number of draws\) must be >= 1, got 0"), ops=True,
+         input="`mvm_step`: c = 0",
+         you_get="RuntimeError `... c (the number of draws) must be >= 1, got 0`"),
     Case("mvm_step-lr-negative", lambda c: MS(_a(c), _a(c), 3, -1.0), Raises(E,
-         r"mvm_step: lr must be finite and >= 0, got -1"), ops=True),
+         r"mvm_step: lr must be finite and >= 0, got -1"), ops=True,
+         input="`mvm_step`: lr < 0",
+         you_get="RuntimeError `... lr must be finite and >= 0, got -1`"),
     Case("mvm_step-lr-nan", lambda c: MS(_a(c), _a(c), 3, float("nan")), Raises(E,
-         r"lr must be finite and >= 0, got nan"), ops=True),
+         r"lr must be finite and >= 0, got nan"), ops=True,
+         input="`mvm_step`: lr = NaN (or inf)",
+         you_get="RuntimeError `... lr must be finite and >= 0, got nan`"),
     Case("mvm_step-lr-overflow", lambda c: MS(_p(6, 2, dev=c.dev), _a(c), 3, 1e308),
-         Gives(lambda out, c: _on_simplex(out)), ops=True),
+         Gives(lambda out, c: _on_simplex(out)), ops=True,
+         input="`mvm_step`: a finite lr so large the step overflows (1e308)",
+         you_get=("on the simplex: the rows whose step is infinite share the mass evenly (the limit of a huge "
+                  "finite step when one row's step dominates)")),
     Case("mvm_step-p-negative", lambda c: MS(-_a(c), _a(c), 3, 0.1), Raises(E,
-         r"mvm_step: p must be non-negative, got -"), ops=True),
+         r"mvm_step: p must be non-negative, got -"), ops=True,
+         input="`mvm_step`: negative p",
+         you_get="RuntimeError `... p must be non-negative, got -...` (CUDA: with value checks on)"),
     Case("mvm_step-p-nan", lambda c: MS(_with(_a(c), (1, 1), float("nan")), _a(c), 3, 0.1), Raises(E,
-         r"mvm_step: p must be finite, got a NaN or inf"), ops=True),
+         r"mvm_step: p must be finite, got a NaN or inf"), ops=True,
+         input="`mvm_step`: NaN in p",
+         you_get="RuntimeError `... p must be finite, got a NaN or inf` (CUDA: with value checks on)"),
     Case("mvm_step-p-off-simplex", lambda c: MS(3 * _a(c), _a(c), 3, 0.1), Gives(lambda out, c: _on_simplex(out)),
-         ops=True),
+         ops=True,
+         input="`mvm_step`: p >= 0 not summing to 1 (entries > 1)",
+         you_get="accepted: the step is taken and projected, the result is on the simplex"),
     Case("mvm_step-alpha-negative", lambda c: MS(_a(c), -_a(c), 3, 0.1), Raises(E,
-         r"mvm_step: alpha must be non-negative, got -"), ops=True),
+         r"mvm_step: alpha must be non-negative, got -"), ops=True,
+         input="`mvm_step`: negative alpha",
+         you_get="RuntimeError `... alpha must be non-negative, got -...` (CUDA: with value checks on)"),
     Case("mvm_step-alpha-nan", lambda c: MS(_a(c), _with(_a(c), (0, 0), float("nan")), 3, 0.1), Raises(E,
-         r"mvm_step: alpha must be finite, got a NaN or inf"), ops=True),
+         r"mvm_step: alpha must be finite, got a NaN or inf"), ops=True,
+         input="`mvm_step`: NaN in alpha",
+         you_get="RuntimeError `... alpha must be finite, got a NaN or inf` (CUDA: with value checks on)"),
     Case("mvm_step-empty-batch", lambda c: MS(_a(c)[:0], _a(c)[:0], 3, 0.1),
-         Gives(lambda out, c: out.shape == (0, 6)), ops=True),
+         Gives(lambda out, c: out.shape == (0, 6)), ops=True,
+         input="`mvm_step`: p, alpha of shape (0, M)",
+         you_get="an empty (0, M) result"),
     Case("mvm_step-devices-mixed", lambda c: MS(_a(c).cuda(), _a(c), 3, 0.1), Raises(E,
-         r"mvm_step: p and alpha must be on the same device, got cuda:0 and cpu"), cuda=True),
+         r"mvm_step: p and alpha must be on the same device, got cuda:0 and cpu"), cuda=True,
+         input="`mvm_step`: p on CUDA, alpha on the CPU",
+         you_get="RuntimeError `... p and alpha must be on the same device, got cuda:0 and cpu`"),
     # solve_mvm
     Case("solve_mvm-method", lambda c: SM(_a(c), 3, "newton"), Raises(E,
-         r"mvm::solve_mvm: method must be \"kkt\" or \"pgd\", got \"newton\""), ops=True),
+         r"mvm::solve_mvm: method must be \"kkt\" or \"pgd\", got \"newton\""), ops=True,
+         input='`solve_mvm`: method "newton"',
+         you_get='RuntimeError `mvm::solve_mvm: method must be "kkt" or "pgd", got "newton"`'),
     Case("solve_mvm-c-zero", lambda c: SM(_a(c), 0), Raises(E,
-         r"solve_mvm: c \(the number of draws\) must be >= 1, got 0"), ops=True),
+         r"solve_mvm: c \(the number of draws\) must be >= 1, got 0"), ops=True,
+         input="`solve_mvm`: c = 0",
+         you_get="RuntimeError `... c (the number of draws) must be >= 1, got 0`"),
     Case("solve_mvm-max-iter-zero", lambda c: SM(_a(c), 3, "pgd", 0), Raises(E,
-         r"solve_mvm: max_iter must be >= 1, got 0"), ops=True),
+         r"solve_mvm: max_iter must be >= 1, got 0"), ops=True,
+         input="`solve_mvm`: max_iter = 0",
+         you_get="RuntimeError `... max_iter must be >= 1, got 0`"),
     Case("solve_mvm-tol-negative", lambda c: SM(_a(c), 3, "pgd", 10, -1.0), Raises(E,
-         r"solve_mvm: tol must be finite and >= 0, got -1"), ops=True),
+         r"solve_mvm: tol must be finite and >= 0, got -1"), ops=True,
+         input="`solve_mvm`: tol < 0",
+         you_get="RuntimeError `... tol must be finite and >= 0, got -1`"),
     Case("solve_mvm-tol-nan", lambda c: SM(_a(c), 3, "pgd", 10, float("nan")), Raises(E,
-         r"tol must be finite and >= 0, got nan"), ops=True),
+         r"tol must be finite and >= 0, got nan"), ops=True,
+         input="`solve_mvm`: tol = NaN (or inf)",
+         you_get="RuntimeError `... tol must be finite and >= 0, got nan`"),
     Case("solve_mvm-alpha-int", lambda c: SM(_a(c).int(), 3), Raises(E,
-         r"solve_mvm: alpha must be float32 or float64, got Int"), ops=True),
+         r"solve_mvm: alpha must be float32 or float64, got Int"), ops=True,
+         input="`solve_mvm`: integer alpha",
+         you_get="RuntimeError `... alpha must be float32 or float64, got Int`"),
     Case("solve_mvm-alpha-half", lambda c: SM(_a(c).half(), 3), Raises(E,
-         r"solve_mvm: alpha must be float32 or float64, got Half"), ops=True),
+         r"solve_mvm: alpha must be float32 or float64, got Half"), ops=True,
+         input="`solve_mvm`: float16 alpha",
+         you_get="RuntimeError `... got Half`"),
     Case("solve_mvm-alpha-scalar", lambda c: SM(_a(c)[0, 0], 3), Raises(E,
-         r"solve_mvm: alpha must have at least 1 dimension \(B, M\)"), ops=True),
+         r"solve_mvm: alpha must have at least 1 dimension \(B, M\)"), ops=True,
+         input="`solve_mvm`: 0-d alpha",
+         you_get="RuntimeError `... alpha must have at least 1 dimension (B, M), got a scalar`"),
     Case("solve_mvm-alpha-negative", lambda c: SM(-_a(c), 3), Raises(E,
-         r"solve_mvm: alpha must be non-negative, got -"), ops=True),
+         r"solve_mvm: alpha must be non-negative, got -"), ops=True,
+         input="`solve_mvm`: negative alpha",
+         you_get="RuntimeError `... alpha must be non-negative, got -...` (CUDA: with value checks on)"),
     Case("solve_mvm-alpha-inf", lambda c: SM(_a(c) * float("inf"), 3), Raises(E,
-         r"solve_mvm: alpha must be finite, got a NaN or inf"), ops=True),
+         r"solve_mvm: alpha must be finite, got a NaN or inf"), ops=True,
+         input="`solve_mvm`: inf in alpha",
+         you_get="RuntimeError `... alpha must be finite, got a NaN or inf` (CUDA: with value checks on)"),
     Case("solve_mvm-alpha-nan", lambda c: SM(_with(_a(c), (1, 3), float("nan")), 3), Raises(E,
-         r"solve_mvm: alpha must be finite, got a NaN or inf"), ops=True),
+         r"solve_mvm: alpha must be finite, got a NaN or inf"), ops=True,
+         input="`solve_mvm`: NaN in alpha",
+         you_get="RuntimeError `... alpha must be finite, got a NaN or inf` (CUDA: with value checks on)"),
     Case("solve_mvm-alpha-empty-batch", lambda c: SM(_a(c)[:0], 3), Gives(lambda out, c: out.shape == (0, 6)),
-         ops=True),
+         ops=True,
+         input="`solve_mvm`: alpha of shape (0, M)",
+         you_get="an empty (0, M) result"),
     Case("solve_mvm-alpha-zero-length", lambda c: SM(_a(c)[:, :0], 3), Raises(E,
-         r"alpha's last dimension \(M\) must be non-empty"), ops=True),
+         r"alpha's last dimension \(M\) must be non-empty"), ops=True,
+         input="`solve_mvm`: alpha of shape (2, 0)",
+         you_get="RuntimeError `alpha's last dimension (M) must be non-empty, got (2, 0)`"),
     Case("solve_mvm-alpha-all-zero", lambda c: SM(torch.zeros(2, 4, **F64, device=c.dev), 3),
-         Gives(lambda out, c: torch.equal(out, torch.full_like(out, 0.25))), ops=True),
+         Gives(lambda out, c: torch.equal(out, torch.full_like(out, 0.25))), ops=True,
+         input="`solve_mvm`: an all-zero row of alpha (a dead activation)",
+         you_get="uniform p"),
     Case("solve_mvm-alpha-extreme-range", lambda c: (SM(torch.tensor([[1e-300, 1e300, 1.0]], **F64, device=c.dev), 3),
                                                      SM(torch.tensor([[1e-300, 1e300, 1.0]], **F64, device=c.dev), 3,
                                                         "pgd")),
-         Gives(lambda r, c: all(_on_simplex(p) and p[0, 1] > 0.99 for p in r)), ops=True),
+         Gives(lambda r, c: all(_on_simplex(p) and p[0, 1] > 0.99 for p in r)), ops=True,
+         input="`solve_mvm`: alpha spanning 1e-300..1e300",
+         you_get="finite p on the simplex, both methods"),
     Case("solve_mvm-alpha-strided", lambda c: (SM(_a(c).t(), 3), SM(_a(c).t().contiguous(), 3)),
-         Gives(lambda r, c: torch.equal(*r)), ops=True),
+         Gives(lambda r, c: torch.equal(*r)), ops=True,
+         input="`solve_mvm`: a non-contiguous alpha",
+         you_get="handled; equal to the result for a contiguous copy"),
     # sap_sample
     Case("sap_sample-frac-zero", lambda c: mvm_cuda.sap_sample(_x(c), 0.0), Raises(ValueError,
-         r"sap_sample: frac must be finite and > 0, got 0"), ops=True),
+         r"sap_sample: frac must be finite and > 0, got 0"), ops=True,
+         input="`sap_sample`: frac = 0 (or < 0)",
+         you_get="ValueError `sap_sample: frac must be finite and > 0, got 0`"),
     Case("sap_sample-frac-nan", lambda c: mvm_cuda.sap_sample(_x(c), float("nan")), Raises(ValueError,
-         r"sap_sample: frac must be finite and > 0, got nan"), ops=True),
+         r"sap_sample: frac must be finite and > 0, got nan"), ops=True,
+         input="`sap_sample`: frac = NaN",
+         you_get="ValueError `sap_sample: frac must be finite and > 0, got nan`"),
     Case("sap_sample-frac-inf", lambda c: mvm_cuda.sap_sample(_x(c), float("inf")), Raises(ValueError,
-         r"sap_sample: frac must be finite and > 0, got inf"), ops=True),
+         r"sap_sample: frac must be finite and > 0, got inf"), ops=True,
+         input="`sap_sample`: frac = inf",
+         you_get="ValueError `sap_sample: frac must be finite and > 0, got inf`"),
     Case("sap_sample-h-int", lambda c: mvm_cuda.sap_sample(_x(c).int(), 0.5), Raises(E,
-         r"mvm::sap_sample: h must be float32, float64, float16 or bfloat16, got Int"), ops=True),
+         r"mvm::sap_sample: h must be float32, float64, float16 or bfloat16, got Int"), ops=True,
+         input="`sap_sample`: integer h",
+         you_get="RuntimeError `mvm::sap_sample: h must be float32, float64, float16 or bfloat16, got Int`"),
     Case("sap_sample-h-empty-batch", lambda c: mvm_cuda.sap_sample(_x(c)[:0], 0.5),
-         Gives(lambda out, c: out.shape == (0, 2, 3, 5)), ops=True),
+         Gives(lambda out, c: out.shape == (0, 2, 3, 5)), ops=True,
+         input="`sap_sample`: h with N = 0",
+         you_get="an empty result of h's shape"),
     Case("sap_sample-h-nan", lambda c: mvm_cuda.sap_sample(_with(_x(c), (0, 0, 0, 0), float("nan")), 1.0),
-         Raises(E, r"mvm::sap_sample: h must be finite, got a NaN or inf"), ops=True),
+         Raises(E, r"mvm::sap_sample: h must be finite, got a NaN or inf"), ops=True,
+         input="`sap_sample`: NaN in h",
+         you_get=("RuntimeError `mvm::sap_sample: h must be finite, got a NaN or inf in sample 0` (CUDA: `... got a "
+                  "NaN or inf`, with value checks on; without them, that sample comes out all NaN)")),
     Case("sap_sample-h-inf", lambda c: mvm_cuda.sap_sample(_with(_x(c), (0, 0, 0, 0), float("inf")), 0.5),
-         Raises(E, r"mvm::sap_sample: h must be finite, got a NaN or inf"), ops=True),
+         Raises(E, r"mvm::sap_sample: h must be finite, got a NaN or inf"), ops=True,
+         input="`sap_sample`: inf in h",
+         you_get="RuntimeError `mvm::sap_sample: h must be finite, got a NaN or inf in sample 0` (CUDA: as for NaN)"),
     # the op itself (mvm_cuda.sap_sample computes r from frac)
     Case("sap_sample-op-r-zero", lambda c: torch.ops.mvm.sap_sample(torch.rand(2, 3), 0), Raises(E,
-         r"mvm::sap_sample: r \(the number of draws\) must be >= 1, got 0")),
+         r"mvm::sap_sample: r \(the number of draws\) must be >= 1, got 0"),
+         input="`torch.ops.mvm.sap_sample` (the fused op): r = 0",
+         you_get="RuntimeError `mvm::sap_sample: r (the number of draws) must be >= 1, got 0`"),
     Case("sap_sample-op-h-0d", lambda c: torch.ops.mvm.sap_sample(torch.tensor(1.0), 1), Raises(E,
-         r"mvm::sap_sample: h must have a batch dimension \(N, ...\), got a 0-d tensor")),
+         r"mvm::sap_sample: h must have a batch dimension \(N, ...\), got a 0-d tensor"),
+         input="`torch.ops.mvm.sap_sample`: a 0-d h",
+         you_get="RuntimeError `mvm::sap_sample: h must have a batch dimension (N, ...), got a 0-d tensor`"),
     Case("sap_sample-op-sum-overflow", lambda c: torch.ops.mvm.sap_sample(
          torch.tensor([[1.0, 2.0], [1e308, 1e308]], dtype=torch.float64, device=c.dev), 1), Raises(E,
-         r"mvm::sap_sample: sum \|h\| of sample 1 overflows float64"), ops=True),
+         r"mvm::sap_sample: sum \|h\| of sample 1 overflows float64"), ops=True,
+         input="`torch.ops.mvm.sap_sample`: float64 h whose abs sum overflows float64",
+         you_get=("RuntimeError `mvm::sap_sample: sum |h| of sample 1 overflows float64` (CUDA: with value checks "
+                  "on; without them, that sample comes out all NaN)")),
     Case("sap_sample-h-float32-overflow", lambda c: mvm_cuda.sap_sample(torch.full((2, 3), 3e38, device=c.dev), 0.5),
-         Gives(lambda out, c: ((out == 0) | (out == float("inf"))).all() and (out == 0).any()), ops=True),
+         Gives(lambda out, c: ((out == 0) | (out == float("inf"))).all() and (out == 0).any()), ops=True,
+         input="`sap_sample`: finite float32 h whose abs sum exceeds 3.4e38",
+         you_get=("samples (p's normaliser is summed in float64); a kept entry is x/pi, which overflows float32 to "
+                  "inf here")),
     # insert_units
     Case("insert_units-no-relu", lambda c: insert_units(
         nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 3), nn.ReLU()), DropoutUnit),
-        Raises(ValueError, r"insert_units: Sequential has no ReLU before its first flatten")),
+        Raises(ValueError, r"insert_units: Sequential has no ReLU before its first flatten"),
+         input="`insert_units` / `Detector`: a model with no ReLU before the flatten",
+         you_get="ValueError `insert_units: Sequential has no ReLU before its first flatten; ...`"),
     Case("insert_units-other-activation", lambda c: insert_units(
         nn.Sequential(nn.Conv2d(1, 2, 3), nn.LeakyReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3)), DropoutUnit),
-        Raises(ValueError, r"no ReLU before its first flatten.*LeakyReLU")),
+        Raises(ValueError, r"no ReLU before its first flatten.*LeakyReLU"),
+         input="`insert_units` / `Detector`: a conv part with LeakyReLU, GELU, ... only",
+         you_get="the same ValueError, which says other activations are not ReLUs here"),
     Case("insert_units-no-flatten", lambda c: insert_units(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), DropoutUnit),
-         Raises(ValueError, r"insert_units: found no flatten in Sequential")),
+         Raises(ValueError, r"insert_units: found no flatten in Sequential"),
+         input="`insert_units` / `Detector`: a model with no flatten",
+         you_get="ValueError `insert_units: found no flatten in Sequential (...)`"),
     Case("insert_units-untraceable", lambda c: insert_units(_Untraceable(), DropoutUnit),
-         Raises(TypeError, r"insert_units: torch.fx cannot trace _Untraceable")),
+         Raises(TypeError, r"insert_units: torch.fx cannot trace _Untraceable"),
+         input="`insert_units` / `Detector`: a forward torch.fx cannot trace (control flow on values)",
+         you_get="TypeError `insert_units: torch.fx cannot trace _Untraceable (...)`"),
     # Detector: settings
     Case("detector-method", lambda c: c.detector("bayes"), Raises(ValueError,
-         r"Detector: method must be one of \('mvm', 'sap', 'dropout'\), got 'bayes'")),
-    Case("detector-R-zero", lambda c: c.detector(R=0), Raises(ValueError, r"Detector: R must be an integer >= 1, got 0")),
+         r"Detector: method must be one of \('mvm', 'sap', 'dropout'\), got 'bayes'"),
+         input='`Detector`: method "bayes"',
+         you_get="ValueError `Detector: method must be one of ('mvm', 'sap', 'dropout'), got 'bayes'`"),
+    Case("detector-R-zero", lambda c: c.detector(R=0), Raises(ValueError, r"Detector: R must be an integer >= 1, got 0"),
+         input="`Detector`: R = 0",
+         you_get="ValueError `Detector: R must be an integer >= 1, got 0`"),
     Case("detector-max-batch-zero", lambda c: c.detector(max_batch=0), Raises(ValueError,
-         r"Detector: max_batch must be an integer >= 1, got 0")),
+         r"Detector: max_batch must be an integer >= 1, got 0"),
+         input="`Detector`: max_batch = 0",
+         you_get="ValueError `Detector: max_batch must be an integer >= 1, got 0`"),
     Case("detector-c-zero", lambda c: c.detector("mvm", c=0), Raises(ValueError,
-         r"MVMUnit: c must be an integer >= 1, got 0")),
+         r"MVMUnit: c must be an integer >= 1, got 0"),
+         input="`Detector`: c = 0",
+         you_get="ValueError `MVMUnit: c must be an integer >= 1, got 0`"),
     Case("detector-c-and-c_rel", lambda c: c.detector("mvm", c=10, c_rel=1.0), Raises(ValueError,
-         r"MVMUnit: give exactly one of c and c_rel")),
+         r"MVMUnit: give exactly one of c and c_rel"),
+         input="`Detector`: both c and c_rel",
+         you_get="ValueError `MVMUnit: give exactly one of c and c_rel, ...`"),
     Case("detector-c_rel-negative", lambda c: c.detector("mvm", c_rel=-1.0), Raises(ValueError,
-         r"MVMUnit: c_rel must be > 0, got -1")),
+         r"MVMUnit: c_rel must be > 0, got -1"),
+         input="`Detector`: c_rel <= 0",
+         you_get="ValueError `MVMUnit: c_rel must be > 0, got -1.0`"),
     Case("detector-solver", lambda c: c.detector("mvm", solver="newton"), Raises(ValueError,
-         r"Detector: solver must be one of \('kkt', 'pgd'\), got 'newton'")),
+         r"Detector: solver must be one of \('kkt', 'pgd'\), got 'newton'"),
+         input='`Detector`: solver "newton"',
+         you_get="ValueError `Detector: solver must be one of ('kkt', 'pgd'), got 'newton'`"),
     Case("detector-frac-zero", lambda c: c.detector("sap", frac=0.0), Raises(ValueError,
-         r"SAPUnit: frac must be > 0, got 0")),
+         r"SAPUnit: frac must be > 0, got 0"),
+         input="`Detector`: SAP frac <= 0",
+         you_get="ValueError `SAPUnit: frac must be > 0, got 0.0`"),
     Case("detector-p_drop-one", lambda c: c.detector("dropout", p_drop=1.0), Raises(ValueError,
-         r"DropoutUnit: p_drop must be in \[0, 1\), got 1")),
+         r"DropoutUnit: p_drop must be in \[0, 1\), got 1"),
+         input="`Detector`: p_drop = 1",
+         you_get="ValueError `DropoutUnit: p_drop must be in [0, 1), got 1.0`"),
     Case("detector-generator-device", lambda c: c.detector(generator=torch.Generator("cuda")), Raises(ValueError,
-         r"Detector: the generator is on cuda.* but the model is on cpu"), cuda=True),
+         r"Detector: the generator is on cuda.* but the model is on cpu"), cuda=True,
+         input="`Detector`: a generator on another device than the model",
+         you_get="ValueError `Detector: the generator is on cuda but the model is on cpu; ...`"),
     Case("detector-model-returns-tuple", lambda c: Detector(_OutputsTuple(c.model), "dropout", R=2,
                                                            progress=False).scores(c.images()),
-         Raises(ValueError, r"Detector.votes: the model must return logits \(N, K\), got tuple")),
+         Raises(ValueError, r"Detector.votes: the model must return logits \(N, K\), got tuple"),
+         input="`Detector`: a model that does not return logits (N, K)",
+         you_get="ValueError `Detector.votes: the model must return logits (N, K), got tuple` at the first call"),
     # Detector: images
     Case("detector-x-not-tensor", lambda c: c.detector().scores(c.images().numpy()), Raises(TypeError,
-         r"Detector.votes: x must be a float tensor of images \(N, C, H, W\), got ndarray")),
+         r"Detector.votes: x must be a float tensor of images \(N, C, H, W\), got ndarray"),
+         input="`Detector.scores` (votes, fit_threshold, predict, evaluate): a numpy array",
+         you_get="TypeError `Detector.votes: x must be a float tensor of images (N, C, H, W), got ndarray`"),
     Case("detector-x-single-image", lambda c: c.detector().scores(c.images()[0]), Raises(ValueError,
-         r"got shape \(1, 8, 8\); for a single image add the batch dimension, x\[None\]")),
+         r"got shape \(1, 8, 8\); for a single image add the batch dimension, x\[None\]"),
+         input="`Detector.scores`: one image (C, H, W) without a batch dim",
+         you_get="ValueError `... got shape (1, 8, 8); for a single image add the batch dimension, x[None]`"),
     Case("detector-x-flat", lambda c: c.detector().scores(c.images().flatten(1)), Raises(ValueError,
-         r"x must be a float tensor of images \(N, C, H, W\), got shape \(2, 64\)$")),
+         r"x must be a float tensor of images \(N, C, H, W\), got shape \(2, 64\)$"),
+         input="`Detector.scores`: flattened images (N, H*W)",
+         you_get="ValueError `... x must be a float tensor of images (N, C, H, W), got shape (2, 64)`"),
     Case("detector-x-uint8", lambda c: c.detector().scores((c.images() * 255).to(torch.uint8)), Raises(ValueError,
-         r"got dtype torch.uint8 \(for 0..255 images pass x.float\(\) / 255\)")),
+         r"got dtype torch.uint8 \(for 0..255 images pass x.float\(\) / 255\)"),
+         input="`Detector.scores`: uint8 images",
+         you_get="ValueError `... got dtype torch.uint8 (for 0..255 images pass x.float() / 255)`"),
     Case("detector-x-channels", lambda c: c.detector().scores(torch.rand(2, 3, 8, 8)), Raises(ValueError,
-         r"Detector.votes: images of shape \(3, 8, 8\) do not fit the model: .*channels")),
+         r"Detector.votes: images of shape \(3, 8, 8\) do not fit the model: .*channels"),
+         input="`Detector.scores`: wrong channel count (first call)",
+         you_get="ValueError `Detector.votes: images of shape (3, 8, 8) do not fit the model: <torch's conv error>`"),
     Case("detector-x-size", lambda c: (lambda d: (d.scores(c.images()), d.scores(torch.rand(2, 1, 9, 9))))(c.detector()),
-         Raises(ValueError, r"images of shape \(1, 9, 9\) do not fit the model, which takes \(1, 8, 8\)")),
+         Raises(ValueError, r"images of shape \(1, 9, 9\) do not fit the model, which takes \(1, 8, 8\)"),
+         input="`Detector.scores`: another image size than before",
+         you_get="ValueError `... images of shape (1, 9, 9) do not fit the model, which takes (1, 8, 8)`"),
     Case("detector-x-0-255", lambda c: c.detector().scores(c.images() * 255), Raises(ValueError,
-         r"pixel values must lie in \[0, 1\] \(scale 0..255 images by 1/255\), got values in \[\d+\.\d+, \d+\.\d+\]")),
+         r"pixel values must lie in \[0, 1\] \(scale 0..255 images by 1/255\), got values in \[\d+\.\d+, \d+\.\d+\]"),
+         input="`Detector.scores`: float images in 0..255",
+         you_get=("ValueError `... pixel values must lie in [0, 1] (scale 0..255 images by 1/255), got values in "
+                  "[lo, hi]`")),
     Case("detector-x-normalized", lambda c: c.detector().scores(c.images() - 0.5), Raises(ValueError,
-         r"pixel values must lie in \[0, 1\].*got values in \[-0\.\d+, 0\.\d+\]")),
+         r"pixel values must lie in \[0, 1\].*got values in \[-0\.\d+, 0\.\d+\]"),
+         input="`Detector.scores`: mean-subtracted (normalized) images",
+         you_get="the same ValueError, with the negative range"),
     Case("detector-x-nan", lambda c: c.detector().scores(_with(c.images(), (1, 0, 2, 2), float("nan"))),
-         Raises(ValueError, r"pixel values must lie in \[0, 1\].*got values in \[.*\] and NaN")),
+         Raises(ValueError, r"pixel values must lie in \[0, 1\].*got values in \[.*\] and NaN"),
+         input="`Detector.scores`: NaN pixels",
+         you_get="the same ValueError, ending `and NaN`"),
     Case("detector-x-inf", lambda c: c.detector().scores(_with(c.images(), (1, 0, 2, 2), float("inf"))),
-         Raises(ValueError, r"pixel values must lie in \[0, 1\].*got values in \[.*, inf\]")),
+         Raises(ValueError, r"pixel values must lie in \[0, 1\].*got values in \[.*, inf\]"),
+         input="`Detector.scores`: inf pixels",
+         you_get="the same ValueError, `got values in [lo, inf]`"),
     Case("detector-x-empty", lambda c: c.detector().scores(c.images()[:0]),
-         Gives(lambda s, c: s.shape == (0,) and s.dtype == torch.float64)),
+         Gives(lambda s, c: s.shape == (0,) and s.dtype == torch.float64),
+         input="`Detector.scores`: N = 0 images",
+         you_get="an empty (0,) float64 result"),
     Case("detector-x-float64-strided", lambda c: (c.detector(seed=0).scores(c.images(6).double()[::2]),
                                                   c.detector(seed=0).scores(c.images(6)[::2].contiguous())),
-         Gives(lambda r, c: torch.equal(*r))),
+         Gives(lambda r, c: torch.equal(*r)),
+         input="`Detector.scores`: float64, non-contiguous images, or images on another device",
+         you_get="cast to the model's dtype and moved to its device; the same scores"),
     # Detector: threshold, save and load
     Case("detector-fit-too-few", lambda c: c.detector().fit_threshold(c.images(19), fpr=0.05), Raises(ValueError,
-         r"Detector.fit_threshold: 19 clean images cannot resolve fpr=0.05; need at least 20")),
+         r"Detector.fit_threshold: 19 clean images cannot resolve fpr=0.05; need at least 20"),
+         input="`fit_threshold`: N < ceil(1/fpr) clean images (19 at fpr 0.05)",
+         you_get="ValueError `Detector.fit_threshold: 19 clean images cannot resolve fpr=0.05; need at least 20`"),
     Case("detector-fit-few", lambda c: c.detector().fit_threshold(c.images(20), fpr=0.05), Warns(UserWarning,
          r"20 clean images put only 1 above the threshold.*use at least 200",
-         lambda det, c: det.threshold is not None)),
+         lambda det, c: det.threshold is not None),
+         input="`fit_threshold`: ceil(1/fpr) <= N < ceil(10/fpr) (20..199 at fpr 0.05)",
+         you_get="fitted, with a UserWarning `20 clean images put only 1 above the threshold; ... (use at least 200)`"),
     Case("detector-fit-fpr", lambda c: c.detector().fit_threshold(c.images(20), fpr=1.0), Raises(ValueError,
-         r"Detector.fit_threshold: fpr must be in \(0, 1\), got 1.0")),
+         r"Detector.fit_threshold: fpr must be in \(0, 1\), got 1.0"),
+         input="`fit_threshold`: fpr outside (0, 1)",
+         you_get="ValueError `Detector.fit_threshold: fpr must be in (0, 1), got 1.0`"),
     Case("detector-predict-unfitted", lambda c: c.detector().predict(c.images()), Raises(RuntimeError,
-         r"Detector.predict: no threshold; call fit_threshold\(clean_images\) first")),
+         r"Detector.predict: no threshold; call fit_threshold\(clean_images\) first"),
+         input="`predict` before `fit_threshold`",
+         you_get="RuntimeError `Detector.predict: no threshold; call fit_threshold(clean_images) first`"),
     Case("detector-load-other-model", lambda c: Detector.load(_saved(c), _other_model()), Raises(ValueError,
-         r"Detector.load: the model differs from the one .*det.json was saved with")),
+         r"Detector.load: the model differs from the one .*det.json was saved with"),
+         input="`Detector.load` with another model (weights, layers or dtype)",
+         you_get=("ValueError `Detector.load: the model differs from the one det.json was saved with (fingerprint "
+                  "..., saved ...); ...`")),
     Case("detector-load-other-model-lax", lambda c: Detector.load(_saved(c, _fitted(c)), _other_model(), strict=False,
                                                                   progress=False),
-         Warns(UserWarning, r"the model differs", lambda det, c: det.threshold == 0.5)),
+         Warns(UserWarning, r"the model differs", lambda det, c: det.threshold == 0.5),
+         input="`Detector.load(..., strict=False)` with another model",
+         you_get="loaded, with a UserWarning `the model differs ...`"),
     Case("detector-load-not-json", lambda c: Detector.load(_write(c.tmp / "x.json", b"\x89PNG"), c.model),
-         Raises(ValueError, r"Detector.load: .*x.json is not a saved mvm_cuda detector")),
+         Raises(ValueError, r"Detector.load: .*x.json is not a saved mvm_cuda detector"),
+         input="`Detector.load`: a file that is not JSON",
+         you_get="ValueError `Detector.load: x.json is not a saved mvm_cuda detector (...)`"),
     Case("detector-load-missing-settings", lambda c: Detector.load(
         _write(c.tmp / "x.json", b'{"format": "mvm_cuda-detector-v1", "method": "mvm"}'), c.model),
-        Raises(ValueError, r"Detector.load: .*x.json lacks the settings c, c_rel")),
+        Raises(ValueError, r"Detector.load: .*x.json lacks the settings c, c_rel"),
+         input="`Detector.load`: a detector file missing settings",
+         you_get="ValueError `Detector.load: x.json lacks the settings c, c_rel, ...`"),
     # datasets
     Case("cifar10-missing-file", lambda c: _cifar(c, missing=("data_batch_3",)), Raises(FileNotFoundError,
-         r"cifar10: no folder holds all of .*\n.*cifar: missing data_batch_3")),
+         r"cifar10: no folder holds all of .*\n.*cifar: missing data_batch_3"),
+         input="`load_cifar10`: a batch file missing",
+         you_get="FileNotFoundError listing each folder tried and its missing files"),
     Case("cifar10-truncated", _cifar_truncated, Raises(ValueError,
-         r"cifar10: .*data_batch_4 is not a CIFAR-10 python batch: pickle data was truncated")),
+         r"cifar10: .*data_batch_4 is not a CIFAR-10 python batch: pickle data was truncated"),
+         input="`load_cifar10`: a truncated batch",
+         you_get="ValueError `cifar10: <path>/data_batch_4 is not a CIFAR-10 python batch: pickle data was truncated`"),
     Case("cifar10-not-a-pickle", lambda c: _cifar(c, bad=b"\x00garbage"), Raises(ValueError,
-         r"cifar10: .*data_batch_4 is not a CIFAR-10 python batch")),
+         r"cifar10: .*data_batch_4 is not a CIFAR-10 python batch"),
+         input="`load_cifar10`: a batch that is not a pickle",
+         you_get="ValueError `cifar10: <path> is not a CIFAR-10 python batch: ...`"),
     Case("cifar10-not-a-dict", lambda c: _cifar(c, bad=[1, 2]), Raises(ValueError,
-         r"data_batch_4 is not a CIFAR-10 python batch: expected a dict, got list")),
+         r"data_batch_4 is not a CIFAR-10 python batch: expected a dict, got list"),
+         input="`load_cifar10`: a pickle that is not a dict",
+         you_get="ValueError `... expected a dict, got list`"),
     Case("cifar10-no-labels", lambda c: _cifar(c, bad={b"data": np.zeros((2, 3072), np.uint8)}), Raises(ValueError,
-         r"data_batch_4 .*expected keys b'data' and b'labels', got b'data'$")),
+         r"data_batch_4 .*expected keys b'data' and b'labels', got b'data'$"),
+         input="`load_cifar10`: a batch without b'labels'",
+         you_get="ValueError `... expected keys b'data' and b'labels', got b'data'`"),
     Case("cifar10-wrong-size", lambda c: _cifar(c, bad={b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}),
-         Raises(ValueError, r"data_batch_4 .*b'data' must be uint8 of shape \(n, 3072\), got uint8 \(2, 100\)")),
+         Raises(ValueError, r"data_batch_4 .*b'data' must be uint8 of shape \(n, 3072\), got uint8 \(2, 100\)"),
+         input="`load_cifar10`: data not (n, 3072)",
+         you_get="ValueError `... b'data' must be uint8 of shape (n, 3072), got uint8 (2, 100)`"),
     Case("cifar10-wrong-dtype", lambda c: _cifar(c, bad={b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}),
-         Raises(ValueError, r"data_batch_4 .*b'data' must be uint8 .*got float32")),
+         Raises(ValueError, r"data_batch_4 .*b'data' must be uint8 .*got float32"),
+         input="`load_cifar10`: data not uint8",
+         you_get="ValueError `... got float32 (2, 3072)`"),
     Case("cifar10-label-range", lambda c: _cifar(c, bad={b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 11]}),
-         Raises(ValueError, r"data_batch_4 .*b'labels' must be 2 labels in 0..9")),
+         Raises(ValueError, r"data_batch_4 .*b'labels' must be 2 labels in 0..9"),
+         input="`load_cifar10`: a label outside 0..9",
+         you_get="ValueError `... b'labels' must be 2 labels in 0..9, ...`"),
     Case("cifar10-label-count", lambda c: _cifar(c, bad={b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}),
-         Raises(ValueError, r"data_batch_4 .*b'labels' must be 2 labels in 0..9, got shape \(1,\)")),
+         Raises(ValueError, r"data_batch_4 .*b'labels' must be 2 labels in 0..9, got shape \(1,\)"),
+         input="`load_cifar10`: fewer labels than images",
+         you_get="ValueError `... b'labels' must be 2 labels in 0..9, got shape (1,)`"),
     Case("svhn-missing-file", lambda c: _svhn(c, missing=("test_32x32.mat",)), Raises(FileNotFoundError,
-         r"svhn: no folder holds all of .*\n.*svhn: missing test_32x32.mat")),
+         r"svhn: no folder holds all of .*\n.*svhn: missing test_32x32.mat"),
+         input="`load_svhn`: a .mat file missing",
+         you_get="FileNotFoundError `svhn: ... missing test_32x32.mat`"),
     Case("svhn-not-mat", lambda c: _svhn(c, train=b"MATLAB? no"), Raises(ValueError,
-         r"svhn: .*train_32x32.mat is not an SVHN cropped-digits .mat file")),
+         r"svhn: .*train_32x32.mat is not an SVHN cropped-digits .mat file"),
+         input="`load_svhn`: a file that is not a .mat",
+         you_get="ValueError `svhn: <path>/train_32x32.mat is not an SVHN cropped-digits .mat file: ...`"),
     Case("svhn-truncated", lambda c: _svhn(c, truncate=True), Raises(ValueError,
-         r"svhn: .*train_32x32.mat is not an SVHN cropped-digits .mat file")),
+         r"svhn: .*train_32x32.mat is not an SVHN cropped-digits .mat file"),
+         input="`load_svhn`: a truncated .mat",
+         you_get="the same ValueError, naming the file"),
     Case("svhn-no-X", lambda c: _svhn(c, train={"images": np.zeros(3), "y": np.ones((2, 1))}), Raises(ValueError,
-         r"train_32x32.mat is not an SVHN .*: no variable X \(found images, y\)")),
+         r"train_32x32.mat is not an SVHN .*: no variable X \(found images, y\)"),
+         input="`load_svhn`: a .mat without X or y",
+         you_get="ValueError `... no variable X (found images, y)`"),
     Case("svhn-wrong-size", lambda c: _svhn(c, train={"X": np.zeros((28, 28, 1, 2), np.uint8), "y": np.ones((2, 1))}),
-         Raises(ValueError, r"train_32x32.mat .*X must be uint8 of shape \(32, 32, 3, n\), got uint8 \(28, 28, 1, 2\)")),
+         Raises(ValueError, r"train_32x32.mat .*X must be uint8 of shape \(32, 32, 3, n\), got uint8 \(28, 28, 1, 2\)"),
+         input="`load_svhn`: X not (32, 32, 3, n) uint8",
+         you_get="ValueError `... X must be uint8 of shape (32, 32, 3, n), got uint8 (28, 28, 1, 2)`"),
     Case("svhn-label-range", lambda c: _svhn(c, train={"X": np.zeros((32, 32, 3, 2), np.uint8),
                                                        "y": np.array([[0], [11]], np.uint8)}),
-         Raises(ValueError, r"train_32x32.mat .*y must hold 2 labels in 1..10")),
+         Raises(ValueError, r"train_32x32.mat .*y must hold 2 labels in 1..10"),
+         input="`load_svhn`: a label outside 1..10",
+         you_get="ValueError `... y must hold 2 labels in 1..10, ...`"),
     Case("dataset-unknown", lambda c: data.load_dataset("imagenet"), Raises(ValueError,
-         r"load_dataset: unknown dataset 'imagenet'")),
+         r"load_dataset: unknown dataset 'imagenet'"),
+         input="`load_dataset`: an unknown name",
+         you_get="ValueError `load_dataset: unknown dataset 'imagenet'; expected one of ...`"),
     Case("dataset-no-root", lambda c: data.load_dataset("svhn"), Raises(ValueError,
-         r"load_dataset: svhn is read from local files; pass root= or set MVM_CUDA_DATA")),
+         r"load_dataset: svhn is read from local files; pass root= or set MVM_CUDA_DATA"),
+         input='`load_dataset("svhn")` with no root and no MVM_CUDA_DATA',
+         you_get="ValueError `load_dataset: svhn is read from local files; pass root= or set MVM_CUDA_DATA`"),
 ]
 
 _IDS = [case.id for case in CASES]
@@ -592,15 +895,30 @@ class _Code:
         return (os.getpid, ())
 
 
-CORRUPTIONS = {
-    "truncated": (_truncate, r"rebuilding .*\.pt: RuntimeError"),
-    "empty": (lambda path: path.write_bytes(b""), r"rebuilding"),
-    "garbage": (lambda path: path.write_bytes(os.urandom(512)), r"rebuilding"),
+CORRUPTIONS = {  # name: (damage, warning regex, input, what you get)
+    "truncated": (_truncate, r"rebuilding .*\.pt: RuntimeError",
+                  "cache: a truncated file",
+                  ("UserWarning `mvm_cuda cache: ignoring and rebuilding <path>: RuntimeError: ...`; recomputed and "
+                   "rewritten, never loaded")),
+    "empty": (lambda path: path.write_bytes(b""), r"rebuilding",
+                  "cache: an empty file",
+                  "the same warning; rebuilt"),
+    "garbage": (lambda path: path.write_bytes(os.urandom(512)), r"rebuilding",
+                  "cache: random bytes",
+                  "the same warning; rebuilt"),
     "bit-flip": (lambda path: _record(path, tensors={"x": torch.arange(12.0).reshape(3, 4) + 1,
-                                                     "y": torch.tensor([1, 2, 3])}), r"checksum mismatch"),
-    "other-key": (lambda path: _record(path, key="another key"), r"stored key 'another key' differs"),
-    "other-format": (lambda path: torch.save({"x": torch.zeros(3)}, path), r"not an mvm_cuda cache file"),
-    "code": (lambda path: path.write_bytes(pickle.dumps(_Code(), protocol=2)), r"rebuilding .*UnpicklingError"),
+                                                     "y": torch.tensor([1, 2, 3])}), r"checksum mismatch",
+                  "cache: a file that loads but whose tensors changed",
+                  "the same warning, `checksum mismatch` (SHA-256 of every tensor); rebuilt"),
+    "other-key": (lambda path: _record(path, key="another key"), r"stored key 'another key' differs",
+                  "cache: a file stored under another key",
+                  "the same warning, `stored key ... differs`; rebuilt"),
+    "other-format": (lambda path: torch.save({"x": torch.zeros(3)}, path), r"not an mvm_cuda cache file",
+                  "cache: a torch file of another program",
+                  "the same warning, `not an mvm_cuda cache file`; rebuilt"),
+    "code": (lambda path: path.write_bytes(pickle.dumps(_Code(), protocol=2)), r"rebuilding .*UnpicklingError",
+                  "cache: a pickle that would run code",
+                  "refused by `weights_only=True`; the same warning; rebuilt"),
 }
 
 
@@ -611,7 +929,7 @@ def test_cache_bad_file_is_rebuilt(cache, corruption):
     fn = Crafter()
     first = _cached(fn)
     (path,) = (cache / "tensors").iterdir()
-    damage, message = CORRUPTIONS[corruption]
+    damage, message, _, _ = CORRUPTIONS[corruption]
     damage(path)
     with pytest.warns(UserWarning, match=message):
         again = _cached(fn)
@@ -622,6 +940,9 @@ def test_cache_bad_file_is_rebuilt(cache, corruption):
     assert fn.calls == 2 and [p.name for p in (cache / "tensors").iterdir()] == [path.name]
 
 
+@documented("cache: the writer dies mid-write (Ctrl-C, kill)",
+            ("nothing under the final name, or the previous complete file: written to a temp file, fsynced, then "
+             "`os.replace`d; a leftover temp file is never read"))
 def test_cache_crash_mid_write_leaves_no_partial_file(cache, monkeypatch):
     """A writer that dies half-way (here torch.save raises after half the bytes, with
     and without the cleanup running) never leaves a file under the final name: the old
@@ -662,6 +983,8 @@ def test_cache_crash_mid_write_leaves_no_partial_file(cache, monkeypatch):
     assert fn.calls == 3 and torch.equal(again["x"], first["x"])
 
 
+@documented("cache: a folder that cannot be written",
+            "UserWarning `mvm_cuda cache: could not write <path>: ...`; the result is returned")
 def test_cache_unwritable_warns_and_returns(tmp_path, monkeypatch):
     """A cache that cannot be written (here a file where the folder should be) costs
     only the caching: a warning, and the computed result."""
@@ -674,6 +997,8 @@ def test_cache_unwritable_warns_and_returns(tmp_path, monkeypatch):
     assert fn.calls == 1 and torch.equal(out["y"], torch.tensor([1, 2, 3]))
 
 
+@documented("`load_or_train`: cached weights that do not fit the model",
+            "UserWarning `... does not fit model 'digits', retraining`; retrained")
 def test_model_cache_of_another_architecture_retrains(cache):
     """A valid cache file whose weights do not fit the model (an architecture changed
     under the same key) is reported and the model retrained."""
@@ -694,6 +1019,9 @@ class _Evil:
         return (os.mkdir, ("should-not-exist",))
 
 
+@documented("`load_cifar10`: a batch pickle that would run code",
+            ("ValueError `... is not a CIFAR-10 python batch: refusing to load global posix.mkdir`; nothing runs "
+             "(only numpy arrays are unpickled)"))
 def test_cifar10_pickle_cannot_run_code(tmp_path, monkeypatch):
     """A batch file that would run code when unpickled is refused, and runs nothing."""
     monkeypatch.chdir(tmp_path)
@@ -703,23 +1031,73 @@ def test_cifar10_pickle_cannot_run_code(tmp_path, monkeypatch):
     assert not (tmp_path / "should-not-exist").exists()
 
 
-# ---------------------------------------------------------------- the README mirrors the tests
+# ---------------------------------------------------------------- docs/bad-input.md
+
+HEADER = """\
+# Bad input
+
+<!-- Generated from tests/test_bad_input.py by `.venv/bin/python tests/test_bad_input.py`;
+edit the cases there, not this file. -->
+
+Shape, dtype and device errors always raise, naming the op or function, the argument and the value
+(`mvm::sample_rows: p must have shape (P, M) with M = H*W = 6, got (1, 7)`). The ops' value checks
+(NaN/inf in p, alpha or v; negative p or alpha; rows of p that do not sum to 1 within 1e-4) read the
+data: the CPU ops always run them; on CUDA they would cost a device-to-host sync, so they run only after
+`mvm_cuda.set_value_checks(True)` or with `MVM_CHECK_VALUES=1` in the environment (without them, such
+input is not checked). NaN or inf inside `x` is data, not an error: it appears only in drawn rows. The
+detector checks its images before any work; the dataset loaders name the bad file; the cache never
+returns a damaged file.
+
+Every row is one test in `tests/test_bad_input.py`; the op rows run on every available device, with
+value checks on. Rows marked GAP are known holes: their tests state the behaviour the code should have
+and xfail until it is there.
+
+| input | what you get | test |
+|---|---|---|
+"""
 
 
-def test_readme_table_mirrors_the_tests():
-    text = README.read_text()
-    section = re.search(r"^## Bad input\n(.*?)(?=^## )", text, re.S | re.M)
-    assert section, "README.md has no '## Bad input' section"
-    rows = [line for line in section.group(1).splitlines() if re.match(r"\| (?!---|input)", line)]
-    named = [re.findall(r"`([^`]+)`", row.rsplit("|", 2)[-2]) for row in rows]
-    assert all(len(n) == 1 for n in named), [r for r, n in zip(rows, named) if len(n) != 1]
-    named = [n[0] for n in named]
-    expected = [f"test_bad_input[{i}]" for i in _IDS]
-    expected += [f"test_cache_bad_file_is_rebuilt[{c}]" for c in CORRUPTIONS]
-    expected += ["test_cifar10_pickle_cannot_run_code", "test_cache_crash_mid_write_leaves_no_partial_file", "test_cache_unwritable_warns_and_returns",
-                 "test_model_cache_of_another_architecture_retrains"]
-    assert sorted(named) == sorted(expected), (set(named) ^ set(expected))
-    assert len(named) == len(set(named))
-    gaps = {f"test_bad_input[{c.id}]" for c in CASES if c.gap}
-    for row, name in zip(rows, named):
-        assert ("GAP" in row) == (name in gaps), row
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def doc_rows() -> list[tuple[str, str, str]]:
+    """(input, what you get, test) for every case of CASES, then every test outside it."""
+    missing = [case.id for case in CASES if not (case.input and case.you_get)]
+    assert not missing, f"cases without input= and you_get= (their docs row): {missing}"
+    rows = []
+    for case in CASES:
+        you_get = case.you_get + (" (CUDA machines only)" if case.cuda else "")
+        if case.gap:
+            you_get = f"**GAP**: should give {case.gap}; now {you_get}"
+        rows.append((case.input, you_get, f"test_bad_input[{case.id}]"))
+    for name, (_, _, given, you_get) in CORRUPTIONS.items():
+        rows.append((given, you_get, f"test_cache_bad_file_is_rebuilt[{name}]"))
+    rows += [(given, you_get, test) for test, given, you_get in OTHER_ROWS]
+    return rows
+
+
+def bad_input_markdown() -> str:
+    """The text of docs/bad-input.md."""
+    return HEADER + "".join(f"| {_cell(a)} | {_cell(b)} | `{t}` |\n" for a, b, t in doc_rows())
+
+
+def test_docs_bad_input_is_current():
+    """docs/bad-input.md is what this file generates, and every test here has a row."""
+    documented_tests = {t.split("[")[0] for _, _, t in doc_rows()}
+    tests_here = {name for name in globals() if name.startswith("test_")} - {"test_docs_bad_input_is_current"}
+    assert tests_here <= documented_tests, f"tests without a docs row: {tests_here - documented_tests}"
+    want = bad_input_markdown()
+    have = DOC.read_text() if DOC.exists() else ""
+    diff = "".join(list(difflib.unified_diff(have.splitlines(True), want.splitlines(True), "committed",
+                                             "generated"))[:40])
+    assert have == want, ("docs/bad-input.md is stale; regenerate it from the repository root with "
+                          f".venv/bin/python tests/test_bad_input.py\n{diff}")
+
+
+if __name__ == "__main__":
+    DOC.parent.mkdir(exist_ok=True)
+    tmp = DOC.with_suffix(".md.tmp")
+    tmp.write_text(bad_input_markdown())
+    os.replace(tmp, DOC)
+    print(f"wrote {DOC} ({len(doc_rows())} rows)")

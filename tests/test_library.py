@@ -1,5 +1,7 @@
 """Registration: opcheck on every op, torch.compile(fullgraph=True) tracing,
-inference-only autograd, and the build's guard against pip's build isolation."""
+inference-only autograd, the build's guard against pip's build isolation, and
+the oracle's independence from the library (no imports either way)."""
+import ast
 import os
 import subprocess
 import sys
@@ -86,3 +88,46 @@ def test_value_checks_switch():
         assert mvm_cuda.set_value_checks(before) is False
     finally:
         mvm_cuda.set_value_checks(before)
+
+
+def _imports(path: Path, *, module_level: bool):
+    """The modules `path` imports, resolved to absolute names; module_level=True skips
+    imports inside function bodies (those run only when the function is called)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    found = []
+
+    def visit(node):
+        for child in ast.iter_child_nodes(node):
+            if module_level and isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(child, ast.Import):
+                found.extend(alias.name for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    parent = package.split(".")[: len(package.split(".")) - child.level + 1]
+                    base = ".".join(parent + ([child.module] if child.module else []))
+                found.extend([base] + [f"{base}.{alias.name}" for alias in child.names])
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return found
+
+
+def test_reference_and_library_import_neither_way():
+    # The oracle must not share code with what it checks: reference.py imports
+    # nothing of the package, and no library module imports it when loaded.
+    ref_imports = _imports(ROOT / "mvm_cuda" / "reference.py", module_level=False)
+    assert ref_imports and not [m for m in ref_imports if m.split(".")[0] == "mvm_cuda"], ref_imports
+    library = [p for p in (ROOT / "mvm_cuda").rglob("*.py") if p.name != "reference.py"]
+    assert len(library) > 5
+    for path in library:
+        bad = [m for m in _imports(path, module_level=True) if m == "mvm_cuda.reference"]
+        assert not bad, f"{path.relative_to(ROOT)} imports mvm_cuda.reference at module level"
+    code = ("import sys, mvm_cuda, mvm_cuda.eval.reproduce, mvm_cuda.eval.adaptive; "
+            "assert 'mvm_cuda.reference' not in sys.modules, 'loaded'; "
+            "assert mvm_cuda.reference.solve_mvm is not mvm_cuda.solve_mvm")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(mvm_cuda.__file__).parent.parent),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr

@@ -8,7 +8,7 @@ from scipy import stats
 import mvm_cuda
 from mvm_cuda import reference as ref
 
-from conftest import ALL_DTYPES, HAS_CUDA
+from conftest import ALL_DTYPES
 
 
 def _probs(m, seed=0, zeros=0):
@@ -195,12 +195,10 @@ def test_independent_of_thread_count():
         results = []
         for nt in (1, 2):
             torch.set_num_threads(nt)
-            results.append((mvm_cuda.sample_rows(x, p, 300, generator=torch.Generator().manual_seed(0)),
-                            mvm_cuda.sap_sample(x, 0.3, generator=torch.Generator().manual_seed(0))))
+            results.append(mvm_cuda.sample_rows(x, p, 300, generator=torch.Generator().manual_seed(0)))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(results[0][0], results[1][0])
-    assert torch.equal(results[0][1], results[1][1])
+    assert torch.equal(results[0], results[1])
 
 
 def test_nan_and_inf_only_in_drawn_rows(device):
@@ -241,110 +239,3 @@ def test_backward_raises_clear_error():
     out = mvm_cuda.sample_rows(x, _probs(3).float(), 2)
     with pytest.raises(RuntimeError, match="inference-only"):
         out.sum().backward()
-
-
-@pytest.mark.parametrize("frac", [0.5, 1.0])
-def test_sap_sample(device, frac):
-    h = torch.relu(torch.randn(4000, 3, 4, 5, device=device))
-    h[0] = 0  # an all-zero activation passes through as zeros
-    out = mvm_cuda.sap_sample(h, frac)
-    assert out.shape == h.shape and out.dtype == h.dtype
-    assert (out[0] == 0).all()
-    assert ((out == 0) | (h != 0)).all()  # zeros stay zero
-    kept = (out != 0).reshape(4000, -1).sum(1)
-    assert (kept <= max(1, round(frac * 60))).all()
-    # Unbiased: each sample's total is preserved in expectation (a z-test over
-    # samples; the terms h_j / pi_j are bounded by about sum|h| / r).
-    total = h.reshape(4000, -1)[1:].sum(1).double().cpu()
-    rel = (out.reshape(4000, -1)[1:].sum(1).double().cpu() - total) / total
-    assert abs(rel.mean() / (rel.std() / math.sqrt(rel.numel()))) < stats.norm.isf(0.0005)
-
-
-def test_sap_matches_reference_kept_counts(device):
-    h = torch.relu(torch.randn(3000, 2, 3, 3))
-    out = mvm_cuda.sap_sample(h.to(device), 0.5).cpu()
-    ref_out = ref.sap_sample(h, 0.5)
-    a = (out != 0).reshape(3000, -1).sum(1).double()
-    b = (ref_out != 0).reshape(3000, -1).sum(1).double()
-    assert stats.ttest_ind(a, b).pvalue > 0.001
-
-
-def _sap_h(n, k, seed, dtype=torch.float64):
-    """n copies of one activation of k entries: half zeros, a heavy tail, one
-    entry with a tenth of the mass."""
-    g = torch.Generator().manual_seed(seed)
-    h = torch.rand(k, generator=g, dtype=torch.float64) ** 4
-    h[torch.rand(k, generator=g) < 0.5] = 0
-    h[k // 3] = h.sum() / 9
-    h[1] = -h[1] - 0.1  # a negative entry: p uses |h|, the output keeps the sign
-    return h.to(dtype).expand(n, k).contiguous()
-
-
-@pytest.mark.parametrize("k", [3000, 9000])
-def test_sap_inclusion_frequency(device, k):
-    # SAP's tables span several of the CPU kernel's bins (1,500 or 4,500 nonzero
-    # entries), and at k = 9000 three of the CUDA kernel's slices of 4,096:
-    # each entry's keep count is Binomial(n, pi_j), pi_j = 1 - (1 - |h_j| / sum|h|)^r.
-    n = 2000
-    h = _sap_h(n, k, seed=11)
-    r = round(0.2 * k)
-    torch.manual_seed(2)
-    kept = (mvm_cuda.sap_sample(h.to(device), 0.2).cpu() != 0).double()
-    counts = kept.sum(0)
-    p = h[0].abs() / h[0].abs().sum()
-    assert (counts[p == 0] == 0).all()
-    pi = ref.inclusion_prob(p, r).numpy()
-    c = counts.numpy()
-    tail = 2 * np.minimum(stats.binom.cdf(c, n, pi), stats.binom.sf(c - 1, n, pi))
-    assert tail.min() > 0.001 / k  # Bonferroni over entries, 0.1% overall
-    # The power to see 2% too much mass in one bin's third of the entries.
-    se = kept[:, : k // 3].sum(1).std().item() / math.sqrt(n)
-    assert abs(ref.inclusion_prob(p[: k // 3] * 1.02, r).sum() - pi[: k // 3].sum()) / se > 2 * stats.norm.isf(0.001)
-
-
-@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
-def test_sap_cuda_non_finite_without_value_checks():
-    # Without value checks the CUDA kernel does not sync to raise: a sample with
-    # NaN or inf, or whose sum |h| overflows float64, comes out all NaN; the
-    # other samples are untouched by it (same draws as without that sample's fault).
-    h = torch.rand(4, 3000, dtype=torch.float64, device="cuda")
-    bad = h.clone()
-    bad[0, 5], bad[1, 1000], bad[2] = float("nan"), float("inf"), 1e308
-    previous = mvm_cuda.set_value_checks(False)
-    try:
-        out = mvm_cuda.sap_sample(bad, 0.5, torch.Generator("cuda").manual_seed(0))
-    finally:
-        mvm_cuda.set_value_checks(previous)
-    good = mvm_cuda.sap_sample(h, 0.5, torch.Generator("cuda").manual_seed(0))
-    assert out[:3].isnan().all()
-    assert torch.equal(out[3], good[3])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_sap_kept_entries_scaled_exactly(device, dtype):
-    n, k = 50, 400
-    h = _sap_h(n, k, seed=12, dtype=dtype)
-    out = mvm_cuda.sap_sample(h.to(device), 0.5).cpu()
-    kept = out != 0
-    assert kept.any() and (kept.sum(1) <= 200).all()
-    p = h[0].double().abs() / h[0].double().abs().sum()
-    want = h.double() / ref.inclusion_prob(p, 200)
-    # float64 throughout, or p rounded to float32 and 1/pi in float32 (a few ulps).
-    rtol = 1e-12 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(out[kept].double(), want[kept], rtol=rtol, atol=0)
-    assert (out[1] == 0).all() or (out[:, 1][kept[:, 1]] < 0).all()  # the sign is kept
-
-
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
-def test_sap_scale_is_the_scale_of_sap_sample(device, layout):
-    h = torch.relu(torch.randn(6, 4, 5, 6, generator=torch.Generator().manual_seed(4))).to(device)
-    if layout == "channels_last":
-        h = h.contiguous(memory_format=torch.channels_last)
-    elif layout == "strided":
-        h = torch.relu(torch.randn(6, 4, 5, 12, generator=torch.Generator().manual_seed(4))).to(device)[..., ::2]
-    out = mvm_cuda.sap_sample(h, 0.5, torch.Generator(device=device).manual_seed(9))
-    scale = mvm_cuda.sap_scale(h, 0.5, torch.Generator(device=device).manual_seed(9))
-    assert torch.equal(out, h * scale)
-    assert ((scale == 0) | (h != 0)).all() and (scale[scale != 0] > 1).all()
-    if layout != "strided":  # read in place: the output keeps h's strides
-        assert out.stride() == h.stride() and scale.stride() == h.stride()

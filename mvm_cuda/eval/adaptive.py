@@ -45,8 +45,8 @@ __all__ = ["ADAPTIVE", "DETECTORS", "runner_up", "eot_loss", "eot_bim", "evaluat
 
 # The settings of `mvm-cuda reproduce --adaptive` (the README's numbers): images attacked
 # (the first of the correctly classified ones), BIM steps, EOT passes per step. Sized so
-# that the three attacks take minutes on a shared 2-core CPU: a SAP step over 100 images
-# x 5 passes costs ~10 s there. 20 steps of 0.01 reach at most 0.2 of the 0.3 ball.
+# that the three attacks take minutes on a 2-core CPU; 20 steps of 0.01 reach at most
+# 0.2 of the 0.3 ball.
 ADAPTIVE = dict(n_images=100, n_iter=20, K=5)
 
 # The detectors attacked: the headline MVM setting and the paper's SAP and dropout rows.

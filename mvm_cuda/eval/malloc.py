@@ -10,10 +10,8 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves every block over its mmap threshold with a fresh mmap and
     unmaps it on free, so a loop that allocates and frees activation-sized tensors pays a
-    page fault per 4 KiB on every round: on this project's 2-core VM the default run of
-    `mvm-cuda reproduce` spent 155 s of its 343 s of CPU time in the kernel that way (48
-    million page faults), and single timed calls swung between 5 and 25 ms. The price is
-    that the process keeps its peak heap. Process-wide: call it from programs (the
+    page fault per 4 KiB on every iteration (docs/performance.md gives the cost). The
+    price is that the process keeps its peak heap. Process-wide: call it from programs (the
     `mvm-cuda` command, the benchmarks), not from a library. Returns whether it applied
     (False where libc is not glibc)."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
