@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 from types import ModuleType
 from typing import Callable
 
@@ -164,10 +165,14 @@ class MVMUnit(SamplingUnit):
         super().__init__(generator, backend)
         if (c is None) == (c_rel is None):
             raise ValueError(f"MVMUnit: give exactly one of c and c_rel, got c={c}, c_rel={c_rel}")
-        if c is not None and (int(c) != c or c < 1):
+        if c is not None and (not math.isfinite(c) or int(c) != c or c < 1):
             raise ValueError(f"MVMUnit: c must be an integer >= 1, got {c}")
+        if c is not None and c >= 2**63:
+            raise ValueError(f"MVMUnit: c must be below 2**63 (the ops take int64), got {c}")
         if c_rel is not None and not c_rel > 0:
             raise ValueError(f"MVMUnit: c_rel must be > 0, got {c_rel}")
+        if c_rel is not None and not math.isfinite(c_rel):
+            raise ValueError(f"MVMUnit: c_rel must be finite, got {c_rel}")
         self.c = None if c is None else int(c)
         self.c_rel = c_rel
         self.ref_pixels = ref_pixels
