@@ -14,7 +14,10 @@ import hashlib
 import importlib
 import json
 import math
+import numbers
 import os
+import re
+import threading
 import warnings
 from dataclasses import asdict, dataclass, field
 from types import ModuleType
@@ -25,6 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import ops
+from ._files import write_atomically
 from .nn import DropoutUnit, MVMUnit, SAPUnit, insert_units, sampling_units, set_mode
 
 __all__ = ["METHODS", "SOLVERS", "Detector", "RocReport", "histogram_entropy", "threshold_for_fpr", "roc_report"]
@@ -35,6 +39,56 @@ _FORMAT = "mvm_cuda-detector-v1"
 _KNOWN_BACKENDS = ("mvm_cuda.ops", "mvm_cuda.reference")
 _SAVED_KEYS = ("method", "c", "c_rel", "frac", "p_drop", "R", "max_batch", "seed", "solver", "channels_last",
                "backend", "threshold", "fpr", "input_shape")
+_INT64_MAX = 2**63 - 1
+_SEED_END = 2**64  # torch.Generator.manual_seed and numpy take seeds in [0, 2**64)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _real(value):
+    """value as a Python float if it is a real number (a 0-d tensor or numpy scalar
+    included; not a bool), else None."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex and value.dtype != torch.bool:
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _is_count(value) -> bool:
+    """value is an integer (or an integral float) in [1, 2**63)."""
+    f = _real(value)
+    return f is not None and math.isfinite(f) and f == int(f) and 1 <= int(value) <= _INT64_MAX
+
+
+def _int_setting(where: str, name: str, value, low: int, high: int = _INT64_MAX) -> int:
+    """value as an int if it is an integer (or an integral float) in [low, high], else ValueError."""
+    f = _real(value)
+    if (_is_int(value) or (f is not None and math.isfinite(f) and f == int(f))) and low <= int(value) <= high:
+        return int(value)
+    raise ValueError(f"{where}: {name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _seed_setting(where: str, seed, optional: bool = True):
+    if seed is None and optional:
+        return None
+    if not _is_int(seed) or not 0 <= seed < _SEED_END:
+        none = "None or " if optional else ""
+        raise ValueError(f"{where}: seed must be {none}an integer in [0, 2**64), got {seed!r}")
+    return int(seed)
+
+
+def _finite_setting(where: str, name: str, value, optional: bool = False) -> float | None:
+    """value as a finite Python float (None passes if optional), else ValueError."""
+    if value is None and optional:
+        return None
+    f = _real(value)
+    if f is None or not math.isfinite(f):
+        none = "None or " if optional else ""
+        raise ValueError(f"{where}: {name} must be {none}a finite number, got {value!r}")
+    return f
 
 
 def histogram_entropy(votes: Tensor) -> Tensor:
@@ -117,10 +171,16 @@ def roc_report(clean_scores, adv_scores, n_boot: int = 1000, seed: int = 0, leve
 
     clean_scores: (n0,), adv_scores: (n1,), tensors or arrays. The interval is the
     percentile interval of the AUCs of n_boot resamples drawn with a numpy generator
-    seeded with `seed` (so it is repeatable). Returns a RocReport.
+    seeded with `seed` (so it is repeatable). Returns a RocReport. Raises ValueError
+    unless n_boot is an integer >= 1, seed an integer in [0, 2**64) and 0 < level < 1.
     """
     from sklearn.metrics import roc_auc_score, roc_curve
 
+    n_boot = _int_setting("roc_report", "n_boot", n_boot, 1)
+    seed = _seed_setting("roc_report", seed, optional=False)
+    level = _finite_setting("roc_report", "level", level)
+    if not 0 < level < 1:
+        raise ValueError(f"roc_report: level must be in (0, 1), got {level}")
     neg = np.asarray(torch.as_tensor(clean_scores).double().cpu()).reshape(-1)
     pos = np.asarray(torch.as_tensor(adv_scores).double().cpu()).reshape(-1)
     if neg.size == 0 or pos.size == 0:
@@ -151,6 +211,43 @@ def model_fingerprint(model: nn.Module) -> str:
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _check_saved(path, cfg: dict) -> None:
+    """Raise ValueError, naming the file and the key, for a saved setting of the wrong
+    type or value (JSON numbers only: a bool is not a number here)."""
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def integer(v, low, high=_INT64_MAX):
+        return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+    def shape(v):
+        return isinstance(v, list) and len(v) == 3 and all(integer(d, 1) for d in v)
+
+    valid = {
+        "method": (lambda v: v in METHODS, f"one of {METHODS}"),
+        "c": (lambda v: v is None or integer(v, 1), "null or an integer >= 1"),
+        "c_rel": (lambda v: v is None or number(v) and v > 0, "null or a finite number > 0"),
+        "frac": (lambda v: number(v) and v > 0, "a finite number > 0"),
+        "p_drop": (lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "R": (lambda v: integer(v, 1), "an integer >= 1"),
+        "max_batch": (lambda v: integer(v, 1), "an integer >= 1"),
+        "seed": (lambda v: v is None or integer(v, 0, _SEED_END - 1), "null or an integer in [0, 2**64)"),
+        "solver": (lambda v: v in SOLVERS, f"one of {SOLVERS}"),
+        "channels_last": (lambda v: isinstance(v, bool), "true or false"),
+        "backend": (lambda v: isinstance(v, str), "a module name"),
+        "threshold": (lambda v: v is None or number(v), "null or a finite number"),
+        "fpr": (lambda v: v is None or number(v) and 0 < v < 1, "null or a number in (0, 1)"),
+        "input_shape": (lambda v: v is None or shape(v), "null or a list of 3 integers >= 1 (C, H, W)"),
+    }
+    for key, (ok, what) in valid.items():
+        if not ok(cfg[key]):
+            raise ValueError(f"Detector.load: {path}: {key} must be {what}, got {cfg[key]!r}")
+    if cfg["method"] == "mvm" and (cfg["c"] is None) == (cfg["c_rel"] is None):
+        raise ValueError(f"Detector.load: {path}: an mvm detector needs exactly one of c and c_rel, "
+                         f"got c={cfg['c']!r}, c_rel={cfg['c_rel']!r}")
 
 
 class Detector:
@@ -193,20 +290,38 @@ class Detector:
     ):
         if method not in METHODS:
             raise ValueError(f"Detector: method must be one of {METHODS}, got {method!r}")
-        if int(R) != R or R < 1:
+        if not _is_count(R):
             raise ValueError(f"Detector: R must be an integer >= 1, got {R}")
-        if int(max_batch) != max_batch or max_batch < 1:
+        if not _is_count(max_batch):
             raise ValueError(f"Detector: max_batch must be an integer >= 1, got {max_batch}")
         if method == "mvm" and solver not in SOLVERS:
             raise ValueError(f"Detector: solver must be one of {SOLVERS}, got {solver!r}")
         if method == "mvm" and c is None and c_rel is None:
             c_rel = 1.0
+        # Plain Python values (a numpy int, a 0-d tensor threshold become int, float),
+        # checked here so that config() is valid JSON and every call can run.
+        if c is not None and (_real(c) is None or not math.isfinite(_real(c)) or c > _INT64_MAX):
+            raise ValueError(f"Detector: c must be None or an integer in [1, {_INT64_MAX}], got {c!r}")
+        if c is not None and int(c) == c:
+            c = int(c)
+        c_rel = _finite_setting("Detector", "c_rel", c_rel, optional=True)
+        frac = _finite_setting("Detector", "frac", frac)
+        p_drop = _finite_setting("Detector", "p_drop", p_drop)
+        seed = _seed_setting("Detector", seed)
+        threshold = _finite_setting("Detector", "threshold", threshold, optional=True)
+        if channels_last not in (True, False) or isinstance(channels_last, float):
+            raise ValueError(f"Detector: channels_last must be a bool, got {channels_last!r}")
+        channels_last = bool(channels_last)
         backend = ops if backend is None else backend
         self.method, self.c, self.c_rel, self.frac, self.p_drop = method, c, c_rel, frac, p_drop
         self.R, self.max_batch, self.seed, self.generator = int(R), int(max_batch), seed, generator
         self.backend, self.solver, self.channels_last = backend, solver, channels_last
         self.threshold, self.fpr, self.progress = threshold, None, progress
         self.input_shape: tuple[int, ...] | None = None
+        # The units' mode, generator and recorded p live on the shared network, so one
+        # call at a time: a lock, not per-thread state, keeps the units simple and
+        # makes a seeded call from any thread return exactly what it returns alone.
+        self.lock = threading.RLock()
 
         def make_unit():
             if method == "mvm":
@@ -304,8 +419,9 @@ class Detector:
         images (a tqdm bar over images), under torch.inference_mode. x is moved to the model's
         device and cast to its dtype. Raises TypeError if x is not a tensor, ValueError for
         images that are not (N, C, H, W) floats in [0, 1] (NaN included) or do not fit the
-        model."""
-        with torch.inference_mode():
+        model. Thread-safe: calls from several threads run one at a time (`lock`), so a
+        seeded detector gives every call the scores it gives that call alone."""
+        with self.lock, torch.inference_mode():
             self._check_input(x, "votes")
             n = x.shape[0]
             if n == 0:
@@ -410,9 +526,12 @@ class Detector:
         """Write the settings and threshold (`config()`) to a JSON file. The model's weights
         are not saved: they stay the user's, and `load` takes the model again. A user's
         generator is not saved either: such a detector saves seed None, and its loaded
-        copy draws from the default generator unless `load` is given one."""
-        with open(path, "w") as f:
-            json.dump(self.config(), f, indent=2)
+        copy draws from the default generator unless `load` is given one. The file is
+        written to a temporary file beside it and renamed, so an existing file is replaced
+        only by a complete new one."""
+        # Serialised first, then written whole: a failure leaves the previous file as it was.
+        text = json.dumps(self.config(), indent=2, allow_nan=False).encode()
+        write_atomically(path, lambda f: f.write(text))
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module, *, backend: ModuleType | None = None,
@@ -421,10 +540,12 @@ class Detector:
         """The detector saved at `path`, rebuilt around `model` (the same trained network).
         backend: the op module (default: the saved one, if it is mvm_cuda.ops or
         mvm_cuda.reference). Raises ValueError, naming the file, for a file that is not a
-        saved detector (not JSON, another format, missing settings), and for a model whose
-        `model_fingerprint` (weights, layers, dtype) differs from the saved one: a threshold
-        fitted on one network means nothing on another. strict=False turns that mismatch
-        into a UserWarning (e.g. after a deliberate dtype change; refit the threshold)."""
+        saved detector (not JSON, another format, missing settings, a setting of the wrong
+        type or value: the message names the key), and for a model whose
+        `model_fingerprint` (weights, layers, dtype) differs from the saved one, or a file
+        without one: a threshold fitted on one network means nothing on another.
+        strict=False turns those two into a UserWarning (e.g. after a deliberate dtype
+        change; refit the threshold)."""
         try:
             with open(path) as f:
                 cfg = json.load(f)
@@ -435,14 +556,22 @@ class Detector:
         missing = [k for k in _SAVED_KEYS if k not in cfg]
         if missing:
             raise ValueError(f"Detector.load: {path} lacks the settings {', '.join(missing)}")
+        _check_saved(path, cfg)
         if backend is None:
             if cfg["backend"] not in _KNOWN_BACKENDS:
                 raise ValueError(f"Detector.load: unknown backend {cfg['backend']!r}; pass backend=")
             backend = importlib.import_module(cfg["backend"])
         saved, now = cfg.get("model_fingerprint"), model_fingerprint(model)
-        if saved is not None and saved != now:
+        if saved is not None and not (isinstance(saved, str) and re.fullmatch(r"[0-9a-f]{16}", saved)):
+            raise ValueError(f"Detector.load: {path}: model_fingerprint must be 16 hex digits, got {saved!r}")
+        message = None
+        if saved is None:
+            message = (f"Detector.load: {path} holds no model_fingerprint, so the model cannot be checked "
+                       "against the one its threshold was fitted on")
+        elif saved != now:
             message = (f"Detector.load: the model differs from the one {path} was saved with "
                        f"(fingerprint {now}, saved {saved}); its threshold does not apply to this model")
+        if message is not None:
             if strict:
                 raise ValueError(message + "; pass that model, or strict=False and refit the threshold")
             warnings.warn(message, stacklevel=2)

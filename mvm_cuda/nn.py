@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 from types import ModuleType
 from typing import Callable
 
@@ -109,8 +110,9 @@ class SamplingUnit(nn.Module):
         fixed. Returns (N, C, H, W); the gradient w.r.t. h is that scale, so exactly zero
         on the entries that were not drawn."""
         scale = self.sample_scale(h)
-        # A select, like the op: an undrawn entry is 0 even where h is inf or NaN.
-        return torch.where(scale != 0, h * scale, torch.zeros((), dtype=h.dtype, device=h.device))
+        # A select, like the op: an undrawn entry is 0 even where h is inf or NaN. The
+        # product is taken in the scale's dtype (float32 for half h) and rounded once.
+        return torch.where(scale != 0, h * scale, torch.zeros((), dtype=scale.dtype, device=h.device)).to(h.dtype)
 
     def sample_scale(self, h: Tensor) -> Tensor:  # pragma: no cover - abstract
         """The detached random scale of one stochastic pass, broadcastable to h."""
@@ -121,6 +123,11 @@ class SamplingUnit(nn.Module):
 
     def _differentiable_repr(self) -> str:
         return ", differentiable=True" if self.differentiable else ""
+
+
+def _scale_dtype(h: Tensor) -> torch.dtype:
+    """The dtype of a random scale for h: float32 or h's dtype if wider."""
+    return torch.promote_types(h.dtype, torch.float32)
 
 
 def _check_nchw(unit: str, h: Tensor) -> None:
@@ -158,10 +165,14 @@ class MVMUnit(SamplingUnit):
         super().__init__(generator, backend)
         if (c is None) == (c_rel is None):
             raise ValueError(f"MVMUnit: give exactly one of c and c_rel, got c={c}, c_rel={c_rel}")
-        if c is not None and (int(c) != c or c < 1):
+        if c is not None and (not math.isfinite(c) or int(c) != c or c < 1):
             raise ValueError(f"MVMUnit: c must be an integer >= 1, got {c}")
+        if c is not None and c >= 2**63:
+            raise ValueError(f"MVMUnit: c must be below 2**63 (the ops take int64), got {c}")
         if c_rel is not None and not c_rel > 0:
             raise ValueError(f"MVMUnit: c_rel must be > 0, got {c_rel}")
+        if c_rel is not None and not math.isfinite(c_rel):
+            raise ValueError(f"MVMUnit: c_rel must be finite, got {c_rel}")
         self.c = None if c is None else int(c)
         self.c_rel = c_rel
         self.ref_pixels = ref_pixels
@@ -203,7 +214,8 @@ class MVMUnit(SamplingUnit):
         return out.permute(0, 3, 1, 2)
 
     def sample_scale(self, h: Tensor) -> Tensor:
-        """(N, 1, H, W): 1/pi_i on the pixels drawn from the recorded p, 0 elsewhere.
+        """(N, 1, H, W): 1/pi_i on the pixels drawn from the recorded p, 0 elsewhere, in
+        float32 or h's dtype if wider (1/pi overflows float16 where h/pi does not).
 
         The op samples a (N, M, 1) tensor of ones, whose draws are those it makes for
         h itself (they depend on p, c and N only). p stays the recorded one: the
@@ -212,7 +224,7 @@ class MVMUnit(SamplingUnit):
         attack)."""
         self._check_recorded(h)
         n, _, rows_h, rows_w = h.shape
-        ones = torch.ones(n, self.p.shape[1], 1, dtype=h.dtype, device=h.device)
+        ones = torch.ones(n, self.p.shape[1], 1, dtype=_scale_dtype(h), device=h.device)
         with torch.no_grad():
             scale = self.backend.sample_rows(ones, self.p.detach(), self.draws(self.p.shape[1]),
                                              generator=self.generator)
@@ -257,8 +269,9 @@ class SAPUnit(SamplingUnit):
 
     def sample_scale(self, h: Tensor) -> Tensor:
         """(N, C, H, W): 1/pi_j on the entries drawn with p = |h|/sum|h| (h detached), 0
-        elsewhere. The entries are flattened in the same order as in `sample`, so the
-        draws land on the same entries."""
+        elsewhere, in float32 or h's dtype if wider (see `ops.sap_scale`). The entries
+        are flattened in the same order as in `sample`, so the draws land on the same
+        entries."""
         _check_nchw("SAPUnit", h)
         order = _dense_order(h) or (0, 1, 2, 3)
         with torch.no_grad():
@@ -303,8 +316,9 @@ class DropoutUnit(SamplingUnit):
         return (keep * h) / (1.0 - self.p_drop)
 
     def sample_scale(self, h: Tensor) -> Tensor:
-        """(N, C, H, W): 1/(1 - p_drop) on the kept entries, 0 on the dropped ones."""
-        return self._keep(h).div_(1.0 - self.p_drop)
+        """(N, C, H, W): 1/(1 - p_drop) on the kept entries, 0 on the dropped ones, in
+        float32 or h's dtype if wider (1/(1 - p_drop) overflows float16 near p_drop = 1)."""
+        return self._keep(h).to(_scale_dtype(h)).div_(1.0 - self.p_drop)
 
     def extra_repr(self) -> str:
         return f"p_drop={self.p_drop}, mode={self.mode!r}" + self._differentiable_repr()

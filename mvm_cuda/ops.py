@@ -8,6 +8,7 @@ MVM_CHECK_VALUES=1 in the environment)."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -27,10 +28,47 @@ def _inference_only(name: str):
     torch.library.register_autograd(f"mvm::{name}", backward, setup_context=setup_context)
 
 
+_INT64 = (-2**63, 2**63 - 1)
+
+
+def _int_arg(op: str, name: str, value):
+    """An integer argument (a numpy or 0-d tensor integer included) as a Python int that
+    the schema's int (int64) holds; other values go to the op, which names them."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and not value.is_complex() and value.dtype != torch.bool:
+        value = int(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)
+        if not _INT64[0] <= value <= _INT64[1]:
+            raise ValueError(f"mvm::{op}: {name} must be an integer that fits in int64, got {value}")
+    return value
+
+
+def _float_arg(value):
+    """A real number argument (a numpy scalar or 0-d tensor included) as a Python float;
+    other values go to the op, which names them."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() \
+            and value.dtype != torch.bool:
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 def project_simplex(v: torch.Tensor, z: float = 1.0) -> torch.Tensor:
     """Euclidean projection of every vector along the last dim of v (..., n)
     onto {p >= 0, sum p = z}; returns a contiguous tensor of v's shape and dtype
-    (float32/float64), computed in float64."""
+    (float32/float64), computed in float64. z must be a normal number of v's
+    dtype (between finfo.tiny and finfo.max), else ValueError."""
+    z = _float_arg(z)
+    if isinstance(z, float) and isinstance(v, torch.Tensor) and v.dtype in (torch.float32, torch.float64) \
+            and math.isfinite(z) and z > 0:
+        # The op checks finite and > 0; outside the dtype's normal range the result
+        # would round to a sum of 0 (or inf) instead of z.
+        info = torch.finfo(v.dtype)
+        if not info.tiny <= z <= info.max:
+            raise ValueError(f"mvm::project_simplex: z must lie in [{info.tiny:.4g}, {info.max:.4g}], the normal "
+                             f"range of v's dtype {v.dtype}, got {z:g}: the result could not sum to z")
     return _lib.project_simplex(v, z)
 
 
@@ -44,7 +82,7 @@ def mvm_step(p: torch.Tensor, alpha: torch.Tensor, c: int, lr: float) -> torch.T
     r = p + lr * alpha * c (1-p)^(c-1) / pi(p)^2, then the simplex projection.
     Rows with alpha = 0 contribute nothing; where p = 0 and alpha > 0 (an
     infinite gradient) the gradient is taken at p = 1e-12."""
-    return _lib.mvm_step(p, alpha, c, lr)
+    return _lib.mvm_step(p, alpha, _int_arg("mvm_step", "c", c), _float_arg(lr))
 
 
 def _same_device(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
@@ -68,7 +106,8 @@ def solve_mvm(alpha: torch.Tensor, c: int, method: str = "kkt", max_iter: int = 
     search; tol is not used); method="pgd" is the paper's Alg. 2 with a
     backtracking step, stopped at ||dp|| / ||p|| <= tol or max_iter steps.
     Rows with alpha = 0 get p = 0; an all-zero row gets uniform p."""
-    return _lib.solve_mvm(alpha, c, method, max_iter, tol)
+    return _lib.solve_mvm(alpha, _int_arg("solve_mvm", "c", c), method,
+                          _int_arg("solve_mvm", "max_iter", max_iter), _float_arg(tol))
 
 
 @torch.library.register_fake("mvm::solve_mvm")
@@ -84,7 +123,7 @@ def sample_rows(x: torch.Tensor, p: torch.Tensor, c: int, *,
     replacement from p[n % P]; drawn rows become x_i / pi_i, the others 0.
     The output has x's strides (for a dense x). Under torch.compile, pass no
     generator (the default one, seeded by torch.manual_seed, is used)."""
-    return _lib.sample_rows(x, p, c, generator=generator)
+    return _lib.sample_rows(x, p, _int_arg("sample_rows", "c", c), generator=generator)
 
 
 @torch.library.register_fake("mvm::sample_rows")
@@ -105,7 +144,8 @@ def sap_sample(h: torch.Tensor, frac: float, generator: torch.Generator | None =
 
 def sap_scale(h: torch.Tensor, frac: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """The random scale of sap_sample(h, frac) with the same generator state:
-    1/pi_j on the drawn entries, 0 elsewhere, shaped like h (in h's dtype);
+    1/pi_j on the drawn entries, 0 elsewhere, shaped like h, in float32 or h's
+    dtype if wider (1/pi overflows float16 where h/pi does not);
     sap_sample(h) == h * sap_scale(h) for float32 and float64."""
     return _sap(h, frac, generator, scale_only=True)
 
@@ -119,6 +159,10 @@ def sap_draws(h: torch.Tensor, frac: float) -> int:
 
 
 def _sap(h, frac, generator, scale_only):
+    frac = _float_arg(frac)
+    if scale_only and h.dtype in (torch.float16, torch.bfloat16):
+        # The same p and draws (the kernels read |h| in float32 or wider), a float32 scale.
+        h = h.float()
     r = sap_draws(h, frac)
     if h.device.type in ("cpu", "cuda"):
         return _lib.sap_sample(h, r, scale_only=scale_only, generator=generator)

@@ -26,6 +26,7 @@ you_get) or, for the corruptions, from CORRUPTIONS.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import pickle
 import warnings
@@ -132,6 +133,10 @@ def _a(ctx):
 
 def _gen():
     return torch.Generator().manual_seed(0)
+
+
+def _gen_dev(ctx):
+    return torch.Generator(ctx.dev).manual_seed(0)
 
 
 def _same_draws(ctx, x, p, c=3):
@@ -243,6 +248,143 @@ def _svhn(ctx, train=None, missing=(), truncate=False):
             raw = (folder / name).read_bytes()
             (folder / name).write_bytes(raw[: len(raw) // 2])
     return data.load_svhn(folder)
+
+
+# ---------------------------------------------------------------- helpers for the reliability rows (issue 16)
+
+
+def _enospc_save(obj, f):
+    """A torch.save that fails as it does on a full disk: a RuntimeError whose context
+    is the OSError (after part of the bytes)."""
+    f.write(b"PK\x03\x04")
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file")
+
+
+def _full_disk(ctx, fn):
+    """fn() with the cache in ctx.tmp and torch.save failing as on a full disk."""
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, {"MVM_CUDA_CACHE": str(ctx.tmp / "cache")}), \
+            mock.patch.object(torch, "save", _enospc_save):
+        return fn()
+
+
+def _cache_files(ctx):
+    return sorted(p.name for p in (ctx.tmp / "cache").rglob("*") if p.is_file())
+
+
+def _train_tiny():
+    d = data.load_digits(seed=0)
+    return models.load_or_train("digits", (d.x_train[:32], d.y_train[:32]), epochs=1, batch_size=32,
+                                progress=False)
+
+
+def _save_load(ctx, det):
+    path = _saved(ctx, det)
+    return Detector.load(path, ctx.model, progress=False), json.loads(path.read_text())
+
+
+def _save_fails_keeps_file(ctx):
+    """A save that fails (a value JSON cannot encode, put in after construction) leaves
+    the previous file byte for byte."""
+    det = ctx.detector(threshold=0.5)
+    path = _saved(ctx, det)
+    before = path.read_bytes()
+    det.threshold = torch.tensor(0.25)  # bypasses the constructor's normalisation
+    try:
+        det.save(path)
+    except TypeError:
+        pass
+    else:
+        raise AssertionError("the save should fail")
+    return before, path.read_bytes(), sorted(p.name for p in path.parent.iterdir())
+
+
+def _saved_with(ctx, **change):
+    """A saved detector file with some settings changed (None: the key removed)."""
+    path = _saved(ctx, ctx.detector(threshold=0.5))
+    cfg = json.loads(path.read_text())
+    for key, value in change.items():
+        if value is _REMOVE:
+            del cfg[key]
+        else:
+            cfg[key] = value
+    path.write_text(json.dumps(cfg))  # json writes NaN and inf as NaN and Infinity
+    return path
+
+
+_REMOVE = object()
+
+
+def _array_global(shape, strides):
+    """A pickle of numpy.ndarray(shape, uint8, 1 byte, 0, strides): an array of any size
+    over a 1-byte buffer."""
+    class ZeroStride:
+        def __reduce__(self):
+            return (np.ndarray, (shape, np.dtype(np.uint8), b"\x00", 0, strides))
+    return ZeroStride()
+
+
+def _uninitialised(shape):
+    """A pickle of numpy's _reconstruct(ndarray, shape, b'b') with no state: an array of
+    uninitialised memory."""
+    from numpy._core.multiarray import _reconstruct
+
+    class Uninitialised:
+        def __reduce__(self):
+            return (_reconstruct, (np.ndarray, shape, b"b"))
+    return Uninitialised()
+
+
+def _check_values_env(value):
+    """The value checks' setting after MVM_CHECK_VALUES=value is applied (restored after)."""
+    from unittest import mock
+
+    previous = mvm_cuda.set_value_checks(True)
+    try:
+        with mock.patch.dict(os.environ, {"MVM_CHECK_VALUES": value}):
+            mvm_cuda._value_checks_from_env()
+        return mvm_cuda.set_value_checks(previous)
+    finally:
+        mvm_cuda.set_value_checks(previous)
+
+
+def _cache_dir_env(value):
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, {"MVM_CUDA_CACHE": value}):
+        return models.cache_dir()
+
+
+def _uniform_half(n, k, value=0.01):
+    """(n, k) float16 of equal entries: SAP with r = 1 gives scale 1/pi = k, above float16's
+    65504 for k = 2**17."""
+    return torch.full((n, k), value, dtype=torch.float16)
+
+
+def _mvm_unit_half_scale():
+    from mvm_cuda.nn import MVMUnit
+
+    unit = MVMUnit(1, generator=torch.Generator().manual_seed(0))
+    h = torch.full((2, 1, 256, 512), 0.01, dtype=torch.float16)
+    unit.set_mode("record")
+    unit.p = torch.full((1, 256 * 512), 1.0 / (256 * 512), dtype=torch.float64)  # uniform: 1/pi = 2**17
+    unit.set_mode("sample")
+    return unit.sample_scale(h)
+
+
+def _dropout_half_scale():
+    unit = DropoutUnit(0.99999, generator=torch.Generator().manual_seed(0))
+    return unit.sample_scale(torch.full((4, 1, 64, 64), 0.01, dtype=torch.float16))
+
+
+def _finite_nonzero_above_half_max(scale):
+    nz = scale[scale != 0]
+    return scale.dtype == torch.float32 and bool(torch.isfinite(scale).all()) and nz.numel() > 0 \
+        and bool((nz > 65504).all())
 
 
 # ---------------------------------------------------------------- the table
@@ -815,6 +957,112 @@ CASES = [
          r"load_dataset: svhn is read from local files; pass root= or set MVM_CUDA_DATA"),
          input='`load_dataset("svhn")` with no root and no MVM_CUDA_DATA',
          you_get="ValueError `load_dataset: svhn is read from local files; pass root= or set MVM_CUDA_DATA`"),
+    # ---- issue 16 (reliability, round 2): one block, in the issue's order
+    # a full disk (torch.save's RuntimeError over an OSError) costs only the caching
+    Case("cache-disk-full", lambda c: (_full_disk(c, lambda: models.cached_tensors("k", lambda: {"x": torch.ones(2)})),
+                                       _cache_files(c)),
+         Warns(UserWarning, r"mvm_cuda cache: could not write .*: OSError: \[Errno 28\] No space left on device",
+               lambda r, c: torch.equal(r[0]["x"], torch.ones(2)) and r[1] == [])),
+    Case("model-cache-disk-full", lambda c: (_full_disk(c, _train_tiny), _cache_files(c)),
+         Warns(UserWarning, r"could not write .*models.*No space left on device",
+               lambda r, c: isinstance(r[0], nn.Module) and not r[0].training and r[1] == [])),
+    # saves that never destroy the previous file; values JSON cannot encode normalised
+    Case("detector-c-numpy-int", lambda c: _save_load(c, c.detector("mvm", c=np.int64(5))),
+         Gives(lambda r, c: r[0].c == 5 and type(r[0].c) is int and r[1]["c"] == 5)),
+    Case("detector-threshold-tensor", lambda c: _save_load(c, c.detector(threshold=torch.tensor(0.25))),
+         Gives(lambda r, c: r[0].threshold == 0.25 and r[1]["threshold"] == 0.25)),
+    Case("detector-save-fails-keeps-file", _save_fails_keeps_file,
+         Gives(lambda r, c: r[0] == r[1] and r[2] == ["det.json"])),
+    # detector files checked by value
+    Case("detector-threshold-nan", lambda c: c.detector(threshold=float("nan")), Raises(ValueError,
+         r"Detector: threshold must be None or a finite number, got nan")),
+    Case("detector-load-threshold-nan", lambda c: Detector.load(_saved_with(c, threshold=float("nan")), c.model),
+         Raises(ValueError, r"Detector.load: .*det.json: threshold must be null or a finite number, got nan")),
+    Case("detector-load-threshold-inf", lambda c: Detector.load(_saved_with(c, threshold=float("inf")), c.model),
+         Raises(ValueError, r"Detector.load: .*det.json: threshold must be null or a finite number, got inf")),
+    Case("detector-load-R-string", lambda c: Detector.load(_saved_with(c, R="10"), c.model), Raises(ValueError,
+         r"Detector.load: .*det.json: R must be an integer >= 1, got '10'")),
+    Case("detector-load-channels-last-int", lambda c: Detector.load(_saved_with(c, channels_last=1), c.model),
+         Raises(ValueError, r"Detector.load: .*det.json: channels_last must be true or false, got 1")),
+    Case("detector-load-input-shape", lambda c: Detector.load(_saved_with(c, input_shape=[1, 8]), c.model),
+         Raises(ValueError, r"Detector.load: .*det.json: input_shape must be null or a list of 3 integers")),
+    Case("detector-load-no-fingerprint", lambda c: Detector.load(_saved_with(c, model_fingerprint=_REMOVE), c.model),
+         Raises(ValueError, r"Detector.load: .*det.json holds no model_fingerprint.*strict=False")),
+    Case("detector-load-null-fingerprint-lax", lambda c: Detector.load(
+        _saved_with(c, model_fingerprint=None), c.model, strict=False, progress=False),
+         Warns(UserWarning, r"holds no model_fingerprint", lambda det, c: det.threshold == 0.5)),
+    Case("detector-load-fingerprint-type", lambda c: Detector.load(_saved_with(c, model_fingerprint=12), c.model),
+         Raises(ValueError, r"Detector.load: .*det.json: model_fingerprint must be 16 hex digits, got 12")),
+    # loaders: labels must be finite integers in range
+    Case("svhn-label-fraction", lambda c: _svhn(c, train={"X": np.zeros((32, 32, 3, 2), np.uint8),
+                                                          "y": np.array([[1], [3.5]])}),
+         Raises(ValueError, r"train_32x32.mat .*y must hold 2 labels in 1..10 \(finite integers\), got 3.5")),
+    Case("svhn-label-nan", lambda c: _svhn(c, train={"X": np.zeros((32, 32, 3, 2), np.uint8),
+                                                     "y": np.array([[np.nan], [1]])}),
+         Raises(ValueError, r"train_32x32.mat .*y must hold 2 labels in 1..10 \(finite integers\), got nan")),
+    Case("cifar10-label-fraction", lambda c: _cifar(c, bad={b"data": np.zeros((2, 3072), np.uint8),
+                                                            b"labels": [0, 3.5]}),
+         Raises(ValueError, r"data_batch_4 .*b'labels' must be 2 labels in 0..9, got a list holding other values")),
+    Case("mnist-n_test-negative", lambda c: data.load_mnist(n_test=-350), Raises(ValueError,
+         r"load_mnist: the test split must be an integer in \[0, 5000\] images, got -350")),
+    Case("digits-test-fraction-nan", lambda c: data.load_digits(test_fraction=float("nan")), Raises(ValueError,
+         r"load_digits: test_fraction must be in \[0, 1\], got nan")),
+    # a crafted CIFAR-10 batch cannot make the loader allocate what the file does not hold
+    Case("cifar10-zero-stride-array", lambda c: _cifar(c, bad={b"data": _array_global((4096, 3072), (0, 0)),
+                                                               b"labels": [0] * 4096}),
+         Raises(ValueError, r"data_batch_4 is not a CIFAR-10 python batch: refusing to call numpy.ndarray")),
+    Case("cifar10-uninitialised-array", lambda c: _cifar(c, bad={b"data": _uninitialised((2, 3072)),
+                                                                 b"labels": [0, 1]}),
+         Raises(ValueError, r"data_batch_4 .*refusing numpy _reconstruct\(.*\(2, 3072\)\)")),
+    # half precision: the differentiable units' scale 1/pi in float32 (here 2**17 > 65504)
+    Case("sap_scale-float16", lambda c: mvm_cuda.sap_scale(_uniform_half(2, 2**17), 2.0**-17, _gen()),
+         Gives(lambda s, c: _finite_nonzero_above_half_max(s))),
+    Case("mvm-unit-scale-float16", lambda c: _mvm_unit_half_scale(), Gives(lambda s, c: _finite_nonzero_above_half_max(s))),
+    Case("dropout-unit-scale-float16", lambda c: _dropout_half_scale(),
+         Gives(lambda s, c: s.dtype == torch.float32 and bool(torch.isfinite(s).all()))),
+    # smaller ones
+    Case("check-values-env-false", lambda c: [_check_values_env(v) for v in ("false", "off", "No", "0", "")],
+         Gives(lambda r, c: r == [False] * 5)),
+    Case("check-values-env-true", lambda c: [_check_values_env(v) for v in ("1", "true", "ON", "yes")],
+         Gives(lambda r, c: r == [True] * 4)),
+    Case("check-values-env-unknown", lambda c: _check_values_env("maybe"), Warns(UserWarning,
+         r"MVM_CHECK_VALUES='maybe' is not one of .*; the value checks are on", lambda r, c: r is True)),
+    Case("detector-c_rel-inf", lambda c: c.detector("mvm", c_rel=float("inf")), Raises(ValueError,
+         r"Detector: c_rel must be None or a finite number, got inf")),
+    Case("detector-c-huge", lambda c: c.detector("mvm", c=2**70), Raises(ValueError,
+         r"Detector: c must be None or an integer in \[1, 9223372036854775807\], got 1180591620717411303424")),
+    Case("mvm-unit-c_rel-inf", lambda c: mvm_cuda.MVMUnit(c_rel=float("inf")), Raises(ValueError,
+         r"MVMUnit: c_rel must be finite, got inf")),
+    Case("mvm-unit-c-huge", lambda c: mvm_cuda.MVMUnit(2**63), Raises(ValueError,
+         r"MVMUnit: c must be below 2\*\*63 \(the ops take int64\), got 9223372036854775808")),
+    Case("detector-seed-huge", lambda c: c.detector(seed=2**70), Raises(ValueError,
+         r"Detector: seed must be None or an integer in \[0, 2\*\*64\), got 1180591620717411303424")),
+    Case("detector-seed-numpy", lambda c: c.detector(seed=np.int64(3)).config()["seed"],
+         Gives(lambda seed, c: seed == 3 and type(seed) is int)),
+    Case("sample_rows-c-huge", lambda c: SR(_x(c), _p(6, dev=c.dev), 2**70), Raises(ValueError,
+         r"mvm::sample_rows: c must be an integer that fits in int64, got 1180591620717411303424"), ops=True),
+    Case("solve_mvm-max_iter-huge", lambda c: SM(_a(c), 3, "pgd", 2**64), Raises(ValueError,
+         r"mvm::solve_mvm: max_iter must be an integer that fits in int64, got 18446744073709551616"), ops=True),
+    Case("mvm_step-c-numpy", lambda c: MS(_p(6, 2, dev=c.dev), _a(c), np.int64(3), 0.1),
+         Gives(lambda p, c: _on_simplex(p)), ops=True),
+    Case("sap_sample-frac-tensor", lambda c: (mvm_cuda.sap_sample(_x(c), torch.tensor(0.5), _gen_dev(c)),
+                                              mvm_cuda.sap_sample(_x(c), 0.5, _gen_dev(c))),
+         Gives(lambda r, c: torch.equal(*r)), ops=True),
+    Case("roc_report-n_boot-zero", lambda c: mvm_cuda.roc_report([0.1, 0.2], [0.3], n_boot=0), Raises(ValueError,
+         r"roc_report: n_boot must be an integer in \[1, 9223372036854775807\], got 0")),
+    Case("roc_report-seed-negative", lambda c: mvm_cuda.roc_report([0.1, 0.2], [0.3], seed=-1), Raises(ValueError,
+         r"roc_report: seed must be an integer in \[0, 2\*\*64\), got -1")),
+    Case("project_simplex-z-denormal", lambda c: PS(torch.tensor([[0.3, 0.7]], device=c.dev), 1e-40), Raises(ValueError,
+         r"mvm::project_simplex: z must lie in \[1.175e-38, 3.403e\+38\], the normal range of v's dtype "
+         r"torch.float32, got 1e-40: the result could not sum to z"), ops=True),
+    Case("project_simplex-z-denormal-float64", lambda c: PS(_a(c), 1e-310), Raises(ValueError,
+         r"mvm::project_simplex: z must lie in \[2.225e-308, 1.798e\+308\].*got 1e-310"), ops=True),
+    Case("project_simplex-z-overflow", lambda c: PS(torch.tensor([[0.3, 0.7]], device=c.dev), 1e39), Raises(ValueError,
+         r"mvm::project_simplex: z must lie in .*torch.float32, got 1e\+39"), ops=True),
+    Case("project_simplex-z-tensor", lambda c: PS(_a(c), torch.tensor(2.0)), Gives(lambda p, c: _on_simplex(p, 2.0)),
+         ops=True),
+    Case("cache-dir-tilde", lambda c: _cache_dir_env("~/mvm-cache"),
+         Gives(lambda d, c: d == Path.home() / "mvm-cache")),
 ]
 
 _IDS = [case.id for case in CASES]

@@ -1,10 +1,13 @@
 """The `mvm-cuda reproduce` command line, end to end with tiny settings on 8x8 digits."""
 import json
 import platform
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from mvm_cuda.eval import reproduce
 
@@ -78,9 +81,10 @@ def test_python_dash_m_help(tmp_path):
         assert option in done.stdout
 
 
-def test_unknown_attack_is_refused(tmp_path, cache):
-    with pytest.raises(SystemExit, match="unknown attack"):
+def test_unknown_attack_is_refused(tmp_path, cache, capsys):
+    with pytest.raises(SystemExit) as stop:
         reproduce.main([*TINY, "--attacks", "cw", "--out", str(tmp_path)])
+    assert stop.value.code == 2 and "unknown attack(s) cw" in capsys.readouterr().err
 
 
 def test_program_keeps_freed_memory_but_a_call_from_python_does_not(monkeypatch):
@@ -101,3 +105,104 @@ def test_keep_freed_memory_applies_on_glibc(tmp_path):
     # (whose source folder has no compiled _C).
     code = "from mvm_cuda.eval.malloc import keep_freed_memory; assert keep_freed_memory() is True"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tmp_path)
+
+
+# ---- issue 16: arguments checked before any work; nothing lost at the end of a run
+
+BAD_ARGUMENTS = {
+    "n-test-negative": (["--n-test", "-350"], r"argument --n-test: must be an integer >= 1, got -350"),
+    "n-test-zero": (["--n-test", "0"], r"argument --n-test: must be an integer >= 1, got 0"),
+    "n-test-text": (["--n-test", "ten"], r"argument --n-test: must be an integer >= 1, got 'ten'"),
+    "n-boot-zero": (["--n-boot", "0"], r"argument --n-boot: must be an integer >= 1, got 0"),
+    "seed-negative": (["--seed", "-1"], r"argument --seed: must be an integer in \[0, 4294967295\], got -1"),
+    "seed-huge": (["--seed", str(2**70)], r"argument --seed: must be an integer in \[0, 4294967295\]"),
+    "R-zero": (["--R", "0"], r"argument --R: must be an integer >= 1, got 0"),
+    "epochs-zero": (["--epochs", "0"], r"argument --epochs: must be an integer >= 1, got 0"),
+    "max-batch-zero": (["--max-batch", "0"], r"argument --max-batch: must be an integer >= 1, got 0"),
+    "adaptive-eot-zero": (["--adaptive-eot", "0"], r"argument --adaptive-eot: must be an integer >= 1, got 0"),
+    "attacks-empty": (["--attacks", ""], r"argument --attacks: must be a comma-separated list of .*, got ''"),
+    "attacks-empty-item": (["--attacks", "fgsm,,jsma"], r"argument --attacks: must be a comma-separated list"),
+    "attacks-unknown": (["--attacks", "fgsm,cw"], r"argument --attacks: unknown attack\(s\) cw; choose from"),
+    "attacks-twice": (["--attacks", "fgsm,fgsm"], r"argument --attacks: names an attack twice: 'fgsm,fgsm'"),
+    "device-unknown": (["--device", "gpu0"], r"argument --device: not a torch device: 'gpu0'"),
+    "device-other": (["--device", "meta"], r"argument --device: 'meta': the evaluation runs on cpu or cuda"),
+    "device-cuda-absent": (["--device", "cuda"], r"argument --device: 'cuda': this torch .* has no usable CUDA "
+                                                 r"device .*; use --device cpu"),
+    "out-empty": (["--out", ""], r"argument --out: must be a path, got ''"),
+}
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test if the evaluation starts (loads a dataset)."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the evaluation started despite a bad argument")
+
+    monkeypatch.setattr(reproduce.data, "load_dataset", fail)
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_argument_exits_2_before_work(case, tmp_path, cache, capsys, no_work):
+    argv, message = BAD_ARGUMENTS[case]
+    if case == "device-cuda-absent" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main(["reproduce", "--out", str(tmp_path / "out"), *argv])
+    assert stop.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_bad_input_unwritable_out_exits_2_before_work(tmp_path, cache, capsys, monkeypatch, no_work):
+    """--out that cannot be written (a file in the way; a folder that refuses new files,
+    made so by a failing write since root writes anywhere) stops before any work."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main(["reproduce", "--out", str(blocker / "out")])
+    assert stop.value.code == 2
+    assert re.search(r"--out .*a-file/out: cannot write there \((FileExistsError|NotADirectoryError)",
+                     capsys.readouterr().err)
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    real_mkstemp = reproduce.tempfile.mkstemp
+
+    def refuse(*args, dir=None, **kwargs):
+        if Path(dir) == folder:
+            raise PermissionError(13, "Permission denied", str(folder))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(reproduce.tempfile, "mkstemp", refuse)
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main(["reproduce", "--out", str(folder)])
+    assert stop.value.code == 2
+    assert "read-only: cannot write there (PermissionError: [Errno 13] Permission denied" in capsys.readouterr().err
+
+
+def test_bad_input_failing_plot_is_a_warning_after_tables_and_json(tmp_path, cache, capsys, monkeypatch):
+    """A ROC plot that cannot be written costs only the plot: the tables are printed, the
+    JSON is written (listing no figure), and the run succeeds with a warning."""
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(reproduce, "_plot_roc", broken)
+    out = tmp_path / "out"
+    tiny = ["--dataset", "digits", "--n-test", "10", "--R", "2", "--epochs", "1", "--n-boot", "10",
+            "--no-progress", "--attacks", "fgsm"]
+    with pytest.warns(UserWarning, match=r"could not write the ROC plot .*roc_digits_fgsm.png: OSError"):
+        assert reproduce.main(["reproduce", *tiny, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Table 2 (digits)" in printed and "Table 3 (digits)" in printed
+    record = json.loads((out / "results_digits.json").read_text())
+    assert record["figures"] == [] and record["config"]["attacks"] == ["fgsm"]
+    assert sorted(p.name for p in out.iterdir()) == ["results_digits.json"]  # no temp file left
+
+
+def test_bad_input_no_correct_image_stops_before_attacks(tmp_path, cache, monkeypatch):
+    """When the model gets none of the first --n-test images right there is nothing to
+    attack: a clear stop, not a run whose every table is "n/a"."""
+    monkeypatch.setattr(reproduce.models, "predict", lambda model, x, *args: torch.full((x.shape[0],), -1))
+    with pytest.raises(SystemExit, match=r"classifies none of the first 5 test images correctly; nothing to attack"):
+        reproduce.main(["reproduce", "--dataset", "digits", "--n-test", "5", "--epochs", "1", "--no-progress",
+                        "--out", str(tmp_path / "out")])
+    assert not (cache / "tensors").exists()  # no attack was crafted

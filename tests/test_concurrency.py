@@ -164,3 +164,29 @@ def test_cuda_two_streams_with_own_generators():
         for out in results[k][:4]:
             _check_valid(out.cpu(), x.cpu(), p.cpu(), c)
     assert not torch.equal(results[0][0], results[1][0])
+
+
+@pytest.mark.parametrize("method", ["mvm", "sap"])
+def test_detector_shared_by_threads_gives_each_call_its_own_scores(method):
+    """Issue 16, point 6: one seeded Detector used by 4 threads at once, 5 calls each on
+    different images, gives every call exactly the votes that call gives alone (the
+    units' mode and recorded p live on the shared network; calls take the detector's
+    lock), and never the "no recorded p" error."""
+    from mvm_cuda.detector import Detector
+    from mvm_cuda.eval import models
+
+    threads, calls = 4, 5
+    model = models.build_model("digits", seed=0).eval()
+    det = Detector(model, method, R=8, max_batch=16, seed=3, progress=False)  # 2 images per forward
+    images = torch.rand(threads * calls, 6, 1, 8, 8, generator=torch.Generator().manual_seed(9))
+    alone = [det.votes(x) for x in images]
+    barrier = threading.Barrier(threads)
+
+    def run(i):
+        barrier.wait()
+        return [det.votes(images[i * calls + k]) for k in range(calls)]
+
+    with ThreadPoolExecutor(threads) as pool:
+        together = [v for votes in pool.map(run, range(threads)) for v in votes]
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+    assert len({a.numpy().tobytes() for a in alone}) > 1  # the calls differ, so a mix-up would show

@@ -274,3 +274,65 @@ def test_dropout_keep_rate_is_exact_in_every_dtype(dtype):
     dropped = (out == 0).double().mean().item()
     z = (dropped - 0.3) / math.sqrt(0.3 * 0.7 / n)
     assert abs(z) < 4.5, f"drop rate {dropped:.5f}, z = {z:.1f}"
+
+
+def _half_unit(kind):
+    """A unit whose scale 1/pi is 2**17 (above float16's 65504) on a float16 activation
+    of equal entries 0.01, whose sampled values 0.01 * 2**17 = 1310.72 are finite."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.full((2, 1, 256, 512), 0.01, dtype=torch.float16)
+    if kind == "mvm":
+        unit = MVMUnit(1, generator=g)
+        unit.p = torch.full((1, 256 * 512), 2.0**-17, dtype=torch.float64)  # uniform, c = 1
+    else:
+        unit = SAPUnit(2.0**-17, generator=g)  # one draw among 2**17 equal entries
+    unit.set_mode("sample")
+    return unit, h
+
+
+@pytest.mark.parametrize("kind", ["mvm", "sap"])
+def test_differentiable_half_is_finite_where_sampling_is(kind):
+    """Issue 16, point 10: the scale is computed in float32, so a float16 activation gets
+    finite forward values equal to plain sampling's (to float16 rounding) and a finite
+    gradient where plain sampling is finite."""
+    unit, h = _half_unit(kind)
+    plain = unit.sample(h)
+    unit.generator.manual_seed(0)
+    unit.differentiable = True
+    x = h.clone().requires_grad_()
+    out = unit(x)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all() and (out != 0).any()
+    assert torch.allclose(out.float(), plain.float(), rtol=2e-3)
+    (out.float() * 0.01).sum().backward()
+    drawn = out != 0
+    assert torch.isfinite(x.grad).all()
+    assert torch.allclose(x.grad[drawn].float(), torch.tensor(0.01 * 2**17), rtol=2e-3)
+    assert (x.grad[~drawn] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_differentiable_scale_keeps_exact_values(dtype):
+    """The float32-or-wider scale leaves float32 and float64 bit for bit equal to sampling."""
+    for unit in (SAPUnit(0.5, generator=torch.Generator().manual_seed(1)),
+                 DropoutUnit(0.3, generator=torch.Generator().manual_seed(1))):
+        h = torch.rand(3, 4, 5, 6, dtype=dtype, generator=torch.Generator().manual_seed(2))
+        unit.set_mode("sample")
+        unit.differentiable = False
+        plain = unit.sample(h)
+        unit.generator.manual_seed(1)
+        unit.differentiable = True
+        assert torch.equal(unit(h), plain) and unit.sample_scale(h).dtype == dtype
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_sap_scale_half_draws_what_sap_sample_draws(device, half):
+    """sap_scale of a half h is float32 and has the support and values of sap_sample(h)
+    under the same seed (the scale is drawn from h in float32: the same p, the same
+    draws), on every device."""
+    h = torch.rand(6, 3, 7, 5, generator=torch.Generator().manual_seed(4)).to(device, half)
+    h[0, 0, :3] = 0
+    sample = ops.sap_sample(h, 0.3, torch.Generator(device).manual_seed(5))
+    scale = ops.sap_scale(h, 0.3, torch.Generator(device).manual_seed(5))
+    assert scale.dtype == torch.float32 and scale.shape == h.shape
+    assert torch.equal(scale != 0, sample != 0)
+    assert torch.equal((h.float() * scale).to(half), sample)

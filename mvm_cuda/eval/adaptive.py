@@ -80,23 +80,26 @@ def runner_up(det: Detector, x: Tensor, y: Tensor) -> Tensor:
 
     x: (N, C, H, W) in [0, 1], y: (N,) labels; returns (N,) int64 on y's device."""
     _check("runner_up", det, x, y)
-    set_mode(det.net, "off")
     out = []
-    for s in range(0, x.shape[0], det.max_batch):
-        logits = det.net(x[s:s + det.max_batch].to(det.device, det.dtype)).float()
-        logits.scatter_(1, y[s:s + det.max_batch].to(logits.device)[:, None], -math.inf)
-        out.append(logits.argmax(1).to(y.device))
+    with det.lock:  # the units' mode is shared with the detector's other callers
+        set_mode(det.net, "off")
+        for s in range(0, x.shape[0], det.max_batch):
+            logits = det.net(x[s:s + det.max_batch].to(det.device, det.dtype)).float()
+            logits.scatter_(1, y[s:s + det.max_batch].to(logits.device)[:, None], -math.inf)
+            out.append(logits.argmax(1).to(y.device))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=y.device)
 
 
 class _AttackMode:
     """Puts the detector's units into the attack's state and always restores the
-    detector's own (units off, not differentiable, no generator, no recorded p)."""
+    detector's own (units off, not differentiable, no generator, no recorded p); holds
+    the detector's lock meanwhile, so no other thread scores with the attack's state."""
 
     def __init__(self, det: Detector, generator: torch.Generator | None, pixels: int):
         self.det, self.generator, self.pixels = det, generator, pixels
 
     def __enter__(self):
+        self.det.lock.acquire()
         for unit in self.det.units:
             unit.generator = self.generator
             if isinstance(unit, MVMUnit):
@@ -106,12 +109,15 @@ class _AttackMode:
         return self
 
     def __exit__(self, *exc):
-        set_mode(self.det.net, "off")
-        set_differentiable(self.det.net, False)
-        for unit in self.det.units:
-            unit.generator = None
-            if isinstance(unit, MVMUnit):
-                unit.alpha = unit.p = None
+        try:
+            set_mode(self.det.net, "off")
+            set_differentiable(self.det.net, False)
+            for unit in self.det.units:
+                unit.generator = None
+                if isinstance(unit, MVMUnit):
+                    unit.alpha = unit.p = None
+        finally:
+            self.det.lock.release()
         return False
 
 

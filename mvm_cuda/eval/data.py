@@ -10,7 +10,9 @@ expected; unreadable or malformed files raise ValueError naming the file.
 
 from __future__ import annotations
 
+import codecs
 import functools
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -59,6 +61,9 @@ class Dataset:
 
 
 def _split(x: Tensor, y: Tensor, n_test: int, seed: int, name: str) -> Dataset:
+    # Checked here: a negative or fractional n_test would be used as a slice.
+    if isinstance(n_test, bool) or not isinstance(n_test, (int, np.integer)) or not 0 <= n_test <= x.shape[0]:
+        raise ValueError(f"load_{name}: the test split must be an integer in [0, {x.shape[0]}] images, got {n_test!r}")
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
     train, test = perm[n_test:], perm[:n_test]
     return Dataset(x[train], y[train], x[test], y[test], name)
@@ -106,6 +111,8 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     """
     from sklearn.datasets import load_digits as sk_load_digits
 
+    if not 0 <= test_fraction <= 1:
+        raise ValueError(f"load_digits: test_fraction must be in [0, 1], got {test_fraction}")
     bunch = sk_load_digits()
     x = torch.from_numpy(np.asarray(bunch.data, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
     y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
@@ -122,27 +129,89 @@ def _missing_error(dataset: str, folders: list[Path], files: tuple[str, ...]) ->
     )
 
 
+class _PickledArray(np.ndarray):
+    """What the unpickler hands out for numpy.ndarray: an array class that cannot be
+    called (numpy.ndarray(shape, dtype, buffer, offset, strides) would build an array
+    of any size over a tiny buffer, or of uninitialised memory) and whose state must
+    carry exactly the bytes its shape needs, checked before numpy allocates anything."""
+
+    def __new__(cls, *args, **kwargs):
+        raise pickle.UnpicklingError("refusing to call numpy.ndarray: only arrays pickled with their data load")
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise pickle.UnpicklingError("malformed numpy array state")
+        _, shape, dtype, _, raw = state
+        if not (isinstance(shape, tuple) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise pickle.UnpicklingError(f"malformed numpy array shape {shape!r}")
+        if not isinstance(dtype, np.dtype) or dtype.hasobject:
+            raise pickle.UnpicklingError(f"refusing a numpy array of dtype {dtype!r}")
+        need = math.prod(shape) * dtype.itemsize
+        if not isinstance(raw, (bytes, bytearray)) or len(raw) != need:
+            got = f"{len(raw)} bytes" if isinstance(raw, (bytes, bytearray)) else type(raw).__name__
+            raise pickle.UnpicklingError(f"a numpy array of shape {shape} and dtype {dtype} needs {need} bytes, "
+                                         f"got {got}")
+        super().__setstate__(state)
+
+
+def _reconstruct(subtype, shape, dtype):
+    # numpy pickles an array as an empty one, _reconstruct(ndarray, (0,), b'b'), whose
+    # data comes with its state; any other shape would allocate memory without data.
+    if subtype is not _PickledArray or shape != (0,):
+        raise pickle.UnpicklingError(f"refusing numpy _reconstruct({getattr(subtype, '__name__', subtype)}, "
+                                     f"{shape!r}): only arrays pickled with their data load")
+    return np.ndarray.__new__(_PickledArray, (0,), np.uint8)
+
+
+def _frombuffer(buf, dtype, shape, order):
+    # Pickle protocol 5: the array is a view of its own bytes, which must fit the shape.
+    dtype = np.dtype(dtype)
+    size = memoryview(buf).nbytes
+    if dtype.hasobject or size != math.prod(shape) * dtype.itemsize:
+        raise pickle.UnpicklingError(f"a numpy array of shape {shape} and dtype {dtype} does not fit "
+                                     f"its {size} bytes")
+    return np.frombuffer(buf, dtype).reshape(shape, order=order)
+
+
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles only plain containers and numpy arrays: a data file cannot run code."""
+    """Unpickles only plain containers and numpy arrays built from their own data: a data
+    file cannot run code, nor make the loader allocate more than the file holds."""
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),  # how Python 3 writes bytes at protocol 2
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+        ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+        ("numpy", "ndarray"): _PickledArray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,  # how Python 3 writes bytes at protocol 2
     }
 
     def find_class(self, module: str, name: str):
+        # Files written by numpy 1 (the official CIFAR batches) name numpy.core, numpy 2
+        # numpy._core: both map to the checked stand-ins above.
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-        if module.startswith("numpy.core.") and hasattr(np, "_core"):
-            # Files written by numpy 1 (the official CIFAR batches) name numpy.core,
-            # which numpy 2 only keeps as a deprecated alias.
-            module = "numpy._core." + module[len("numpy.core.") :]
-        return super().find_class(module, name)
+        return self._ALLOWED[module, name]
+
+
+def _labels(labels, n: int, low: int, high: int, what: str) -> np.ndarray:
+    """labels, a list of ints or a numeric array of n values, as int64 (n,), if every value
+    is a finite integer in [low, high]; else ValueError starting with `what` (e.g. "y must
+    hold")."""
+    expected = f"{what} {n} labels in {low}..{high}"
+    if isinstance(labels, list) and not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                            for v in labels):
+        raise ValueError(f"{expected}, got a list holding other values than integers")
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise ValueError(f"{expected}, got shape {labels.shape}")
+    if labels.dtype.kind not in "iuf":
+        raise ValueError(f"{expected}, got dtype {labels.dtype}")
+    ok = np.isfinite(labels) & (labels == np.round(labels)) & (labels >= low) & (labels <= high)
+    if not ok.all():
+        raise ValueError(f"{expected} (finite integers), got {labels[~ok][0].item()!r}")
+    return labels.astype(np.int64)
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -156,15 +225,16 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         labels = batch.get(b"labels", batch.get("labels"))
         if data is None or labels is None:
             raise ValueError(f"expected keys b'data' and b'labels', got {', '.join(sorted(map(repr, batch)))}")
-        data = np.asarray(data)
-        labels = np.asarray(labels)
+        # Checked before any conversion: a list would be materialised at any size.
+        if not isinstance(data, np.ndarray):
+            raise ValueError(f"b'data' must be a numpy array, got {type(data).__name__}")
+        data = np.asarray(data)  # a plain ndarray view of the checked array
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise ValueError(f"b'data' must be uint8 of shape (n, 3072), got {data.dtype} {data.shape}")
-        if labels.shape != (data.shape[0],) or labels.size and (labels.min() < 0 or labels.max() > 9):
-            raise ValueError(f"b'labels' must be {data.shape[0]} labels in 0..9, got shape {labels.shape}")
+        labels = _labels(labels, data.shape[0], 0, 9, "b'labels' must be")
     except Exception as e:
         raise ValueError(f"cifar10: {path} is not a CIFAR-10 python batch: {e}") from e
-    return data, labels.astype(np.int64)
+    return data, labels
 
 
 def load_cifar10(root: str | os.PathLike) -> Dataset:
@@ -202,16 +272,18 @@ def _read_svhn(path: Path) -> tuple[Tensor, Tensor]:
         if missing:
             found = sorted(k for k in mat if not k.startswith("__"))
             raise ValueError(f"no variable {' or '.join(missing)} (found {', '.join(found) or 'none'})")
-        x, y = mat["X"], np.asarray(mat["y"]).reshape(-1)
+        x, y = mat["X"], np.asarray(mat["y"])
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
             raise ValueError(f"X must be uint8 of shape (32, 32, 3, n), got {x.dtype} {x.shape}")
-        if y.shape != (x.shape[3],) or y.size and (y.min() < 1 or y.max() > 10):
-            raise ValueError(f"y must hold {x.shape[3]} labels in 1..10, got shape {mat['y'].shape}")
+        if y.size != x.shape[3]:
+            raise ValueError(f"y must hold {x.shape[3]} labels in 1..10, got shape {y.shape}")
+        # The official files store y as float64: NaN and fractions must not pass as labels.
+        y = _labels(y.reshape(-1), x.shape[3], 1, 10, "y must hold")
     except Exception as e:
         raise ValueError(f"svhn: {path} is not an SVHN cropped-digits .mat file: {e}") from e
     # Transpose while still uint8, a quarter of the memory of the float copy.
     images = torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1))).float().div_(255.0)
-    labels = torch.from_numpy(y.astype(np.int64)).remainder_(10)  # label 10 is digit 0
+    labels = torch.from_numpy(y).remainder_(10)  # label 10 is digit 0
     return images, labels
 
 

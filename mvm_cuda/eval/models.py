@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -24,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from .._files import first_os_error, write_atomically
 
 __all__ = [
     "MODELS",
@@ -206,14 +207,17 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> f
 
 
 def cache_dir() -> Path:
-    """The cache folder: $MVM_CUDA_CACHE, else $XDG_CACHE_HOME/mvm_cuda, else ~/.cache/mvm_cuda.
+    """The cache folder: $MVM_CUDA_CACHE, else $XDG_CACHE_HOME/mvm_cuda, else ~/.cache/mvm_cuda
+    (a leading ~ is the home folder, as in a shell).
 
     Only named here; it is created on the first write.
     """
     if os.environ.get("MVM_CUDA_CACHE"):
-        return Path(os.environ["MVM_CUDA_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mvm_cuda"
+        return Path(os.environ["MVM_CUDA_CACHE"]).expanduser()
+    # A relative XDG_CACHE_HOME is invalid by the XDG spec: ignore it, as the spec says.
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg and Path(xdg).expanduser().is_absolute() else Path.home() / ".cache"
+    return base / "mvm_cuda"
 
 
 def _checksum(tensors: dict[str, Tensor]) -> str:
@@ -235,19 +239,8 @@ def _save(path: Path, key: str, tensors: dict[str, Tensor]) -> None:
     tensors = {k: v.detach().cpu() for k, v in tensors.items()}
     record = {"format": _FORMAT, "key": key, "tensors": tensors, "checksum": _checksum(tensors)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A temp file in the same folder and os.replace: readers see the old file or the
-    # complete new one, never a half-written one.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    # Readers see the old file or the complete new one, never a half-written one.
+    write_atomically(path, lambda f: torch.save(record, f))
 
 
 def _try_save(path: Path, key: str, tensors: dict[str, Tensor]) -> None:
@@ -255,8 +248,14 @@ def _try_save(path: Path, key: str, tensors: dict[str, Tensor]) -> None:
     the way) costs only the caching: a warning, and the caller keeps its result."""
     try:
         _save(path, key, tensors)
-    except OSError as e:
-        warnings.warn(f"mvm_cuda cache: could not write {path}: {type(e).__name__}: {e}", stacklevel=3)
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write (ENOSPC included) as a RuntimeError whose
+        # context is the OSError; other RuntimeErrors are not the disk's and propagate.
+        cause = first_os_error(e)
+        if cause is None:
+            raise
+        what = f"{type(e).__name__}: {e}" if cause is e else f"{type(cause).__name__}: {cause} ({type(e).__name__}: {e})"
+        warnings.warn(f"mvm_cuda cache: could not write {path}: {what}", stacklevel=3)
 
 
 def _load(path: Path, key: str) -> dict[str, Tensor] | None:

@@ -17,14 +17,18 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import __version__
+from .._files import write_atomically
 from ..detector import Detector, roc_report
 from . import adaptive, attacks, data, models
 from .malloc import keep_freed_memory
@@ -77,6 +81,77 @@ DEFAULTS = dict(n_test=150, R=20, attacks=("fgsm", "bim-a", "jsma"))
 FULL = dict(n_test=1000, R=100, attacks=("fgsm", "bim-a", "bim-b", "jsma"))
 
 
+_SEED_MAX = 2**32 - 1  # the adaptive attack seeds torch with seed + i; numpy's seeds are >= 0
+
+
+def _integer(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _attack_list(text: str) -> tuple[str, ...]:
+    """An argparse type: a comma-separated, non-empty list of distinct attack names."""
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"must be a comma-separated list of {','.join(attacks.ATTACKS)}, "
+                                         f"got {text!r}")
+    bad = [a for a in names if a not in attacks.ATTACKS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown attack(s) {', '.join(bad)}; choose from {','.join(attacks.ATTACKS)}")
+    if len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"names an attack twice: {text!r}")
+    return names
+
+
+def _device(text: str) -> str:
+    """An argparse type: a CPU or CUDA device that this torch can use."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} ({e})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this torch {torch.__version__} has no usable CUDA device (CUDA build: "
+                f"{torch.version.cuda}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: the evaluation runs on cpu or cuda devices")
+    return text
+
+
+def _path(text: str) -> str:
+    """An argparse type: a path, ~ expanded as in a shell."""
+    if not text:
+        raise argparse.ArgumentTypeError("must be a path, got ''")
+    return str(Path(text).expanduser())
+
+
+def _out_problem(out: str | Path) -> str | None:
+    """Why results cannot be written to the folder `out` (created if missing), or None:
+    checked before any work, so that a long run never fails at its end."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".mvm-cuda-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"--out {out}: cannot write there ({type(e).__name__}: {e})"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `mvm-cuda` (subcommand "reproduce", the default)."""
     parser = argparse.ArgumentParser(
@@ -92,36 +167,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--dataset", default="mnist", choices=data.DATASETS,
                      help="mnist (5,000 bundled images), digits (8x8, fast), cifar10, svhn (need --data-root)")
-    rep.add_argument("--data-root", default=None,
+    rep.add_argument("--data-root", type=_path, default=None,
                      help="folder with the CIFAR-10 or SVHN files (default: $MVM_CUDA_DATA)")
-    rep.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    rep.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
                      help="torch device (default: cuda if available, else cpu)")
-    rep.add_argument("--R", type=int, default=None,
+    rep.add_argument("--R", type=_integer(1), default=None,
                      help=f"stochastic passes per image (default {DEFAULTS['R']}; --full: {FULL['R']})")
-    rep.add_argument("--n-test", type=int, default=None,
+    rep.add_argument("--n-test", type=_integer(1), default=None,
                      help=f"test images to attack, before keeping the correctly classified ones "
                           f"(default {DEFAULTS['n_test']}; --full: {FULL['n_test']})")
-    rep.add_argument("--attacks", default=None,
+    rep.add_argument("--attacks", type=_attack_list, default=None,
                      help=f"comma-separated subset of {','.join(attacks.ATTACKS)} "
                           f"(default {','.join(DEFAULTS['attacks'])}; --full: all)")
-    rep.add_argument("--seed", type=int, default=0, help="seed of the split, training, attacks and detectors")
-    rep.add_argument("--epochs", type=int, default=None,
+    rep.add_argument("--seed", type=_integer(0, _SEED_MAX), default=0,
+                     help=f"seed of the split, training, attacks and detectors, 0..{_SEED_MAX}")
+    rep.add_argument("--epochs", type=_integer(1), default=None,
                      help="training epochs (default: eval.models.DEFAULT_EPOCHS for the dataset)")
-    rep.add_argument("--max-batch", type=int, default=1024,
+    rep.add_argument("--max-batch", type=_integer(1), default=1024,
                      help="most images (copies included) per forward pass of a detector; bounds memory")
-    rep.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of each AUC")
-    rep.add_argument("--out", default="out", help="output folder (default ./out)")
+    rep.add_argument("--n-boot", type=_integer(1), default=1000, help="bootstrap resamples of each AUC")
+    rep.add_argument("--out", type=_path, default="out",
+                     help="output folder (default ./out); checked to be writable before any work")
     rep.add_argument("--full", action="store_true",
                      help=f"the paper's size: {FULL['n_test']} test images, R={FULL['R']}, all attacks")
     rep.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     rep.add_argument("--adaptive", action="store_true",
                      help="also run the adaptive attack (EOT-BIM, eval.adaptive) against MVM c=0.5N, SAP 50%% "
                           "and dropout 0.5, next to BIM-A on the same images, at FPR 5%%")
-    rep.add_argument("--adaptive-images", type=int, default=adaptive.ADAPTIVE["n_images"],
+    rep.add_argument("--adaptive-images", type=_integer(1), default=adaptive.ADAPTIVE["n_images"],
                      help=f"images attacked adaptively (default {adaptive.ADAPTIVE['n_images']})")
-    rep.add_argument("--adaptive-steps", type=int, default=adaptive.ADAPTIVE["n_iter"],
+    rep.add_argument("--adaptive-steps", type=_integer(1), default=adaptive.ADAPTIVE["n_iter"],
                      help=f"BIM steps of the adaptive attack (default {adaptive.ADAPTIVE['n_iter']})")
-    rep.add_argument("--adaptive-eot", type=int, default=adaptive.ADAPTIVE["K"],
+    rep.add_argument("--adaptive-eot", type=_integer(1), default=adaptive.ADAPTIVE["K"],
                      help=f"stochastic passes per step of the adaptive attack (default {adaptive.ADAPTIVE['K']})")
     return parser
 
@@ -181,15 +258,38 @@ def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 
-def _plot_rocs(results: dict, attack_names, dataset: str, out: Path) -> list[str]:
-    import matplotlib
+def _write_json(path: Path, record: dict) -> None:
+    text = json.dumps(_json_ready(record), indent=1, allow_nan=False).encode()
+    write_atomically(path, lambda f: f.write(text))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _plot_rocs(results: dict, attack_names, dataset: str, out: Path) -> list[str]:
+    """Write roc_<dataset>_<attack>.png for every attack; returns the paths written. A plot
+    that cannot be drawn or written is a warning, never an error (the numbers are saved)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:
+        warnings.warn(f"mvm-cuda: no ROC plots: cannot use matplotlib ({type(e).__name__}: {e})", stacklevel=2)
+        return []
 
     paths = []
     for attack in attack_names:
-        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        path = out / f"roc_{dataset}_{attack}.png"
+        try:
+            _plot_roc(plt, results, attack, dataset, path)
+        except Exception as e:
+            warnings.warn(f"mvm-cuda: could not write the ROC plot {path}: {type(e).__name__}: {e}", stacklevel=2)
+            continue
+        paths.append(str(path))
+    return paths
+
+
+def _plot_roc(plt, results: dict, attack: str, dataset: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    try:
         for name, per_attack in results.items():
             rep = per_attack[attack]["successful"]
             if not rep["fpr"]:
@@ -209,12 +309,10 @@ def _plot_rocs(results: dict, attack_names, dataset: str, out: Path) -> list[str
         ax.grid(True, which="both", alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7, loc="lower right")
-        path = out / f"roc_{dataset}_{attack}.png"
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png"))
+    finally:
         plt.close(fig)
-        paths.append(str(path))
-    return paths
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -225,14 +323,18 @@ def run(args: argparse.Namespace) -> dict:
     preset = FULL if args.full else DEFAULTS
     n_test = args.n_test if args.n_test is not None else preset["n_test"]
     R = args.R if args.R is not None else preset["R"]
-    attack_names = tuple(args.attacks.split(",")) if args.attacks else preset["attacks"]
+    attack_names = preset["attacks"] if args.attacks is None else args.attacks
+    if isinstance(attack_names, str):  # a Namespace built by hand, not by the parser
+        attack_names = tuple(attack_names.split(","))
     bad = [a for a in attack_names if a not in attacks.ATTACKS]
-    if bad:
+    if bad or not attack_names:
         raise SystemExit(f"mvm-cuda: unknown attack(s) {bad}; choose from {attacks.ATTACKS}")
     progress = not args.no_progress
     device = torch.device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out).expanduser()
+    problem = _out_problem(out)
+    if problem is not None:
+        raise SystemExit(f"mvm-cuda: {problem}")
     torch.manual_seed(args.seed)
 
     t = time.perf_counter()
@@ -247,6 +349,9 @@ def run(args: argparse.Namespace) -> dict:
     x, y = dataset.x_test[:n_test], dataset.y_test[:n_test]
     correct = models.predict(model, x) == y
     x, y = x[correct], y[correct]
+    if x.shape[0] == 0:
+        raise SystemExit(f"mvm-cuda: the model classifies none of the first {n_test} test images correctly; "
+                         "nothing to attack")
     n_pixel = x.shape[2] * x.shape[3]
     print(f"{args.dataset}: clean test accuracy {clean_accuracy:.4f} on {dataset.x_test.shape[0]} images; "
           f"attacking the {x.shape[0]} of the first {min(n_test, dataset.x_test.shape[0])} classified correctly; "
@@ -338,9 +443,6 @@ def run(args: argparse.Namespace) -> dict:
             max_batch=args.max_batch, seed=args.seed, n_boot=args.n_boot, progress=progress)
         timings["adaptive"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    figures = _plot_rocs(results, attack_names, args.dataset, out)
-    timings["plots"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
 
     paper = PAPER.get(args.dataset, {})
@@ -396,13 +498,21 @@ def run(args: argparse.Namespace) -> dict:
         "table2": {"clean_accuracy": clean_accuracy, "n_test_total": int(dataset.x_test.shape[0]), **table2},
         "table3": results,
         "paper": paper,
-        "figures": figures,
+        "figures": [],
         "seconds": timings,
     }
     if adaptive_results is not None:
         record["adaptive"] = adaptive_results
+    # The tables are printed and the numbers written before the plots, so a plot that
+    # fails costs only itself; the record is rewritten with the plots that were written.
     path = out / f"results_{args.dataset}.json"
-    path.write_text(json.dumps(_json_ready(record), indent=1, allow_nan=False))
+    _write_json(path, record)
+    t = time.perf_counter()
+    figures = _plot_rocs(results, attack_names, args.dataset, out)
+    timings["plots"] = time.perf_counter() - t
+    if figures:
+        record["figures"] = figures
+        _write_json(path, record)
     print(f"\nwrote {path} and {len(figures)} ROC plot(s); wall time {timings['total']:.0f} s "
           f"(model {timings['model']:.0f}, attacks {timings['attacks']:.0f}, detectors {timings['detectors']:.0f}"
           + (f", adaptive {timings['adaptive']:.0f}" if "adaptive" in timings else "") + ")")
@@ -418,11 +528,17 @@ def _with_default_command(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `mvm-cuda` and `python -m mvm_cuda`; with no subcommand (or only
-    options) it runs `reproduce`. Returns the exit status."""
+    options) it runs `reproduce`. Every argument, and that --out can be written, is
+    checked before any work: a bad one exits with status 2 and a message naming it.
+    Returns the exit status."""
     if argv is None:  # run as a program (not called from Python): see keep_freed_memory
         keep_freed_memory()
-    args = build_parser().parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
     if args.command == "reproduce":
+        problem = _out_problem(args.out)
+        if problem is not None:
+            parser.error(problem)  # exit status 2, like every other bad argument
         run(args)
     return 0
 
