@@ -111,7 +111,10 @@ print(" ".join(d for d in deps if re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0].str
 EOF
 ) || DEPS="numpy tqdm"
 # shellcheck disable=SC2086
-"$VENV/bin/python" -m pip install setuptools wheel ninja $DEPS >> "$PIPLOG" 2>&1 \
+# setuptools 77+ reads the SPDX license; within torch's own bound on it.
+TORCH_SETUPTOOLS=$("$VENV/bin/python" -c 'import importlib.metadata as m
+print(next((r.split(";")[0].replace(" ", "") for r in m.requires("torch") or [] if r.startswith("setuptools")), "setuptools"))')
+"$VENV/bin/python" -m pip install "setuptools>=77" "$TORCH_SETUPTOOLS" wheel ninja $DEPS >> "$PIPLOG" 2>&1 \
   || { tail -20 "$PIPLOG" >&2; fail "could not install the build tools and dependencies ($DEPS)"; }
 step "venv $VENV: torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)' 2>/dev/null)"
 

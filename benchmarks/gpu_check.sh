@@ -120,7 +120,17 @@ note "- CUDA_HOME=${CUDA_HOME:-unset}, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIS
 # 1. Build in place (ninja keeps build/ between calls on a warm machine), then
 # check that every op has its CUDA kernel.
 build() {
-  MVM_FORCE_CUDA=1 $PY setup.py build_ext --inplace || return 1
+  local src=$REPO
+  if ! $PY -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)'; then
+    # An older setuptools cannot read pyproject's SPDX license string: build
+    # a copy that states the license in the older table form.
+    echo "setuptools < 77: building a copy of the tree with license = { text = \"MIT\" }"
+    src=$(mktemp -d)
+    tar -C "$REPO" --exclude=./.git --exclude=./build -cf - . | tar -C "$src" -xf -
+    sed -i 's/^license = "MIT"$/license = { text = "MIT" }/; /^license-files = /d' "$src/pyproject.toml"
+  fi
+  (cd "$src" && MVM_FORCE_CUDA=1 $PY setup.py build_ext --inplace) || return 1
+  [ "$src" = "$REPO" ] || cp "$src"/mvm_cuda/_C*.so "$REPO/mvm_cuda/"
   $PY -P - <<'EOF'
 import torch, mvm_cuda
 for op in ("sample_rows", "project_simplex", "mvm_step", "solve_mvm", "sap_sample"):
