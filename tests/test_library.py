@@ -78,7 +78,7 @@ def test_build_without_torch_stops_with_instructions(tmp_path):
     code = "import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version']; exec(open('setup.py').read())"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0
-    assert "pip install --no-build-isolation ." in result.stderr
+    assert "none was found" in result.stderr and "Install torch first" in result.stderr
 
 
 def test_value_checks_switch():
