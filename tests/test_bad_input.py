@@ -512,6 +512,27 @@ CASES = [
          r"load_dataset: unknown dataset 'imagenet'")),
     Case("dataset-no-root", lambda c: data.load_dataset("svhn"), Raises(ValueError,
          r"load_dataset: svhn is read from local files; pass root= or set MVM_CUDA_DATA")),
+    # c far beyond the rows (c > 64 M): the drawn set is sampled exactly in work
+    # independent of c (csrc/multinomial.h), so these return at once.
+    Case("sample_rows-c-2^62", lambda c: SR(torch.ones(1, 1, 256, 1, device=c.dev), _p(256, dev=c.dev), 2**62),
+         Gives(lambda out, c: bool((out == 1).all())), ops=True),
+    Case("sample_rows-c-2^62-shared-p", lambda c: SR(torch.ones(4, 1, 256, 1, device=c.dev), _p(256, dev=c.dev),
+                                                     2**62), Gives(lambda out, c: bool((out == 1).all())), ops=True),
+    Case("sample_rows-c-2^62-tiny-p", lambda c: SR(torch.ones(1, 1, 256, 1, device=c.dev),
+                                                   _with(torch.full((1, 256), 1e-300, **F64), (0, 0), 1.0).to(c.dev),
+                                                   2**62),
+         Gives(lambda out, c: out[0, 0, 0, 0] == 1 and bool((out[0, 0, 1:] == 0).all())), ops=True),
+    Case("sample_rows-c-int64-max", lambda c: SR(torch.ones(1, 1, 256, 1, device=c.dev), _p(256, dev=c.dev),
+                                                 2**63 - 1), Gives(lambda out, c: bool((out == 1).all())), ops=True),
+    Case("sap_sample-r-2^62", lambda c: mvm_cuda.sap_sample(torch.arange(1.0, 257.0, device=c.dev).reshape(1, 1, 256, 1),
+                                                            2.0**54), Gives(lambda out, c: bool(
+                                                                (out == torch.arange(1.0, 257.0, device=c.dev)
+                                                                 .reshape(1, 1, 256, 1)).all())), ops=True),
+    Case("detector-mvm-c-2^62", lambda c: c.detector("mvm", c=2**62).scores(c.images()),
+         Gives(lambda scores, c: bool(scores.isfinite().all()))),
+    Case("detector-sap-r-2^62", lambda c:  # K = 32 x 8 x 8: r = 2^62
+         c.detector("sap", frac=2.0**51).scores(c.images()),
+         Gives(lambda scores, c: bool(scores.isfinite().all()))),
 ]
 
 _IDS = [case.id for case in CASES]
