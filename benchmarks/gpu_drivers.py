@@ -60,9 +60,17 @@ def drive_sample_rows() -> None:
             p = _probs(3, m, zeros=2, dtype=torch.float64 if dt == torch.float64 else torch.float32)
             out = mvm_cuda.sample_rows(x, p, 20, generator=g)
             _check_sample(out, x, zeros=2)
-    # Many draws over few rows; rows of width 1 (as SAP uses it); the default generator.
+    # Many draws over few rows (c < 64 M: one by one); rows of width 1 (as SAP uses it); the default generator.
     x = _cuda(torch.rand(4, 10, 4))
-    _check_sample(mvm_cuda.sample_rows(x, _probs(2, 10), 100_000), x)
+    _check_sample(mvm_cuda.sample_rows(x, _probs(2, 10), 600), x)
+    # c large against M: the exact set path (exact_draws.cu), on the shared-memory and big-M kernels, and SAP's.
+    _check_sample(mvm_cuda.sample_rows(x, _probs(2, 10, zeros=3), 2**62, generator=g), x, zeros=3)
+    x = _cuda(torch.rand(2, 40_000, 1))
+    _check_sample(mvm_cuda.sample_rows(x, _probs(1, 40_000, zeros=5), 2**40, generator=g), x, zeros=5)
+    h = _cuda(torch.randn(3, 2, 50, 100).relu_())
+    h[1] = 0
+    out = torch.ops.mvm.sap_sample(h, 2**62, scale_only=False, generator=g)
+    assert ((out == 0) | (h != 0)).all() and (out[1] == 0).all() and torch.equal(out[0] != 0, h[0] != 0)
     h = _cuda(torch.randn(4, 3, 5, 7))
     out = mvm_cuda.sap_sample(h, 0.5)
     assert out.shape == h.shape

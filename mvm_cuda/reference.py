@@ -172,11 +172,45 @@ def sample_rows(x: torch.Tensor, p: torch.Tensor, c: int, *,
     if n == 0:
         return torch.zeros_like(x)
     probs = p.double().repeat(n // p.shape[0], 1)
-    idx = torch.multinomial(probs, c, replacement=True, generator=generator)
-    keep = torch.zeros(n, m, dtype=torch.bool, device=x.device).scatter_(1, idx, True)
+    if c > EXACT_DRAWS_PER_ROW * m:  # c large against M: the drawn set in work independent of c
+        keep = drawn_rows_exact(probs, c, generator)
+    else:
+        idx = torch.multinomial(probs, c, replacement=True, generator=generator)
+        keep = torch.zeros(n, m, dtype=torch.bool, device=x.device).scatter_(1, idx, True)
     scale = (1.0 / inclusion_prob(probs, c)).to(torch.promote_types(x.dtype, torch.float32))
     out = torch.where(keep[..., None], rows * scale[..., None], torch.zeros((), dtype=rows.dtype, device=x.device))
     return out.to(x.dtype).reshape(x.shape)
+
+
+# The draws per row above which the samplers take the exact set path, as
+# csrc/multinomial.h's kExactDrawsPerRow.
+EXACT_DRAWS_PER_ROW = 64
+
+
+def drawn_rows_exact(probs: torch.Tensor, c: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Which rows c draws with replacement hit, for each row of weights probs
+    (N, M) (>= 0, not all 0), as (N, M) bool, in work independent of c: the
+    scheme of csrc/multinomial.h. The rows in order of first hit are the
+    order of the keys E_i / w_i (E_i ~ Exp(1)); the wait from one first hit to
+    the next is geometric with success probability the weight not yet hit over
+    the total; a row is hit iff its time, the sum of the waits up to it, is at
+    most c."""
+    n, m = probs.shape
+    w = probs.double()
+    u = 1 - torch.rand(n, m, dtype=torch.float64, device=w.device, generator=generator)  # (0, 1]
+    keys = torch.where(w > 0, (-u.log()).log() - w.log(), math.inf)
+    order = keys.argsort(dim=1)
+    ws = w.gather(1, order)
+    hit = torch.nn.functional.pad(ws.cumsum(1)[:, :-1], (1, 0))  # weight before each rank
+    rest = ws.flip(1).cumsum(1).flip(1)  # weight from each rank on
+    total = hit + rest
+    # log(1 - s) from the smaller of the two sums (no cancellation).
+    log_miss = torch.where(rest <= hit, torch.log1p(-rest / total), torch.log(hit / total))
+    v = 1 - torch.rand(n, m, dtype=torch.float64, device=w.device, generator=generator)
+    wait = torch.where((rest > 0) & (log_miss < 0), 1 + torch.floor(v.log() / log_miss), math.inf)
+    wait[:, :1] = 1.0  # the first draw hits the first row
+    hits = (wait.cumsum(1) <= c) & (ws > 0)
+    return torch.zeros(n, m, dtype=torch.bool, device=w.device).scatter_(1, order, hits)
 
 
 def sap_draws(h: torch.Tensor, frac: float) -> int:

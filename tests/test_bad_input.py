@@ -1173,6 +1173,41 @@ CASES = [
          r"roc_report: level must be in \(0, 1\), got 1.0"),
          input="`roc_report`: level outside (0, 1)",
          you_get="ValueError `roc_report: level must be in (0, 1), got 1.0`"),
+    # c far beyond the rows (c > 64 M): the drawn set is sampled exactly in work
+    # independent of c (csrc/multinomial.h), so these return at once.
+    Case("sample_rows-c-2^62", lambda c: SR(torch.ones(1, 1, 256, 1, device=c.dev), _p(256, dev=c.dev), 2**62),
+         Gives(lambda out, c: bool((out == 1).all())), ops=True,
+         input="`sample_rows`: c = 2^62 draws on M = 256 rows (c > 64 M)",
+         you_get="returns at once (the drawn set is sampled exactly in O(M log M)): every row of a uniform p drawn, scale 1"),
+    Case("sample_rows-c-2^62-shared-p", lambda c: SR(torch.ones(4, 1, 256, 1, device=c.dev), _p(256, dev=c.dev),
+                                                     2**62), Gives(lambda out, c: bool((out == 1).all())), ops=True,
+         input="`sample_rows`: c = 2^62 with one row of p shared by 4 samples",
+         you_get="returns at once; every row drawn, scale 1"),
+    Case("sample_rows-c-2^62-tiny-p", lambda c: SR(torch.ones(1, 1, 256, 1, device=c.dev),
+                                                   _with(torch.full((1, 256), 1e-300, **F64), (0, 0), 1.0).to(c.dev),
+                                                   2**62),
+         Gives(lambda out, c: out[0, 0, 0, 0] == 1 and bool((out[0, 0, 1:] == 0).all())), ops=True,
+         input="`sample_rows`: c = 2^62 with p = 1e-300 on 255 of 256 rows",
+         you_get="returns at once; only the row with p = 1 is drawn (2^62 x 1e-300 draws expect none of the others)"),
+    Case("sample_rows-c-int64-max", lambda c: SR(torch.ones(1, 1, 256, 1, device=c.dev), _p(256, dev=c.dev),
+                                                 2**63 - 1), Gives(lambda out, c: bool((out == 1).all())), ops=True,
+         input="`sample_rows`: c = 2^63 - 1",
+         you_get="returns at once; every row of a uniform p drawn, scale 1"),
+    Case("sap_sample-r-2^62", lambda c: mvm_cuda.sap_sample(torch.arange(1.0, 257.0, device=c.dev).reshape(1, 1, 256, 1),
+                                                            2.0**54), Gives(lambda out, c: bool(
+                                                                (out == torch.arange(1.0, 257.0, device=c.dev)
+                                                                 .reshape(1, 1, 256, 1)).all())), ops=True,
+         input="`sap_sample`: frac = 2^54 on K = 256 (r = 2^62 draws)",
+         you_get="returns at once; every nonzero entry drawn, the output equals h"),
+    Case("detector-mvm-c-2^62", lambda c: c.detector("mvm", c=2**62).scores(c.images()),
+         Gives(lambda scores, c: bool(scores.isfinite().all())),
+         input="`Detector(method=\"mvm\", c=2**62)`: scores",
+         you_get="finite scores, at once (each pass draws its set exactly)"),
+    Case("detector-sap-r-2^62", lambda c:  # K = 32 x 8 x 8: r = 2^62
+         c.detector("sap", frac=2.0**51).scores(c.images()),
+         Gives(lambda scores, c: bool(scores.isfinite().all())),
+         input="`Detector(method=\"sap\", frac=2**51)`: scores (r = 2^62)",
+         you_get="finite scores, at once"),
 ]
 
 _IDS = [case.id for case in CASES]

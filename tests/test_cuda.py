@@ -84,3 +84,27 @@ def test_sap_sample_too_large_a_sample_raises():
     with pytest.raises(RuntimeError, match=r"mvm::sap_sample: h has too many entries per sample for the CUDA "
                                            r"kernel \(K = 134217728, at most about \d+\)"):
         torch.ops.mvm.sap_sample(h, 10)
+
+
+@pytest.mark.parametrize("sampler", ["own", "shared", "sap"])
+def test_exact_set_path_law(sampler):
+    # c large against M: the CUDA exact set path (csrc/cuda/exact_draws.cu)
+    # follows the closed forms and agrees with the one-by-one path, as on the CPU.
+    import test_exact_draws as t
+    t.test_inclusion_and_pairs_match_closed_forms("cuda", sampler, 2**62)
+    t.test_inclusion_and_pairs_match_closed_forms("cuda", sampler, 1000)
+    t.test_exact_path_agrees_in_law_with_one_by_one_path("cuda", sampler)
+
+
+def test_exact_set_path_has_no_host_sync_and_ends():
+    x = torch.rand(8, 16, 16, 4, device="cuda")
+    p = torch.full((2, 256), 1 / 256, dtype=torch.float64, device="cuda")
+    h = torch.rand(3, 256, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = mvm_cuda.sample_rows(x, p, 2**62)
+        scaled = mvm_cuda.sap_sample(h, 2.0**54)  # r = 2^62
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(out, x) and torch.equal(scaled, h)

@@ -57,6 +57,8 @@ def _ops(device):
         "solve_mvm_kkt": lambda: mvm_cuda.solve_mvm(alpha, 8, "kkt"),
         "solve_mvm_pgd": lambda: mvm_cuda.solve_mvm(alpha, 8, "pgd", 50),
         "sap_sample": lambda: mvm_cuda.sap_sample(x, 0.5),
+        "sample_rows_exact_set": lambda: mvm_cuda.sample_rows(x, p, 2**62),  # c > 64 M: the exact set path
+        "sap_sample_exact_set": lambda: mvm_cuda.sap_sample(x, 2.0**40),
     }
     if device == "cpu":
         ops["error_path"] = error_path

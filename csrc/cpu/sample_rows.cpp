@@ -17,6 +17,7 @@
 #include "../checks.h"
 #include "../math.h"
 #include "draws.h"
+#include "exact_draws.h"
 
 
 namespace mvm::cpu {
@@ -311,11 +312,16 @@ at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
         std::vector<int64_t> own_guide(shared ? 0 : M + 1);
         std::vector<uint8_t> drawn(M);  // 1 for the rows drawn at least once
         std::vector<int64_t> counts;
+        ExactWork exact;
         for (int64_t n = begin; n < end; ++n) {
           const int64_t j = n % P;
           std::fill(drawn.begin(), drawn.end(), uint8_t(0));
           const SampleStream rng(key, static_cast<uint64_t>(n));
-          if (shared) {
+          if (use_exact_draws(c, M)) {  // c large against M: the drawn set at once (exact_draws.h)
+            if (!shared) build_table(pd + j * M, M, j, own_cdf.data(), own_guide.data());  // checks the row
+            const prob_t* prow = pd + j * M;
+            draw_exact(rng, [prow](int64_t i) { return static_cast<double>(prow[i]); }, M, c, exact, drawn.data());
+          } else if (shared) {
             draw(rng, alias[j], M, c, Marks{drawn.data(), alias[j].positive});
           } else {
             const Table t = build_table(pd + j * M, M, j, own_cdf.data(), own_guide.data());

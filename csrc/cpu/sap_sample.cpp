@@ -10,6 +10,7 @@
 
 #include "../checks.h"
 #include "draws.h"
+#include "exact_draws.h"
 
 namespace mvm::cpu {
 namespace {
@@ -43,6 +44,7 @@ at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, bool scale_only, std::o
       std::vector<int64_t> guide(kGuidePerEntry * K + 1), entry(K), counts;
       std::vector<uint8_t> drawn(K);
       std::vector<acc_t> scale(K);
+      ExactWork exact;
       for (int64_t n = begin; n < end; ++n) {
         const scalar_t* hs = hd + n * K;
         scalar_t* os = od + n * K;
@@ -83,7 +85,12 @@ at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, bool scale_only, std::o
         const int64_t G = kGuidePerEntry * m;
         const Table t{cdf.data(), build_guide(cdf.data(), m, sum, G, guide.data()), sum, m - 1, m, G};
         std::fill_n(drawn.data(), m, uint8_t(0));
-        draw(SampleStream(key, static_cast<uint64_t>(n)), t, r, counts, Marks{drawn.data(), m});
+        if (use_exact_draws(r, m)) {  // r large against m: the drawn set at once (exact_draws.h)
+          draw_exact(SampleStream(key, static_cast<uint64_t>(n)),
+                     [&](int64_t q) { return std::abs(static_cast<double>(hs[entry[q]])); }, m, r, exact, drawn.data());
+        } else {
+          draw(SampleStream(key, static_cast<uint64_t>(n)), t, r, counts, Marks{drawn.data(), m});
+        }
 
         // The drawn entries, packed in place, and their p as sample_rows gets
         // it from sap_inputs (|h| / sum in float64, rounded to acc_t), then

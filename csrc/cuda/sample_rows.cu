@@ -30,7 +30,9 @@
 
 #include "../checks.h"
 #include "../math.h"
+#include "../multinomial.h"
 #include "common.cuh"
+#include "exact_draws.cuh"
 
 namespace mvm::gpu {
 namespace {
@@ -186,6 +188,7 @@ struct SampleArgs {
   Lines lines;
   int64_t c;
   at::PhiloxCudaState rng;
+  const uint8_t* drawn;  // (N, M) from exact_drawn when c is large against M, else null
   // The big-M path only (cdf == nullptr on the shared-memory path).
   const double* cdf;     // (P, M)
   const uint32_t* pos;   // (P, words)
@@ -244,16 +247,21 @@ sample_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, c
       __syncthreads();
     }
 
-    // Step 2: c draws from subsequence n, from the launch's first block on.
-    for_each_uniform(rng.seed, static_cast<uint64_t>(n), rng.block, a.c, [&](double u, bool valid) {
-      int64_t i = 0;
-      if (valid) {
-        const double t = u * total;
-        i = big ? draw_row_two_level(cdf, a.ncoarse, a.seg, row_cdf, M, row_pos, t, last)
-                : draw_row(cdf, M, pos, t, last);
-      }
-      warp_mark(keep, i, valid);  // M < 2^37: no real word is the sentinel 2^32 - 1
-    });
+    // Step 2: c draws from subsequence n, from the launch's first block on;
+    // or, for c large against M, the rows exact_drawn found.
+    if (a.drawn != nullptr) {
+      drawn_to_bits(a.drawn + n * M, M, keep);
+    } else {
+      for_each_uniform(rng.seed, static_cast<uint64_t>(n), rng.block, a.c, [&](double u, bool valid) {
+        int64_t i = 0;
+        if (valid) {
+          const double t = u * total;
+          i = big ? draw_row_two_level(cdf, a.ncoarse, a.seg, row_cdf, M, row_pos, t, last)
+                  : draw_row(cdf, M, pos, t, last);
+        }
+        warp_mark(keep, i, valid);  // M < 2^37: no real word is the sentinel 2^32 - 1
+      });
+    }
     __syncthreads();
 
     const scalar_t* xs = x + n * a.in_sN;
@@ -377,8 +385,14 @@ at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
   a.lines = plan_lines(shape, in, o, x.const_data_ptr(), out.const_data_ptr(), x.element_size());
 
   // Each sample reads ceil(c / 2) Philox blocks of its own subsequence, i.e.
-  // 4 ceil(c / 2) 32-bit outputs.
-  a.rng = philox_state(generator, 4 * static_cast<uint64_t>((c + 1) / 2));
+  // 4 ceil(c / 2) 32-bit outputs; with c large against M, what exact_drawn reads.
+  const bool exact = use_exact_draws(c, shape.M);
+  a.rng = philox_state(generator, exact ? exact_draws_outputs(shape.M) : 4 * static_cast<uint64_t>((c + 1) / 2));
+  at::Tensor drawn;
+  if (exact) {  // the drawn rows of every sample, in work independent of c
+    drawn = exact_drawn(p.to(at::kDouble).repeat({shape.N / shape.P, 1}), c, a.rng);
+    a.drawn = drawn.const_data_ptr<uint8_t>();
+  }
 
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto* prop = at::cuda::getCurrentDeviceProperties();

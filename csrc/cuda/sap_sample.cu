@@ -32,7 +32,9 @@
 
 #include "../checks.h"
 #include "../math.h"
+#include "../multinomial.h"
 #include "common.cuh"
+#include "exact_draws.cuh"
 
 namespace mvm::gpu {
 namespace {
@@ -50,6 +52,7 @@ struct SapArgs {
   bool scale_only;
   at::PhiloxCudaState rng;
   uint64_t slice_blocks;  // Philox blocks of step 2 (0 when S == 1)
+  const uint8_t* drawn;   // (N, K) from exact_drawn when r is large against K, else null
 };
 
 // Adds 1 to counter[key] for each lane of a warp whose `valid` is true, one
@@ -106,7 +109,8 @@ sap_sample_kernel(const scalar_t* __restrict__ h, scalar_t* __restrict__ out, co
         if (mass[s] > 0.0) last = s;
         running += mass[s];
         mass[s] = running;
-        count[s] = S == 1 ? static_cast<unsigned long long>(a.r) : 0ull;
+        // With exact_drawn's rows, every slice is read (count 1 stands for "some").
+        count[s] = a.drawn != nullptr ? 1ull : S == 1 ? static_cast<unsigned long long>(a.r) : 0ull;
       }
       last_slice = last;
     }
@@ -122,7 +126,7 @@ sap_sample_kernel(const scalar_t* __restrict__ h, scalar_t* __restrict__ out, co
 
     // Step 2: each of the r draws picks its slice, with uniforms of
     // subsequence n from the launch's first block on.
-    if (S > 1) {
+    if (S > 1 && a.drawn == nullptr) {
       for_each_uniform(rng.seed, static_cast<uint64_t>(n), rng.block, a.r, [&](double u, bool valid) {
         const int64_t s = valid ? search_cdf(mass, S, u * total, last_slice) : 0;
         warp_count(count, static_cast<unsigned>(s), valid);
@@ -149,16 +153,20 @@ sap_sample_kernel(const scalar_t* __restrict__ h, scalar_t* __restrict__ out, co
         for (int64_t i = threadIdx.x; i < len; i += kThreads) os[begin + i] = scalar_t(0);
         continue;
       }
-      for (int64_t w = threadIdx.x; w < (len + 31) / 32; w += kThreads) keep[w] = 0u;
-      // Its barriers also publish the cleared keep.
-      const int64_t last = block_running_sums<BlockScan>(
-          [&](int64_t i) { return ::fabs(static_cast<double>(hs[begin + i])); }, len, cdf, nullptr, scan_tmp,
-          iscratch);
-      const double slice_total = cdf[len - 1];
-      const uint64_t first = rng.block + a.slice_blocks + start[s] / 2;
-      for_each_uniform(rng.seed, static_cast<uint64_t>(n), first, draws, [&](double u, bool valid) {
-        warp_mark(keep, valid ? search_cdf(cdf, len, u * slice_total, last) : 0, valid);
-      });
+      if (a.drawn != nullptr) {  // r large against K: the entries exact_drawn found
+        drawn_to_bits(a.drawn + n * K + begin, len, keep);
+      } else {
+        for (int64_t w = threadIdx.x; w < (len + 31) / 32; w += kThreads) keep[w] = 0u;
+        // Its barriers also publish the cleared keep.
+        const int64_t last = block_running_sums<BlockScan>(
+            [&](int64_t i) { return ::fabs(static_cast<double>(hs[begin + i])); }, len, cdf, nullptr, scan_tmp,
+            iscratch);
+        const double slice_total = cdf[len - 1];
+        const uint64_t first = rng.block + a.slice_blocks + start[s] / 2;
+        for_each_uniform(rng.seed, static_cast<uint64_t>(n), first, draws, [&](double u, bool valid) {
+          warp_mark(keep, valid ? search_cdf(cdf, len, u * slice_total, last) : 0, valid);
+        });
+      }
       __syncthreads();
       for (int64_t i = threadIdx.x; i < len; i += kThreads) {
         acc_t o = acc_t(0);
@@ -203,7 +211,15 @@ at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, bool scale_only, std::o
 
   // Per sample: the slice blocks, then at most pairs + S blocks for the
   // slices' draws (each slice's start rounded up to even), 4 outputs each.
-  a.rng = philox_state(generator, 4 * (a.slice_blocks + pairs + static_cast<uint64_t>(a.S)));
+  // With r large against K, only what exact_drawn reads.
+  const bool exact = use_exact_draws(r, a.K);
+  a.rng = philox_state(generator, exact ? exact_draws_outputs(a.K)
+                                        : 4 * (a.slice_blocks + pairs + static_cast<uint64_t>(a.S)));
+  at::Tensor drawn;
+  if (exact) {  // the drawn entries of every sample, in work independent of r
+    drawn = exact_drawn(h.reshape({a.N, a.K}).to(at::kDouble).abs(), r, a.rng);
+    a.drawn = drawn.const_data_ptr<uint8_t>();
+  }
 
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "mvm_sap_sample_cuda", [&] {
