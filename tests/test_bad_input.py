@@ -512,6 +512,11 @@ CASES = [
          r"load_dataset: unknown dataset 'imagenet'")),
     Case("dataset-no-root", lambda c: data.load_dataset("svhn"), Raises(ValueError,
          r"load_dataset: svhn is read from local files; pass root= or set MVM_CUDA_DATA")),
+    # p one rounding above 1 (a one-hot row left at 1 + 1 ulp): pi = 1, the row is kept as it is
+    Case("sample_rows-p-above-one-by-rounding",
+         lambda c: SR(torch.ones(1, 1, 3, 2, device=c.dev), torch.tensor([[0.0, 0.0, 1.0000001]], device=c.dev), 3),
+         Gives(lambda out, c: torch.equal(out.cpu(), torch.tensor([[[[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]]]))),
+         ops=True),
 ]
 
 _IDS = [case.id for case in CASES]
