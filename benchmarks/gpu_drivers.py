@@ -52,6 +52,11 @@ def drive_sample_rows() -> None:
         "odd_c": lambda dt: torch.rand(6, 5, 7, 3, dtype=dt),
         "strided_c": lambda dt: torch.rand(6, 5, 7, 16, dtype=dt)[..., ::2],
         "strided_w_view": lambda dt: torch.rand(6, 8, 5, 16, dtype=dt).permute(0, 2, 3, 1)[:, :, ::2],
+        # Crops: pixels that do not collapse to one stride (line walks with div != 1).
+        "crop_nhwc": lambda dt: torch.rand(6, 5, 9, 8, dtype=dt)[:, :, 1:8],
+        "crop_nchw_view": lambda dt: torch.rand(6, 8, 5, 9, dtype=dt).permute(0, 2, 3, 1)[:, :, :8],
+        # One channel, aligned: vectorised along the pixels.
+        "width_one": lambda dt: torch.rand(6, 4, 16, 1, dtype=dt),
     }
     for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         for name, make in layouts.items():
@@ -60,6 +65,9 @@ def drive_sample_rows() -> None:
             p = _probs(3, m, zeros=2, dtype=torch.float64 if dt == torch.float64 else torch.float32)
             out = mvm_cuda.sample_rows(x, p, 20, generator=g)
             _check_sample(out, x, zeros=2)
+    # One sample split over many blocks (each repeats the draws, writes its share).
+    x = _cuda(torch.rand(1, 32, 32, 256))
+    _check_sample(mvm_cuda.sample_rows(x, _probs(1, 1024, zeros=4), 40, generator=g), x, zeros=4)
     # Many draws over few rows (c < 64 M: one by one); rows of width 1 (as SAP uses it); the default generator.
     x = _cuda(torch.rand(4, 10, 4))
     _check_sample(mvm_cuda.sample_rows(x, _probs(2, 10), 600), x)

@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 #include <sstream>
 #include <string>
 
@@ -81,16 +82,50 @@ inline void check_nonnegative(const char* op, const char* name, const at::Tensor
   TORCH_CHECK(lowest >= 0.0, "mvm::", op, ": ", name, " must be non-negative, got ", lowest);
 }
 
-// Rows of p (last dim) are probability vectors: finite, >= 0, sum to 1.
+// The value checks of a row of sampling probabilities, one message per
+// fault, whichever device finds it: the CPU kernel calls them on each entry
+// and total as it scans a row, the tensor form below on the whole of p.
+inline void check_probability(const char* op, const char* name, double v, int64_t row) {
+  TORCH_CHECK(std::isfinite(v), "mvm::", op, ": ", name, " must be finite, got a NaN or inf (", v, ") in row ",
+              row);
+  TORCH_CHECK(v >= 0.0, "mvm::", op, ": ", name, " must be non-negative, got ", v, " in row ", row);
+}
+
+inline void check_row_total(const char* op, const char* name, double total, int64_t row) {
+  TORCH_CHECK(std::abs(total - 1.0) <= kSumTolerance, "mvm::", op, ": every row of ", name,
+              " must sum to 1 (within ", kSumTolerance, "), row ", row, " sums to ", total);
+}
+
+// Rows of p (P, M) are probability vectors: finite, >= 0, sum to 1. Reports
+// the first bad entry (row-major) with check_probability, else the worst row.
 inline void check_probabilities(const char* op, const char* name, const at::Tensor& p) {
   if (p.numel() == 0) return;
-  check_nonnegative(op, name, p);
-  const auto err = (p.sum(-1, /*keepdim=*/false, at::kDouble) - 1.0).abs();
-  const int64_t row = err.argmax().item<int64_t>();
-  const double worst = err.reshape(-1)[row].item<double>();
-  TORCH_CHECK(worst <= kSumTolerance, "mvm::", op, ": every row of ", name,
-              " must sum to 1 (within ", kSumTolerance, "), row ", row, " sums to ",
-              1.0 + (p.select(0, row).sum(at::kDouble).item<double>() - 1.0));
+  const auto pd = p.to(at::kDouble);
+  for (const auto& bad : {~at::isfinite(pd), pd < 0.0}) {
+    if (!bad.any().item<bool>()) continue;
+    const int64_t flat = bad.reshape(-1).nonzero()[0][0].item<int64_t>();
+    const int64_t row = flat / p.size(-1);
+    check_probability(op, name, pd.reshape(-1)[flat].item<double>(), row);
+  }
+  const auto totals = pd.sum(-1);
+  const int64_t row = (totals - 1.0).abs().argmax().item<int64_t>();
+  check_row_total(op, name, totals[row].item<double>(), row);
+}
+
+// The CUDA samplers' keep bitmasks index 32-bit words, and word 2^32 - 1 is
+// warp_mark's sentinel: no row of a sample may fall in it.
+constexpr int64_t kMaxBitmaskRows = (int64_t(1) << 37) - 32;
+
+inline void check_bitmask_rows(const char* op, int64_t M) {
+  TORCH_CHECK(M <= kMaxBitmaskRows, "mvm::", op, ": at most 2^37 - 32 = ", kMaxBitmaskRows,
+              " rows per sample on CUDA, got M = ", M);
+}
+
+// A CUDA kernel is reached with tensors elsewhere when a C++ caller passes a
+// CUDA generator with CPU tensors (the generator joins the dispatch key).
+inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), "mvm::", op, ": ", name, " must be a CUDA tensor for the CUDA kernel (a CUDA generator "
+              "needs CUDA tensors), got ", t.device());
 }
 
 // sample_rows sees x as (N, H, W, C) (a 3-d x (N, M, C) is (N, 1, M, C)) with
@@ -173,6 +208,15 @@ inline void check_mvm_step(const at::Tensor& p, const at::Tensor& alpha, int64_t
   }
 }
 
+// The value checks of one sample of sap_sample's h, one message per fault on
+// both devices: the CPU kernel calls it as it packs a sample, the CUDA
+// kernel's tensor form in check_sap_sample.
+inline void check_sap_values(bool finite, double sum_abs, int64_t sample) {
+  TORCH_CHECK(finite, "mvm::sap_sample: h must be finite, got a NaN or inf in sample ", sample);
+  TORCH_CHECK(sum_abs <= std::numeric_limits<double>::max(), "mvm::sap_sample: sum |h| of sample ", sample,
+              " overflows float64");
+}
+
 // sap_sample's checks; returns the tensor the kernels read: h itself when
 // each sample's K entries are one dense block (contiguous or channels_last,
 // read in memory order: the entries' order does not matter), else a
@@ -185,10 +229,14 @@ inline at::Tensor check_sap_sample(const at::Tensor& h, int64_t r) {
   check_float_dtype(op, "h", h, /*allow_half=*/true);
   TORCH_CHECK(r >= 1, "mvm::", op, ": r (the number of draws) must be >= 1, got ", r);
   if (!h.device().is_cpu() && should_check_values(h) && h.numel() > 0) {
-    check_finite(op, "h", h);
-    const auto sums = h.reshape({h.size(0), -1}).abs().sum(1, /*keepdim=*/false, at::kDouble);
-    const auto bad = at::isinf(sums).nonzero();
-    TORCH_CHECK(bad.size(0) == 0, "mvm::", op, ": sum |h| of sample ", bad[0][0].item<int64_t>(), " overflows float64");
+    const auto flat = h.reshape({h.size(0), -1});
+    const auto finite = at::isfinite(flat).all(1);
+    const auto sums = flat.abs().sum(1, /*keepdim=*/false, at::kDouble);
+    const auto bad = (finite.logical_not() | at::isinf(sums)).nonzero();
+    if (bad.size(0) > 0) {
+      const int64_t n = bad[0][0].item<int64_t>();
+      check_sap_values(finite[n].item<bool>(), sums[n].item<double>(), n);
+    }
   }
   const bool in_place = h.is_contiguous() || h.is_contiguous(at::MemoryFormat::ChannelsLast);
   return in_place ? h : h.contiguous();

@@ -1,10 +1,9 @@
 // Per-row arithmetic shared by the CPU and CUDA kernels. Everything here is a
 // C10_HOST_DEVICE inline function on plain scalars, so the CPU tests exercise
 // exactly the arithmetic the GPU runs; only the parallel structure differs.
-// (The exception: how the sampler draws, which is the CUDA kernel's at the end.)
+// (How the samplers draw differs by device: csrc/cpu/draws.h, csrc/cuda/common.cuh.)
 #pragma once
 
-#include <ATen/core/PhiloxRNGEngine.h>
 #include <c10/macros/Macros.h>
 #include <cmath>
 #include <cstdint>
@@ -186,13 +185,6 @@ C10_HOST_DEVICE inline SimplexCut simplex_cut(int64_t n, double z, SumAbove sum_
   return cut;
 }
 
-// The threshold alone. Projecting with v - tau loses the result when entries
-// are huge next to z: prefer simplex_cut(...).project(v).
-template <typename SumAbove>
-C10_HOST_DEVICE inline double simplex_threshold(int64_t n, double z, SumAbove sum_above) {
-  return simplex_cut(n, z, sum_above).tau();
-}
-
 // The projection commutes with a shift of the row. Subtracting the row's
 // largest entry `top` first puts every entry of the support in (-z, 0] (the
 // largest entry is in it, and none is more than z below it), so the search
@@ -218,31 +210,6 @@ C10_HOST_DEVICE inline void project_row(double* v, int64_t n, double z) {
     }
   }, top > -INFINITY ? -z : -INFINITY);
   for (int64_t i = 0; i < n; ++i) v[i] = cut.project(v[i]);
-}
-
-// The CUDA sampler's draw: a uniform double in [0, 1) with 53 random bits,
-// from two Philox outputs, and the search of the row's CDF below. (The CPU
-// draws from guided CDF tables with its own streams: csrc/cpu/sample_rows.cpp.)
-// 53 bits (not a float's 24) so that rows with p down to 1e-9 and below are
-// drawn at their rate.
-C10_HOST_DEVICE inline double uniform53(at::Philox4_32& engine) {
-  const uint32_t hi = engine() >> 5;  // 27 bits
-  const uint32_t lo = engine() >> 6;  // 26 bits
-  return (hi * 67108864.0 + lo) * (1.0 / 9007199254740992.0);
-}
-
-// The row drawn by t in [0, cdf[m-1]): the first i with cdf[i] > t. A row with
-// p = 0 has cdf[i] == cdf[i-1] and so can never be returned; when rounding puts
-// t at or past the total, the caller's fallback `last` (the last row with
-// p > 0) is used. `lo` and `hi` bound the answer (default: 0 and m).
-C10_HOST_DEVICE inline int64_t search_cdf(const double* cdf, int64_t m, double t, int64_t last,
-                                          int64_t lo = 0, int64_t hi = -1) {
-  if (hi < 0) hi = m;
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (cdf[mid] > t) hi = mid; else lo = mid + 1;
-  }
-  return lo < m ? lo : last;
 }
 
 }  // namespace mvm

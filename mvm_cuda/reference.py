@@ -14,8 +14,9 @@ PROB_FLOOR = 1e-12
 
 
 def inclusion_prob(p: torch.Tensor, c: float) -> torch.Tensor:
-    """pi = 1 - (1 - p)^c, written with expm1/log1p to stay exact for small c*p."""
-    return -torch.expm1(c * torch.log1p(-p))
+    """pi = 1 - (1 - p)^c, written with expm1/log1p to stay exact for small c*p;
+    1 for p >= 1 (a row of p left at 1 + 1 ulp by rounding)."""
+    return -torch.expm1(c * torch.log1p(-p.clamp(max=1.0)))
 
 
 def grad_factor(p: torch.Tensor, c: float) -> torch.Tensor:

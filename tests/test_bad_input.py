@@ -1208,6 +1208,13 @@ CASES = [
          Gives(lambda scores, c: bool(scores.isfinite().all())),
          input="`Detector(method=\"sap\", frac=2**51)`: scores (r = 2^62)",
          you_get="finite scores, at once"),
+    # p one rounding above 1 (a one-hot row left at 1 + 1 ulp): pi = 1, the row is kept as it is
+    Case("sample_rows-p-above-one-by-rounding",
+         lambda c: SR(torch.ones(1, 1, 3, 2, device=c.dev), torch.tensor([[0.0, 0.0, 1.0000001]], device=c.dev), 3),
+         Gives(lambda out, c: torch.equal(out.cpu(), torch.tensor([[[[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]]]))),
+         ops=True,
+         input="`sample_rows`: an entry of p one rounding above 1 (a one-hot row at 1 + 1 ulp, within the 1e-4 sum tolerance)",
+         you_get="pi = 1 for that row on every device: the row is kept unscaled (no NaN from log1p(-p))"),
 ]
 
 _IDS = [case.id for case in CASES]

@@ -108,3 +108,123 @@ def test_exact_set_path_has_no_host_sync_and_ends():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(out, x) and torch.equal(scaled, h)
+
+
+def test_sap_sample_raising_call_leaves_the_generator_alone():
+    # The size check comes before the Philox offsets are reserved.
+    h = torch.empty(1, 2**27, dtype=torch.float16, device="cuda")
+    g = torch.Generator("cuda").manual_seed(3)
+    before = g.get_state()
+    with pytest.raises(RuntimeError, match=r"too many entries per sample"):
+        torch.ops.mvm.sap_sample(h, 10, generator=g)
+    assert torch.equal(g.get_state(), before)
+
+
+def test_shared_memory_sizes_from_concurrent_threads():
+    # Calls needing different dynamic shared memory (M = 12,000 and 7,000 rows:
+    # about 99 and 58 KB) from several threads at once: the kernel's limit is
+    # set once, to the maximum, so no launch finds it lowered by another.
+    import threading
+
+    errors = []
+
+    def work(m, seed):
+        try:
+            x = torch.ones(2, m, 1, device="cuda")
+            p = torch.full((1, m), 1.0 / m, dtype=torch.float64, device="cuda")
+            g = torch.Generator("cuda").manual_seed(seed)
+            for _ in range(20):
+                kept = (mvm_cuda.sample_rows(x, p, 50, generator=g) != 0).sum((1, 2))
+                assert ((kept >= 1) & (kept <= 50)).all()
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(m, i)) for i, m in enumerate([12_000, 7_000] * 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_rows_per_sample_bound():
+    # Keep bitmasks index 32-bit words, one of which is a sentinel: M past
+    # 2^37 - 32 raises before anything is allocated or drawn.
+    m = 2**37 - 31
+    x = torch.ones(1, 1, 1, device="cuda").expand(1, m, 1)
+    p = torch.zeros(1, 1, device="cuda").expand(1, m)
+    previous = mvm_cuda.set_value_checks(False)
+    try:
+        g = torch.Generator("cuda").manual_seed(0)
+        before = g.get_state()
+        with pytest.raises(RuntimeError, match=r"mvm::sample_rows: at most 2\^37 - 32 = 137438953440 rows per "
+                                               r"sample on CUDA, got M = 137438953441"):
+            torch.ops.mvm.sample_rows(x, p, 3, generator=g)
+        assert torch.equal(g.get_state(), before)
+    finally:
+        mvm_cuda.set_value_checks(previous)
+
+
+def test_cuda_kernels_reject_cpu_tensors():
+    # A CUDA generator joins the dispatch key: with CPU tensors the CUDA
+    # kernel runs, and must say so rather than read host memory.
+    g = torch.Generator("cuda").manual_seed(0)
+    with pytest.raises(RuntimeError, match=r"mvm::sample_rows: x must be a CUDA tensor for the CUDA kernel"):
+        torch.ops.mvm.sample_rows(torch.ones(2, 3, 1), torch.full((1, 3), 1 / 3), 2, generator=g)
+    with pytest.raises(RuntimeError, match=r"mvm::sap_sample: h must be a CUDA tensor for the CUDA kernel"):
+        torch.ops.mvm.sap_sample(torch.ones(2, 3), 2, generator=g)
+    # The row ops take no generator: reach their CUDA kernels directly.
+    cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    v = torch.rand(2, 5, dtype=torch.float64)
+    calls = {
+        "project_simplex: v": lambda: torch.ops.mvm.project_simplex.default.redispatch(cuda, v, 1.0),
+        "mvm_step: p": lambda: torch.ops.mvm.mvm_step.default.redispatch(cuda, v, v, 3, 0.1),
+        "solve_mvm: alpha": lambda: torch.ops.mvm.solve_mvm.default.redispatch(cuda, v, 3, "kkt", 10, 1e-6),
+    }
+    for what, call in calls.items():
+        with pytest.raises(RuntimeError, match=rf"mvm::{what} must be a CUDA tensor for the CUDA kernel"):
+            call()
+
+
+@pytest.mark.parametrize("fault", ["nan", "overflow"])
+def test_sap_value_messages_match_the_cpu(fault):
+    h = torch.rand(3, 40, dtype=torch.float64)
+    if fault == "nan":
+        h[1, 7] = float("nan")
+    else:
+        h[2] = 1e308
+    messages = []
+    previous = mvm_cuda.set_value_checks(True)
+    try:
+        for dev in ("cpu", "cuda"):
+            with pytest.raises(RuntimeError) as info:
+                torch.ops.mvm.sap_sample(h.to(dev), 10)
+            messages.append(str(info.value).splitlines()[0])
+    finally:
+        mvm_cuda.set_value_checks(previous)
+    assert messages[0] == messages[1]
+    assert messages[0] == ("mvm::sap_sample: h must be finite, got a NaN or inf in sample 1" if fault == "nan"
+                           else "mvm::sap_sample: sum |h| of sample 2 overflows float64")
+
+
+def test_vectorised_and_split_paths_agree():
+    # Rows of one channel are vectorised when aligned (C = 1 no longer blocks
+    # it); a sample alone is split over many blocks. Both must give what the
+    # scalar, unsplit walk gives, draw for draw.
+    n, m = 4, 4096
+    x = torch.rand(n, m, 1, device="cuda") + 0.5
+    p = torch.rand(1, m, dtype=torch.float64, device="cuda")
+    p /= p.sum()
+    gen = lambda: torch.Generator("cuda").manual_seed(2)  # noqa: E731
+    storage = torch.empty(n * m + 1, device="cuda")
+    shifted = storage[1:].view(n, m, 1)
+    shifted.copy_(x)
+    assert torch.equal(mvm_cuda.sample_rows(x, p, 300, generator=gen()),
+                       mvm_cuda.sample_rows(shifted, p, 300, generator=gen()))
+    wide = torch.rand(1, 32, 32, 256, device="cuda") + 0.5
+    pw = torch.rand(1, 1024, dtype=torch.float64, device="cuda")
+    pw /= pw.sum()
+    alone = mvm_cuda.sample_rows(wide, pw, 40, generator=gen())
+    batch = mvm_cuda.sample_rows(wide.expand(600, 32, 32, 256), pw, 40, generator=gen())
+    assert torch.equal(alone[0], batch[0])

@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pytest
@@ -239,3 +240,104 @@ def test_backward_raises_clear_error():
     out = mvm_cuda.sample_rows(x, _probs(3).float(), 2)
     with pytest.raises(RuntimeError, match="inference-only"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("p_dtype", [torch.float32, torch.float64], ids=["p32", "p64"])
+def test_p_one_rounding_above_one_gives_pi_one(device, p_dtype):
+    # A one-hot row left at 1 + 1 ulp by rounding passes the sum check; pi must be
+    # 1 there (log1p(-p) of p > 1 is NaN), on every path, the reference's too.
+    above = torch.nextafter(torch.ones((), dtype=p_dtype), torch.tensor(2.0, dtype=p_dtype))
+    p = torch.zeros(1, 3, dtype=p_dtype)
+    p[0, 2] = above
+    x = torch.rand(5, 1, 3, 2) + 0.5
+    want = torch.zeros_like(x)
+    want[:, :, 2] = x[:, :, 2]
+    assert torch.equal(mvm_cuda.sample_rows(x.to(device), p.to(device), 3).cpu(), want)
+    assert torch.equal(ref.sample_rows(x, p, 3), want)
+    assert ref.inclusion_prob(above.reshape(1), 7).item() == 1.0
+    # Shared rows of p (alias tables on the CPU) and a row per sample (guided tables).
+    x = torch.rand(8, 3, 4) + 0.5
+    for pp in (p, p.expand(8, 3)):
+        out = mvm_cuda.sample_rows(x.to(device), pp.to(device), 2).cpu()
+        assert torch.equal(out[:, 2], x[:, 2]) and (out[:, :2] == 0).all()
+
+
+CROPS = {
+    # Pixels that do not collapse to one stride: the only way into the CUDA
+    # kernel's line walks with div != 1 (channels inner, then pixels inner).
+    "crop_nhwc": lambda dt, dev: (torch.rand(6, 5, 9, 8, dtype=dt) + 0.5).to(dev)[:, :, 1:8],
+    "crop_nchw_view": lambda dt, dev: (torch.rand(6, 8, 5, 9, dtype=dt) + 0.5).to(dev).permute(0, 2, 3, 1)[:, :, :8],
+    "crop_width_one": lambda dt, dev: (torch.rand(6, 5, 9, 1, dtype=dt) + 0.5).to(dev)[:, :, 1:8],
+}
+
+
+@pytest.mark.parametrize("layout", CROPS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_non_collapsing_pixels(device, layout, dtype):
+    x = CROPS[layout](dtype, device)
+    m = x.shape[1] * x.shape[2]
+    p = _probs(m, seed=13, zeros=3).expand(x.shape[0], m)  # a row per sample, 3 rows never drawn
+    gen = lambda: torch.Generator(device=device).manual_seed(4)  # noqa: E731
+    out = mvm_cuda.sample_rows(x, p.to(device), 9, generator=gen())
+    same = mvm_cuda.sample_rows(x.contiguous(), p.to(device), 9, generator=gen())
+    assert torch.equal(out, same)  # same draws whatever the layout
+    kept = _kept(out.cpu()).reshape(x.shape[:3])
+    assert kept.flatten(1).any(1).all() and not kept.flatten(1)[:, :3].any()
+    scale = (1.0 / ref.inclusion_prob(p[0], 9)).reshape(x.shape[1], x.shape[2], 1)
+    exact = x.cpu().double() * scale
+    ulp = torch.finfo(dtype).eps * exact.abs() * (2 if dtype == torch.float64 else 1)
+    assert ((out.cpu().double() - exact).abs() <= ulp)[kept].all()
+    assert (out.cpu()[~kept] == 0).all()
+
+
+def test_width_one_rows_same_draws_whatever_alignment(device):
+    # Rows of one channel (SAP's and sample_scale's shape): a 16-byte aligned x
+    # and one offset by an element (which no vector load can read) give the same.
+    n, m = 12, 96
+    p = _probs(m, seed=14).float()
+    gen = lambda: torch.Generator(device=device).manual_seed(8)  # noqa: E731
+    aligned = (torch.rand(n, m, 1) + 0.5).to(device)
+    shifted = torch.empty(n * m + 1, device=device)[1:].view(n, m, 1)
+    shifted.copy_(aligned)
+    a = mvm_cuda.sample_rows(aligned, p.to(device), 20, generator=gen())
+    b = mvm_cuda.sample_rows(shifted, p.to(device), 20, generator=gen())
+    assert torch.equal(a, b)
+    assert ((a != 0).sum((1, 2)) >= 1).all() and ((a != 0).sum((1, 2)) <= 20).all()
+
+
+def test_sample_alone_or_in_a_batch_draws_the_same(device):
+    # A sample's draws are keyed by its index: sample 0 alone (its output
+    # split over many blocks on CUDA) and in a batch of 600 agree exactly.
+    m, ch, c = 64, 256, 8
+    x = torch.rand(600, m, ch, device=device) + 0.5
+    p = _probs(m, seed=15).expand(600, m).to(device)  # a row per sample: the same table kind alone or not
+    one = mvm_cuda.sample_rows(x[:1], p[:1], c, generator=torch.Generator(device=device).manual_seed(1))
+    many = mvm_cuda.sample_rows(x, p, c, generator=torch.Generator(device=device).manual_seed(1))
+    assert torch.equal(one[0], many[0])
+
+
+FAULTS = {
+    "negative": (lambda p: p.index_put_((torch.tensor([1]), torch.tensor([2])), torch.tensor(-0.25, dtype=p.dtype)),
+                 r"mvm::sample_rows: p must be non-negative, got -0\.25 in row 1$"),
+    "nan": (lambda p: p.index_put_((torch.tensor([0]), torch.tensor([3])), torch.tensor(float("nan"), dtype=p.dtype)),
+            r"mvm::sample_rows: p must be finite, got a NaN or inf \(nan\) in row 0$"),
+    "inf": (lambda p: p.index_put_((torch.tensor([1]), torch.tensor([0])), torch.tensor(float("inf"), dtype=p.dtype)),
+            r"mvm::sample_rows: p must be finite, got a NaN or inf \(inf\) in row 1$"),
+    "sum": (lambda p: p.mul_(torch.tensor([[1.0], [0.5]], dtype=p.dtype)),
+            r"mvm::sample_rows: every row of p must sum to 1 \(within 0\.0001\), row 1 sums to 0\.5$"),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("p_dtype", [torch.float32, torch.float64], ids=["p32", "p64"])
+def test_one_message_per_fault(device, value_checks, fault, p_dtype):
+    # The CPU kernel checks rows as it scans them, the other paths check the
+    # whole of p first (CUDA, and any device for an empty x): one message each.
+    make, message = FAULTS[fault]
+    p = make(torch.full((2, 6), 1 / 6, dtype=p_dtype)).to(device)
+    x = torch.rand(2, 2, 3, 5, device=device)
+    shared, own = torch.rand(8, 2, 3, 5, device=device), x[:2]  # p shared by samples, or a row per sample
+    for args in ((shared, p), (own, p), (x[:0], p)):
+        with pytest.raises(RuntimeError) as info:
+            torch.ops.mvm.sample_rows(*args, 3)
+        assert re.match(message, str(info.value).splitlines()[0]), str(info.value)

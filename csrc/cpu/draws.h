@@ -27,15 +27,17 @@ inline uint64_t call_key(const std::optional<at::Generator>& generator) {
 // p -> 1/pi = 1 / (1 - (1-p)^c), in place, by ATen's vectorised log1p and
 // expm1 (-1 / expm1(c log1p(-p))): cheaper than a libm call per entry, and
 // in p's dtype (float32 keeps the relative accuracy a float32 output holds).
+// p >= 1 gives 1 (math.h's inclusion_prob): a row left at 1 + 1 ulp by
+// rounding would otherwise take log1p of a value below -1, NaN.
 inline at::Tensor& inverse_inclusion_(at::Tensor& p, int64_t c) {
-  return p.neg_().log1p_().mul_(static_cast<double>(c)).expm1_().neg_().reciprocal_();
+  return p.clamp_max_(1.0).neg_().log1p_().mul_(static_cast<double>(c)).expm1_().neg_().reciprocal_();
 }
 
 // A sample's random stream: xoshiro256++ (Blackman and Vigna), its state
 // seeded through SplitMix64 from the call's key and the sample's index, four
 // SplitMix steps per sample so that no two samples of a call share a seed
-// word. A draw then costs about a nanosecond; a 10-round Philox (what the CUDA
-// kernel uses, for its counter-based offsets) costs several times that here.
+// word. Cheaper per draw on a CPU than the 10-round Philox the CUDA kernels
+// use for their counter-based offsets.
 class SampleStream {
  public:
   SampleStream(uint64_t key, uint64_t sample) {
@@ -132,8 +134,7 @@ struct Marks {
   }
 };
 
-// Guide buckets per bin of draws (below): SAP on 16 x 64x26x26 took 13.0 ms
-// a call on one thread unbinned, 11.5 with bins of 1,024, 8.6 with 128.
+// Guide buckets per bin of draws (below): a bin's slice of the table stays in L1.
 constexpr int64_t kBinBuckets = 128;
 
 // c draws with replacement from a row's table into `marks`. A table of more
@@ -161,9 +162,8 @@ inline void draw(SampleStream r, const Table& t, int64_t c, std::vector<int64_t>
     ++counts[((x & 0xFFFFFFFFull) * nb) >> 32];
     if (d + 1 < c) ++counts[((x >> 32) * nb) >> 32];
   }
-  // The bin's count and start in locals: read through counts[b] in the loop
-  // condition, they were reloaded after every mark (a byte store may alias
-  // them), and a draw took 11.5 ns rather than 7.3 (SAP's MNIST tables).
+  // The bin's count and start in locals: read through counts[b] they would be
+  // reloaded after every mark (a byte store may alias them).
   const double width = 1.0 / static_cast<double>(bins);
   for (int64_t b = 0; b < bins; ++b) {
     const int64_t n = counts[b];

@@ -25,8 +25,7 @@ namespace {
 
 #ifdef MVM_F16C
 // A float16 row times s with the F16C conversions, 8 at a time: this build
-// targets plain x86-64, where c10::Half converts in software (a float16
-// sample_rows ran at 0.14 of clone's bandwidth). Both round to nearest even,
+// targets plain x86-64, where c10::Half converts in software. Both round to nearest even,
 // so the result is the same.
 __attribute__((target("avx,f16c"))) void scale_half_row(const c10::Half* src, c10::Half* dst, int64_t C, float s) {
   const __m256 vs = _mm256_set1_ps(s);
@@ -70,7 +69,7 @@ void write_sample(const scalar_t* x, scalar_t* out, const RowLayout& in, const R
     const bool dense = in.sC == 1 && o.sC == 1;
     for (int64_t h = 0; h < H; ++h) {
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (dense) {  // reads the undrawn rows too, but was 15-35% faster for c = 0.5 to 2 N
+        if (dense) {  // reads the undrawn rows too: no branch per row
           scale_float_rows(x + h * in.sH, out + h * o.sH, W, C, in.sW, o.sW, drawn + h * W, scale + h * W);
           continue;
         }
@@ -135,43 +134,31 @@ struct RowSums {
   int64_t last, positive;
 };
 
+// The value checks of row `row` of p, reported by checks.h's helpers (the
+// same messages as the tensor checks other devices run).
+template <typename prob_t>
+void fail_row(const prob_t* prow, int64_t M, int64_t row, double total) {
+  for (int64_t i = 0; i < M; ++i) check_probability("sample_rows", "p", static_cast<double>(prow[i]), row);
+  check_row_total("sample_rows", "p", total, row);
+}
+
 // Checks row `row` of p (M entries) and writes its running sums into cdf
 // (M): the kernel's only pass over p.
 template <typename prob_t>
 RowSums scan_row(const prob_t* prow, int64_t M, int64_t row, double* cdf) {
-  // The running sum in two independent halves, so that two additions are in
-  // flight at a time (one chain would wait on each addition's latency).
-  const int64_t half = M / 2;
-  double sum0 = 0.0, sum1 = 0.0;  // locals whose address never escapes: kept in registers
-  int64_t last0 = 0, last1 = -1;  // the last row with p > 0 in each half
-  int64_t positive = 0;
+  double sum = 0.0;
+  int64_t last = 0, positive = 0;
   bool ok = true;  // every entry finite and >= 0 (false for NaN too)
-  auto scan = [&](int64_t i, double& sum, int64_t& last) {
+  for (int64_t i = 0; i < M; ++i) {
     const double v = static_cast<double>(prow[i]);
     ok &= (v >= 0.0) & (v <= std::numeric_limits<double>::max());
     sum += v;
     cdf[i] = sum;
     last = v > 0.0 ? i : last;
     positive += v > 0.0;
-  };
-  for (int64_t i = 0; i < half; ++i) {
-    scan(i, sum0, last0);
-    scan(half + i, sum1, last1);
   }
-  if (M % 2) scan(M - 1, sum1, last1);
-  const double offset = sum0, total = sum0 + sum1;
-  const int64_t last = last1 >= 0 ? last1 : last0;
-  if (!ok) {
-    for (int64_t i = 0; i < M; ++i) {
-      const double v = static_cast<double>(prow[i]);
-      TORCH_CHECK(!(v < 0.0), "mvm::sample_rows: p must be non-negative, got ", v, " in row ", row);
-      TORCH_CHECK(std::isfinite(v), "mvm::sample_rows: p must be finite, got a NaN or inf (", v, ") in row ", row);
-    }
-  }
-  TORCH_CHECK(std::abs(total - 1.0) <= kSumTolerance, "mvm::sample_rows: every row of p must sum to 1 (within ",
-              kSumTolerance, "), row ", row, " sums to ", total);
-  for (int64_t i = half; i < M; ++i) cdf[i] += offset;
-  return RowSums{total, last, positive};
+  if (!ok || !(std::abs(sum - 1.0) <= kSumTolerance)) fail_row(prow, M, row, sum);
+  return RowSums{sum, last, positive};
 }
 
 // The guided table of row `row` of p: cdf (M) and guide (M + 1).
@@ -205,8 +192,7 @@ inline uint64_t to_u64_below_2_64(double v) {
 // q (M) and stacks (2 M) are scratch. The stacks of small and large rows are
 // pushed and popped without a branch (each row is written to both tops, and
 // only one count moves): whether a row is small is a coin flip a CPU cannot
-// predict, and with branches the build took about 9 ns a row, a fifth of a
-// call on CIFAR-10's 32x32x32 layer.
+// predict.
 template <typename prob_t>
 Alias build_alias(const prob_t* prow, int64_t M, const RowSums& t, uint64_t* keep, int64_t* alias, double* q,
                   int64_t* stacks) {
@@ -256,6 +242,82 @@ void draw(SampleStream r, const Alias& a, int64_t M, int64_t c, Marks m) {
   }
 }
 
+// Row j of p (P, M), float32 or float64, handed to f as a typed pointer: a
+// runtime switch per row (the loops inside f see one type), so that the
+// kernel's one template level is x's dtype, as in the CUDA kernel.
+struct ProbRows {
+  const void* data;
+  int64_t M;
+  bool is_double;
+  template <typename F>
+  decltype(auto) with_row(int64_t j, F f) const {
+    return is_double ? f(static_cast<const double*>(data) + j * M) : f(static_cast<const float*>(data) + j * M);
+  }
+};
+
+// What one call draws from and writes to.
+struct Call {
+  const at::Tensor &x, &p, &scales;
+  at::Tensor& out;
+  RowLayout in, o;
+  int64_t N, M, P, c, grain;
+  bool shared;
+  uint64_t key;
+};
+
+template <typename scalar_t>
+void sample_all(const Call& k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t M = k.M, P = k.P;
+  const scalar_t* xd = k.x.const_data_ptr<scalar_t>();
+  scalar_t* od = k.out.mutable_data_ptr<scalar_t>();
+  const acc_t* sd = k.scales.const_data_ptr<acc_t>();
+  const ProbRows rows{k.p.const_data_ptr(), M, k.p.scalar_type() == at::kDouble};
+  // Shared rows: each row checked (its total and count), then the alias
+  // table the draws use. The running sums are not needed: q, the alias
+  // build's scratch, takes them and is then overwritten.
+  const int64_t tables = k.shared ? P : 0;
+  std::vector<int64_t> aliases(tables * M);
+  std::vector<uint64_t> keeps(tables * M);
+  std::vector<Alias> alias(tables);
+  at::parallel_for(0, tables, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> q(M);
+    std::vector<int64_t> stacks(2 * M);
+    for (int64_t j = begin; j < end; ++j) {
+      alias[j] = rows.with_row(j, [&](auto prow) {
+        const RowSums s = scan_row(prow, M, j, q.data());
+        return build_alias(prow, M, s, keeps.data() + j * M, aliases.data() + j * M, q.data(), stacks.data());
+      });
+    }
+  });
+
+  at::parallel_for(0, k.N, k.grain, [&](int64_t begin, int64_t end) {
+    std::vector<double> own_cdf(k.shared ? 0 : M);
+    std::vector<int64_t> own_guide(k.shared ? 0 : M + 1);
+    std::vector<uint8_t> drawn(M);  // 1 for the rows drawn at least once
+    std::vector<int64_t> counts;
+    ExactWork exact;
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t j = n % P;
+      std::fill(drawn.begin(), drawn.end(), uint8_t(0));
+      const SampleStream rng(k.key, static_cast<uint64_t>(n));
+      if (use_exact_draws(k.c, M)) {  // c large against M: the drawn set at once (exact_draws.h)
+        rows.with_row(j, [&](auto prow) {
+          if (!k.shared) build_table(prow, M, j, own_cdf.data(), own_guide.data());  // checks the row
+          draw_exact(rng, [prow](int64_t i) { return static_cast<double>(prow[i]); }, M, k.c, exact, drawn.data());
+        });
+      } else if (k.shared) {
+        draw(rng, alias[j], M, k.c, Marks{drawn.data(), alias[j].positive});
+      } else {
+        const Table t =
+            rows.with_row(j, [&](auto prow) { return build_table(prow, M, j, own_cdf.data(), own_guide.data()); });
+        draw(rng, t, k.c, counts, Marks{drawn.data(), t.positive});
+      }
+      write_sample(xd + n * k.in.sN, od + n * k.o.sN, k.in, k.o, drawn.data(), sd + j * M);
+    }
+  });
+}
+
 at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
                        std::optional<at::Generator> generator) {
   const SampleShape shape = check_sample_rows(x, p, c, /*check_values=*/false);
@@ -267,71 +329,23 @@ at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
 
   const uint64_t key = call_key(generator);  // draws.h
 
-  const RowLayout in = shape.layout(x), o = shape.layout(out);
-  const int64_t M = shape.M, P = shape.P, N = shape.N;
   // When every row of p serves several samples (R copies of a batch), its
   // table is built once, up front; otherwise (a row of p per sample) each
   // sample builds its own.
-  const bool shared = N >= 4 * P;
+  const bool shared = shape.N >= 4 * shape.P;
   const auto pc = p.contiguous();  // (P, M): small next to x, or already contiguous
   // 1/pi for every row of p, in one vectorised pass (only drawn rows are
   // read), in float32 when neither x nor p is float64.
   const auto acc_dtype = at::toOpMathType(x.scalar_type());
-  const auto work_dtype = at::promote_types(pc.scalar_type(), acc_dtype);
+  const auto work_dtype = at::promote_types(p.scalar_type(), acc_dtype);
   auto work = pc.to(work_dtype, /*non_blocking=*/false, /*copy=*/true);
   const auto scales = inverse_inclusion_(work, c).to(acc_dtype);
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(M * shape.C, 1));
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(shape.M * shape.C, 1));
+  const Call call{x, pc, scales, out, shape.layout(x), shape.layout(out), shape.N, shape.M, shape.P, c, grain,
+                  shared, key};
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sample_rows", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xd = x.const_data_ptr<scalar_t>();
-    scalar_t* od = out.mutable_data_ptr<scalar_t>();
-    const acc_t* sd = scales.const_data_ptr<acc_t>();
-    AT_DISPATCH_FLOATING_TYPES(pc.scalar_type(), "sample_rows_p", [&] {
-      using prob_t = scalar_t;
-      const prob_t* pd = pc.const_data_ptr<prob_t>();
-      // Shared rows: each row checked (its total and count), then the alias
-      // table the draws use. The running sums are not needed: q, the alias
-      // build's scratch, takes them and is then overwritten.
-      const int64_t tables = shared ? P : 0;
-      std::vector<int64_t> aliases(tables * M);
-      std::vector<uint64_t> keeps(tables * M);
-      std::vector<Alias> alias(tables);
-      at::parallel_for(0, tables, 1, [&](int64_t begin, int64_t end) {
-        std::vector<double> q(M);
-        std::vector<int64_t> stacks(2 * M);
-        for (int64_t j = begin; j < end; ++j) {
-          const RowSums s = scan_row(pd + j * M, M, j, q.data());
-          alias[j] = build_alias(pd + j * M, M, s, keeps.data() + j * M, aliases.data() + j * M, q.data(),
-                                 stacks.data());
-        }
-      });
-
-      at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-        std::vector<double> own_cdf(shared ? 0 : M);
-        std::vector<int64_t> own_guide(shared ? 0 : M + 1);
-        std::vector<uint8_t> drawn(M);  // 1 for the rows drawn at least once
-        std::vector<int64_t> counts;
-        ExactWork exact;
-        for (int64_t n = begin; n < end; ++n) {
-          const int64_t j = n % P;
-          std::fill(drawn.begin(), drawn.end(), uint8_t(0));
-          const SampleStream rng(key, static_cast<uint64_t>(n));
-          if (use_exact_draws(c, M)) {  // c large against M: the drawn set at once (exact_draws.h)
-            if (!shared) build_table(pd + j * M, M, j, own_cdf.data(), own_guide.data());  // checks the row
-            const prob_t* prow = pd + j * M;
-            draw_exact(rng, [prow](int64_t i) { return static_cast<double>(prow[i]); }, M, c, exact, drawn.data());
-          } else if (shared) {
-            draw(rng, alias[j], M, c, Marks{drawn.data(), alias[j].positive});
-          } else {
-            const Table t = build_table(pd + j * M, M, j, own_cdf.data(), own_guide.data());
-            draw(rng, t, c, counts, Marks{drawn.data(), t.positive});
-          }
-          write_sample(xd + n * in.sN, od + n * o.sN, in, o, drawn.data(), sd + j * M);
-        }
-      });
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sample_rows",
+                                  [&] { sample_all<scalar_t>(call); });
   return out;
 }
 

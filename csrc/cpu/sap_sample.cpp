@@ -50,35 +50,18 @@ at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, bool scale_only, std::o
         scalar_t* os = od + n * K;
         // The running sum of |h| over the nonzero entries, packed without a
         // branch: entry[m] is the m-th nonzero entry, cdf[m] the sum up to it.
-        // Two halves, each packed from its own start, keep two additions in
-        // flight (one chain waits on each addition's latency); the second
-        // half then moves down behind the first, offset by its sum.
         bool ok = true;  // false for NaN and inf
-        auto pack = [&](int64_t j, double& sum, int64_t& m, int64_t* e, double* s) {
+        double sum = 0.0;
+        int64_t m = 0;
+        for (int64_t j = 0; j < K; ++j) {
           const double v = std::abs(static_cast<double>(hs[j]));
           ok &= v <= std::numeric_limits<double>::max();
           sum += v;
-          e[m] = j;
-          s[m] = sum;
+          entry[m] = j;
+          cdf[m] = sum;
           m += v > 0.0;
-        };
-        const int64_t half = K / 2;
-        double sum0 = 0.0, sum1 = 0.0;
-        int64_t m0 = 0, m1 = 0;
-        for (int64_t j = 0; j < half; ++j) {
-          pack(j, sum0, m0, entry.data(), cdf.data());
-          pack(half + j, sum1, m1, entry.data() + half, cdf.data() + half);
         }
-        if (K % 2) pack(K - 1, sum1, m1, entry.data() + half, cdf.data() + half);
-        for (int64_t q = 0; q < m1; ++q) {  // m0 <= half: a forward move is safe
-          entry[m0 + q] = entry[half + q];
-          cdf[m0 + q] = cdf[half + q] + sum0;
-        }
-        const double sum = sum0 + sum1;
-        const int64_t m = m0 + m1;
-        TORCH_CHECK(ok, "mvm::sap_sample: h must be finite, got a NaN or inf in sample ", n);
-        TORCH_CHECK(sum <= std::numeric_limits<double>::max(), "mvm::sap_sample: sum |h| of sample ", n,
-                    " overflows float64");
+        check_sap_values(ok, sum, n);
         std::fill_n(os, K, scalar_t(0));
         if (m == 0) continue;  // an all-zero sample stays zero
 

@@ -1,7 +1,8 @@
-// Device helpers shared by the CUDA kernels: block-wide reductions, the
-// simplex projection of a row held by one block, and the launch plan of the
-// "one block per row" kernels (row buffer in shared memory when it fits, in a
-// global workspace otherwise).
+// What the CUDA kernels share: block-wide reductions and scans, the samplers'
+// draws (Philox uniforms, CDF search, bitmask marks), the simplex projection
+// of a row held by one block, the kernels' shared-memory limits, and
+// launch_rows, the host side of the "one block per row" ops (row buffer in
+// shared memory when it fits, in a global workspace otherwise).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,11 +12,19 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <ATen/Dispatch.h>
+#include <ATen/core/PhiloxRNGEngine.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
+#include <map>
 #include <mutex>
 #include <optional>
+#include <utility>
+#include <vector>
 
+#include "../checks.h"
 #include "../math.h"
 
 namespace mvm::gpu {
@@ -80,6 +89,28 @@ __device__ __forceinline__ void block_sum2(double& a, double& b, double* scratch
 
 __device__ __forceinline__ bool test_bit(const uint32_t* bits, int64_t i) {
   return (bits[i >> 5] >> (i & 31)) & 1u;
+}
+
+// The samplers' draw: a uniform double in [0, 1) with 53 random bits, from
+// two Philox outputs; 53 bits (not a float's 24) so that rows with p down to
+// 1e-9 and below are drawn at their rate.
+__device__ __forceinline__ double uniform53(at::Philox4_32& engine) {
+  const uint32_t hi = engine() >> 5;  // 27 bits
+  const uint32_t lo = engine() >> 6;  // 26 bits
+  return (hi * 67108864.0 + lo) * (1.0 / 9007199254740992.0);
+}
+
+// The row drawn by t in [0, cdf[m-1]): the first i with cdf[i] > t. A row with
+// p = 0 has cdf[i] == cdf[i-1] and so can never be returned; when rounding puts
+// t at or past the total, the caller's fallback `last` (the last row with
+// p > 0) is used.
+__device__ __forceinline__ int64_t search_cdf(const double* cdf, int64_t m, double t, int64_t last) {
+  int64_t lo = 0, hi = m;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (cdf[mid] > t) hi = mid; else lo = mid + 1;
+  }
+  return lo < m ? lo : last;
 }
 
 // Sets bit i of the bitmask `keep` (in shared or global memory) for the lanes
@@ -216,23 +247,29 @@ inline at::PhiloxCudaState philox_state(const std::optional<at::Generator>& gene
   return gen->philox_cuda_state(outputs);
 }
 
-// The dynamic shared memory one block of `kernel` may opt in to: the
-// device's per-block limit less the kernel's static shared memory.
-template <typename Kernel>
-size_t dynamic_smem_limit(Kernel kernel) {
+// The dynamic shared memory one block of `kernel` may use on the current
+// device: the device's opt-in limit less the kernel's static shared memory.
+// The first call per kernel and device raises the kernel's attribute to that
+// limit, once: an attribute set per call to that call's size could be
+// lowered by another thread between its setting and its launch.
+inline size_t dynamic_smem_limit(const void* kernel) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> limits;
+  const int device = c10::cuda::current_device();
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto known = limits.find({kernel, device});
+  if (known != limits.end()) return known->second;
   cudaFuncAttributes attr;
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin - attr.sharedSizeBytes;
+  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin - attr.sharedSizeBytes;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit)));
+  limits.emplace(std::make_pair(kernel, device), limit);
+  return limit;
 }
 
-// Lets `kernel` launch with `bytes` of dynamic shared memory (past the
-// default 48 KB a kernel must opt in).
 template <typename Kernel>
-void allow_dynamic_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
-  }
+size_t dynamic_smem_limit(Kernel* kernel) {
+  return dynamic_smem_limit(reinterpret_cast<const void*>(kernel));
 }
 
 // Global workspace budget of the long-row path; past it, fewer blocks run.
@@ -241,10 +278,9 @@ constexpr int64_t kWorkspaceBytes = int64_t(256) << 20;
 inline int round_up(int64_t v, int64_t m) { return static_cast<int>((v + m - 1) / m * m); }
 
 // `kernel` is the __global__ function to be launched (its static shared
-// memory is subtracted, and its dynamic limit raised when the plan needs
-// more than the default 48 KB).
+// memory is subtracted from what a block may use).
 template <typename Kernel>
-RowPlan plan_rows(Kernel kernel, int64_t rows, int64_t n, int64_t doubles, int threads,
+RowPlan plan_rows(Kernel* kernel, int64_t rows, int64_t n, int64_t doubles, int threads,
                   const at::Tensor& like) {
   RowPlan plan;
   plan.threads = threads;
@@ -255,7 +291,6 @@ RowPlan plan_rows(Kernel kernel, int64_t rows, int64_t n, int64_t doubles, int t
   if (bytes <= limit) {
     plan.smem = bytes;
     plan.grid = std::min(rows, max_grid);
-    allow_dynamic_smem(kernel, bytes);
     return plan;
   }
   const int64_t per_block = n * doubles;
@@ -270,6 +305,53 @@ RowPlan plan_rows(Kernel kernel, int64_t rows, int64_t n, int64_t doubles, int t
 inline int threads_for(int64_t n, int64_t per_thread, int max_threads) {
   const int64_t want = (n + per_thread - 1) / per_thread;
   return static_cast<int>(std::clamp<int64_t>(round_up(want, kWarp), kWarp, max_threads));
+}
+
+// The host side of the three "one block per row" ops (project_simplex,
+// mvm_step, solve_mvm): the inputs, all of one shape and dtype, are read as
+// contiguous (rows, n) (a documented copy at most), the output is a new
+// contiguous tensor of their shape. fn(scalar_t{}, launch) dispatches on
+// the dtype and calls launch(kernel, args...), which plans the rows and
+// launches kernel<<<...>>>(args..., workspace) on the current stream.
+struct RowSpec {
+  int64_t doubles;     // float64 buffers of n per row
+  int64_t per_thread;  // elements per thread (threads_for)
+  int max_threads;
+};
+
+struct RowLaunch {
+  std::vector<at::Tensor> in;
+  at::Tensor out;
+  int64_t rows, n;
+  RowSpec spec;
+  template <typename Kernel, typename... Args>
+  void operator()(Kernel* kernel, Args... args) const {
+    const RowPlan plan = plan_rows(kernel, rows, n, spec.doubles, threads_for(n, spec.per_thread, spec.max_threads), out);
+    kernel<<<static_cast<unsigned>(plan.grid), plan.threads, plan.smem, at::cuda::getCurrentCUDAStream()>>>(
+        args..., plan.buffer());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+struct NamedTensor {
+  const char* name;
+  const at::Tensor& t;
+};
+
+template <typename Fn>
+at::Tensor launch_rows(const char* op, std::initializer_list<NamedTensor> inputs, RowSpec spec, Fn fn) {
+  for (const auto& input : inputs) check_cuda(op, input.name, input.t);
+  const at::Tensor& first = inputs.begin()->t;
+  const c10::cuda::CUDAGuard guard(first.device());
+  RowLaunch launch;
+  for (const auto& input : inputs) launch.in.push_back(input.t.contiguous());
+  launch.out = at::empty_like(launch.in[0], at::MemoryFormat::Contiguous);
+  launch.n = first.size(-1);
+  launch.rows = launch.n == 0 ? 0 : first.numel() / launch.n;
+  launch.spec = spec;
+  if (launch.rows == 0) return launch.out;
+  AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "mvm_launch_rows", [&] { fn(scalar_t{}, launch); });
+  return launch.out;
 }
 
 }  // namespace mvm::gpu

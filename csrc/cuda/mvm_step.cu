@@ -35,28 +35,17 @@ mvm_step_kernel(const scalar_t* __restrict__ p, const scalar_t* __restrict__ alp
   }
 }
 
-at::Tensor mvm_step(const at::Tensor& p_in, const at::Tensor& alpha_in, int64_t c, double lr) {
-  check_mvm_step(p_in, alpha_in, c, lr);
-  const c10::cuda::CUDAGuard guard(p_in.device());
-  const auto p = p_in.contiguous();  // documented: rows are read contiguous, a copy at most
-  const auto alpha = alpha_in.contiguous();
-  auto out = at::empty_like(p, at::MemoryFormat::Contiguous);
-  const int64_t n = p.size(-1);
-  const int64_t rows = n == 0 ? 0 : p.numel() / n;
-  if (rows == 0) return out;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "mvm_step_cuda", [&] {
-    auto kernel = mvm_step_kernel<scalar_t>;
-    // Fewer elements per thread than the plain projection: the step costs a
-    // log1p and an exp or two per element.
-    const RowPlan plan = plan_rows(kernel, rows, n, /*doubles=*/1,
-                                   threads_for(n, 4, kMaxThreads), p);
-    kernel<<<static_cast<unsigned>(plan.grid), plan.threads, plan.smem, stream>>>(
-        p.const_data_ptr<scalar_t>(), alpha.const_data_ptr<scalar_t>(),
-        out.mutable_data_ptr<scalar_t>(), rows, n, static_cast<double>(c), lr, plan.buffer());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
+at::Tensor mvm_step(const at::Tensor& p, const at::Tensor& alpha, int64_t c, double lr) {
+  check_mvm_step(p, alpha, c, lr);
+  // Fewer elements per thread than the plain projection: the step costs a
+  // log1p and an exp or two per element.
+  return launch_rows("mvm_step", {{"p", p}, {"alpha", alpha}}, RowSpec{/*doubles=*/1, /*per_thread=*/4, kMaxThreads},
+                     [&](auto zero, const RowLaunch& l) {
+                       using scalar_t = decltype(zero);
+                       l(mvm_step_kernel<scalar_t>, l.in[0].const_data_ptr<scalar_t>(),
+                         l.in[1].const_data_ptr<scalar_t>(), l.out.mutable_data_ptr<scalar_t>(), l.rows, l.n,
+                         static_cast<double>(c), lr);
+                     });
 }
 
 }  // namespace

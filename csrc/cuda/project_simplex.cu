@@ -32,25 +32,14 @@ project_simplex_kernel(const scalar_t* __restrict__ v, scalar_t* __restrict__ ou
   }
 }
 
-at::Tensor project_simplex(const at::Tensor& v_in, double z) {
-  check_project_simplex(v_in, z);
-  const c10::cuda::CUDAGuard guard(v_in.device());
-  const auto v = v_in.contiguous();  // documented: rows are read contiguous, a copy at most
-  auto out = at::empty_like(v, at::MemoryFormat::Contiguous);
-  const int64_t n = v.size(-1);
-  const int64_t rows = n == 0 ? 0 : v.numel() / n;
-  if (rows == 0) return out;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "mvm_project_simplex_cuda", [&] {
-    auto kernel = project_simplex_kernel<scalar_t>;
-    const RowPlan plan = plan_rows(kernel, rows, n, /*doubles=*/1,
-                                   threads_for(n, 8, kMaxThreads), v);
-    kernel<<<static_cast<unsigned>(plan.grid), plan.threads, plan.smem, stream>>>(
-        v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rows, n, z,
-        plan.buffer());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
+at::Tensor project_simplex(const at::Tensor& v, double z) {
+  check_project_simplex(v, z);
+  return launch_rows("project_simplex", {{"v", v}}, RowSpec{/*doubles=*/1, /*per_thread=*/8, kMaxThreads},
+                     [&](auto zero, const RowLaunch& l) {
+                       using scalar_t = decltype(zero);
+                       l(project_simplex_kernel<scalar_t>, l.in[0].const_data_ptr<scalar_t>(),
+                         l.out.mutable_data_ptr<scalar_t>(), l.rows, l.n, z);
+                     });
 }
 
 }  // namespace

@@ -8,14 +8,14 @@
 //   4. the output, line by line along x's contiguous dimension (C for NHWC,
 //      the pixels for the NHWC view of an NCHW tensor), 16-byte vectors where
 //      the layout allows; undrawn rows are written as zeros without reading x.
-// Everything lives in shared memory while the CDF fits (M up to ~27k rows on
-// an H100). Past that (the "big-M" path, e.g. SAP on a large activation) a
-// separate kernel writes every row of p's CDF to a global workspace once,
+// Everything lives in shared memory while the CDF fits (M up to ~27k rows with
+// 227 KB per block). Past that (the "big-M" path) a separate kernel writes every row of p's CDF to a global workspace once,
 // the sampling kernel keeps a coarse CDF (every seg-th entry) in shared
 // memory, finishes each search in one global segment, and keeps its bitmask
 // in a global workspace slice of the block. With fewer samples than it
 // takes to fill the GPU, several blocks (gridDim.y) share a sample: each
-// repeats its deterministic steps 1-3 and writes its own share of the lines.
+// repeats its deterministic steps 1-3 and writes its own share of the lines
+// (so the split is bounded by what those steps cost against the share).
 // Same semantics as csrc/cpu/sample_rows.cpp; the draws differ from the
 // CPU's (another generator), not their law.
 #include <ATen/Dispatch.h>
@@ -24,6 +24,8 @@
 
 #include <cub/block/block_scan.cuh>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <optional>
@@ -259,7 +261,7 @@ sample_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, c
           i = big ? draw_row_two_level(cdf, a.ncoarse, a.seg, row_cdf, M, row_pos, t, last)
                   : draw_row(cdf, M, pos, t, last);
         }
-        warp_mark(keep, i, valid);  // M < 2^37: no real word is the sentinel 2^32 - 1
+        warp_mark(keep, i, valid);  // check_bitmask_rows: no real word is the sentinel
       });
     }
     __syncthreads();
@@ -353,9 +355,13 @@ Lines plan_lines(const SampleShape& s, const RowLayout& in, const RowLayout& o, 
   }
   const int64_t vec = 16 / static_cast<int64_t>(elem_size);
   auto aligned = [&](int64_t stride) { return stride % vec == 0; };
+  // A stride along a dimension of size 1 is never stepped: C = 1 (SAP's
+  // rows) and N = 1 must not block the vectors.
+  if (C == 1) L.in_s0 = L.out_s0 = 0;
+  const int64_t in_sN = s.N == 1 ? 0 : in.sN, out_sN = s.N == 1 ? 0 : o.sN;
   L.vectorized = L.in_sj == 1 && L.out_sj == 1 && L.len % vec == 0 && aligned(L.in_s0) &&
-                 aligned(L.in_s1) && aligned(L.out_s0) && aligned(L.out_s1) && aligned(in.sN) &&
-                 aligned(o.sN) && reinterpret_cast<uintptr_t>(x_ptr) % 16 == 0 &&
+                 aligned(L.in_s1) && aligned(L.out_s0) && aligned(L.out_s1) && aligned(in_sN) &&
+                 aligned(out_sN) && reinterpret_cast<uintptr_t>(x_ptr) % 16 == 0 &&
                  reinterpret_cast<uintptr_t>(out_ptr) % 16 == 0;
   const int64_t units = L.vectorized ? L.len / vec : L.len;
   L.group = static_cast<int>(std::min<int64_t>(kThreads, next_pow2(std::max<int64_t>(units, 1))));
@@ -364,14 +370,13 @@ Lines plan_lines(const SampleShape& s, const RowLayout& in, const RowLayout& o, 
 
 at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
                        std::optional<at::Generator> generator) {
-  const SampleShape shape = check_sample_rows(x, p, c);
+  const SampleShape shape = check_sample_rows(x, p, c, /*check_values=*/false);
+  check_cuda("sample_rows", "x", x);  // p is on x's device
+  check_bitmask_rows("sample_rows", shape.M);
+  if (should_check_values(p)) check_probabilities("sample_rows", "p", p);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty_like(x);
   if (x.numel() == 0) return out;
-
-  // Bitmask words are 32-bit indices (and one is a sentinel), CDFs float64.
-  TORCH_CHECK(shape.M < (int64_t(1) << 37), "mvm::sample_rows: at most 2^37 rows per sample on CUDA, got M = ",
-              shape.M);
   SampleArgs a{};
   a.N = shape.N;
   a.M = shape.M;
@@ -399,14 +404,20 @@ at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
   const int64_t max_grid = int64_t(1) << 30;
   // Fewer samples than ~4 blocks per SM: split each sample's lines over
   // gridDim.y blocks (at least 8 lines each), so that a few huge samples
-  // still use the whole GPU.
+  // still use the whole GPU. Every block of a sample repeats its scan of p
+  // and its c draws (and, on the big-M path, has its own keep slice), so a
+  // block's share of the output must outweigh them: the split is at most
+  // the sample's elements over the cost of its draws.
   const int64_t slots = int64_t(4) * prop->multiProcessorCount;
+  const double draw_cost = static_cast<double>(a.M) + (exact ? 0.0 : static_cast<double>(c) * std::log2(2.0 * a.M));
+  const double by_cost = static_cast<double>(a.M) * static_cast<double>(shape.C) / draw_cost;
   const int64_t split = std::clamp<int64_t>(
-      std::min((slots + a.N - 1) / a.N, a.lines.count / 8), 1, 65535);
+      std::min({(slots + a.N - 1) / a.N, a.lines.count / 8, static_cast<int64_t>(std::min(by_cost, 65535.0))}), 1,
+      65535);
   a.lines_per_block = (a.lines.count + split - 1) / split;
   const int64_t grid_y = (a.lines.count + a.lines_per_block - 1) / a.lines_per_block;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mvm_sample_rows_cuda", [&] {
-    auto kernel = sample_rows_kernel<scalar_t>;
+    auto* kernel = sample_rows_kernel<scalar_t>;
     const size_t limit = dynamic_smem_limit(kernel);
     const size_t smem_bytes = static_cast<size_t>(a.M) * sizeof(double) +
                               2 * static_cast<size_t>(a.words) * sizeof(uint32_t);
@@ -435,7 +446,6 @@ at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
           reinterpret_cast<uint32_t*>(pos.mutable_data_ptr<int32_t>()), last.mutable_data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    allow_dynamic_smem(kernel, smem);
     const dim3 blocks(static_cast<unsigned>(grid), static_cast<unsigned>(grid_y));
     kernel<<<blocks, kThreads, smem, stream>>>(
         x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), a);

@@ -15,7 +15,8 @@
 // search in shared memory however large K is, and nothing of size K goes to
 // global memory: h is read twice (steps 1 and 3), the output written once.
 // The S slice sums live in shared memory too, which bounds K: about 34 M
-// entries per sample on an H100 (a larger sample raises an error naming K).
+// entries per sample with 227 KB of shared memory per block (a larger sample
+// raises an error naming K).
 // One block per sample also means that a few huge samples leave most SMs idle.
 // Same semantics as csrc/cpu/sap_sample.cpp (the draws differ, not their law),
 // except that without value checks a sample with NaN or inf in h, or whose
@@ -190,6 +191,7 @@ sap_sample_kernel(const scalar_t* __restrict__ h, scalar_t* __restrict__ out, co
 }
 
 at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, bool scale_only, std::optional<at::Generator> generator) {
+  check_cuda("sap_sample", "h", h_in);
   const at::Tensor h = check_sap_sample(h_in, r);
   const c10::cuda::CUDAGuard guard(h.device());
   auto out = at::empty_like(h);  // h's strides: entry j of a sample sits where it sits in h
@@ -209,25 +211,24 @@ at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, bool scale_only, std::o
                       static_cast<size_t>(a.S) * (sizeof(double) + 2 * sizeof(unsigned long long)) +
                       static_cast<size_t>((a.L + 31) / 32) * sizeof(uint32_t);
 
-  // Per sample: the slice blocks, then at most pairs + S blocks for the
-  // slices' draws (each slice's start rounded up to even), 4 outputs each.
-  // With r large against K, only what exact_drawn reads.
-  const bool exact = use_exact_draws(r, a.K);
-  a.rng = philox_state(generator, exact ? exact_draws_outputs(a.K)
-                                        : 4 * (a.slice_blocks + pairs + static_cast<uint64_t>(a.S)));
-  at::Tensor drawn;
-  if (exact) {  // the drawn entries of every sample, in work independent of r
-    drawn = exact_drawn(h.reshape({a.N, a.K}).to(at::kDouble).abs(), r, a.rng);
-    a.drawn = drawn.const_data_ptr<uint8_t>();
-  }
-
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "mvm_sap_sample_cuda", [&] {
-    auto kernel = sap_sample_kernel<scalar_t>;
+    auto* kernel = sap_sample_kernel<scalar_t>;
     const size_t limit = dynamic_smem_limit(kernel);
     TORCH_CHECK(smem <= limit, "mvm::sap_sample: h has too many entries per sample for the CUDA kernel (K = ",
                 a.K, ", at most about ", (limit - kSlice * 8) / 24 * kSlice, ")");
-    allow_dynamic_smem(kernel, smem);
+    // Per sample: the slice blocks, then at most pairs + S blocks for the
+    // slices' draws (each slice's start rounded up to even), 4 outputs each;
+    // with r large against K, only what exact_drawn reads. Reserved after the
+    // checks: a call that raises leaves the generator as it was.
+    const bool exact = use_exact_draws(r, a.K);
+    a.rng = philox_state(generator, exact ? exact_draws_outputs(a.K)
+                                          : 4 * (a.slice_blocks + pairs + static_cast<uint64_t>(a.S)));
+    at::Tensor drawn;
+    if (exact) {  // the drawn entries of every sample, in work independent of r
+      drawn = exact_drawn(h.reshape({a.N, a.K}).to(at::kDouble).abs(), r, a.rng);
+      a.drawn = drawn.const_data_ptr<uint8_t>();
+    }
     const int64_t grid = std::min<int64_t>(a.N, (int64_t(1) << 31) - 1);
     kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(
         h.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), a);

@@ -163,26 +163,16 @@ solve_mvm_kernel(const scalar_t* __restrict__ alpha, scalar_t* __restrict__ out,
   }
 }
 
-at::Tensor solve_mvm(const at::Tensor& alpha_in, int64_t c, c10::string_view method,
+at::Tensor solve_mvm(const at::Tensor& alpha, int64_t c, c10::string_view method,
                      int64_t max_iter, double tol) {
-  const bool kkt = check_solve_mvm(alpha_in, c, method, max_iter, tol);
-  const c10::cuda::CUDAGuard guard(alpha_in.device());
-  const auto alpha = alpha_in.contiguous();  // documented: rows are read contiguous, a copy at most
-  auto out = at::empty_like(alpha, at::MemoryFormat::Contiguous);
-  const int64_t m = alpha.size(-1);
-  const int64_t rows = m == 0 ? 0 : alpha.numel() / m;
-  if (rows == 0) return out;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(alpha.scalar_type(), "mvm_solve_mvm_cuda", [&] {
-    auto kernel = solve_mvm_kernel<scalar_t>;
-    const RowPlan plan = plan_rows(kernel, rows, m, /*doubles=*/kkt ? 1 : 4,
-                                   threads_for(m, 2, kMaxThreads), alpha);
-    kernel<<<static_cast<unsigned>(plan.grid), plan.threads, plan.smem, stream>>>(
-        alpha.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rows, m,
-        static_cast<double>(c), kkt, max_iter, tol, plan.buffer());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
+  const bool kkt = check_solve_mvm(alpha, c, method, max_iter, tol);
+  return launch_rows("solve_mvm", {{"alpha", alpha}}, RowSpec{/*doubles=*/kkt ? 1 : 4, /*per_thread=*/2, kMaxThreads},
+                     [&](auto zero, const RowLaunch& l) {
+                       using scalar_t = decltype(zero);
+                       l(solve_mvm_kernel<scalar_t>, l.in[0].const_data_ptr<scalar_t>(),
+                         l.out.mutable_data_ptr<scalar_t>(), l.rows, l.n, static_cast<double>(c), kkt, max_iter,
+                         tol);
+                     });
 }
 
 }  // namespace
