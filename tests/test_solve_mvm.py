@@ -113,8 +113,10 @@ def test_pgd_reaches_kkt_over_wide_range(device, m, c, decades, seed):
     p = mvm_cuda.solve_mvm(alpha.to(device), c, "pgd").cpu()  # default max_iter and tol
     assert _rel_gap(p, alpha, c, v_opt) <= 1e-6
     assert abs(p.sum(-1) - 1).max() < 1e-12 and (p[alpha > 0] >= 1e-12).all() and (p[alpha == 0] == 0).all()
-    # The same optimum from the reference's own PGD and from the kernel's KKT.
-    assert _rel_gap(ref.solve_mvm(alpha, c, "pgd"), alpha, c, v_opt) <= 1e-6
+    # The same optimum from the reference's own PGD (a slow Python loop: the
+    # smaller problems) and from the kernel's KKT.
+    if m <= 1024:
+        assert _rel_gap(ref.solve_mvm(alpha, c, "pgd"), alpha, c, v_opt) <= 1e-6
     assert _rel_gap(mvm_cuda.solve_mvm(alpha.to(device), c, "kkt").cpu(), alpha, c, v_opt) <= 1e-9
 
 
@@ -165,7 +167,8 @@ def test_pgd_every_step_decreases_f(device, c):
     v = [ref.variance(mvm_cuda.solve_mvm(alpha.to(device), c, "pgd", k, 0.0).cpu(), alpha, c) for k in range(1, 12)]
     start = ref.variance(torch.where(alpha > 0, 1.0 / (alpha > 0).sum(-1, keepdim=True), 0.0), alpha, c)
     v = torch.stack([start] + v)
-    assert (v[1:] <= v[:-1]).all()
+    # Each accepted step lowers the kernel's V; measured here with another sum order: rounding slack.
+    assert (v[1:] <= v[:-1] * (1 + 1e-14)).all()
     assert (v[-1] < v[0]).all()
 
 
