@@ -277,4 +277,4 @@ def row_alpha(x: torch.Tensor) -> torch.Tensor:
     """alpha: the squared norm of every row (pixel) of x (N, H, W, C) or
     (N, M, C), as (N, M) float64, squared and summed in float64 (a float32
     square overflows for entries above about 1.8e19)."""
-    return x.double().square_().sum(-1).reshape(x.shape[0], -1)
+    return x.double().square().sum(-1).reshape(x.shape[0], -1)  # not square_: x may be float64 already

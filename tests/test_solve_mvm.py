@@ -154,6 +154,9 @@ def test_row_alpha_of_large_float32_activations(device):
     x[0, 0, 0] = 3e20
     alpha = mvm_cuda.row_alpha(x)
     assert alpha.dtype == torch.float64 and torch.isfinite(alpha).all()
+    x64 = x.double()
+    mvm_cuda.row_alpha(x64)
+    assert torch.equal(x64, x.double())  # the input is left alone
     assert torch.allclose(alpha.cpu(), x.cpu().double().square().sum(-1).reshape(2, 9), rtol=1e-15)
     for method in ("kkt", "pgd"):
         p = mvm_cuda.solve_mvm(alpha, 9, method).cpu()
