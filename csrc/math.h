@@ -321,6 +321,13 @@ C10_HOST_DEVICE inline void pgd_solve(const PgdRows& r, int64_t k, double c, int
     if (s.top <= tol || stalled) break;
     mu = s.a > 0.0 ? moved / s.a : kStepGrowth * mu;
   }
+  // A step's move cancels in its large rows (p near 1 next to rows near the
+  // floor): the sum is put back to 1 once, at the end.
+  const double total = over([&](int64_t i) { return SupportSums{r.p[i]}; }).a;
+  over([&](int64_t i) {
+    r.p[i] /= total;
+    return SupportSums{};
+  });
 }
 
 // Michelot's projection onto {p >= 0, sum p = z}: the threshold tau is refined

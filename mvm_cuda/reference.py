@@ -182,7 +182,7 @@ def _solve_pgd(alpha: torch.Tensor, c: int, max_iter: int, tol: float) -> torch.
             break
         mu = (moved / sy).item() if sy > 0 else 2.0 * mu
     out = torch.zeros_like(alpha)
-    out[alpha > 0] = p
+    out[alpha > 0] = p / p.sum()  # the moves of large rows cancel: the sum back to 1
     return out
 
 
