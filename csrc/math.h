@@ -15,7 +15,14 @@ constexpr int kRowSearchIters = 200;   // per-row KKT search (safeguarded Newton
 constexpr int kLambdaSearchIters = 200;  // outer KKT search on log(lambda)
 // A row whose probability is this small is evaluated at the floor in the
 // gradient: the exact gradient at p = 0 is infinite (see mvm_step's docs).
+// PGD keeps p >= kProbFloor on the support for the same reason.
 constexpr double kProbFloor = 1e-12;
+
+// PGD's step control (pgd_solve below).
+constexpr double kArmijo = 1e-4;           // fraction of the predicted decrease a step must achieve
+constexpr int kMaxHalvings = 100;          // halvings of a rejected step before p counts as optimal
+constexpr double kMinRelDecrease = 1e-15;  // a smaller relative decrease of V is rounding: stop
+constexpr double kStepGrowth = 2.0;        // step factor when the curvature estimate is unusable
 
 // pi(p) = 1 - (1 - p)^c, the probability that a row is drawn at least once in
 // c draws. Written with expm1/log1p: the naive form loses every digit when
@@ -146,6 +153,180 @@ C10_HOST_DEVICE inline double kkt_lambda_search(double s, int64_t max_iter, Eval
     s = next;
   }
   return s;
+}
+
+// The solvers below work on the support of a row (the rows with alpha > 0)
+// through `over(f)`: it calls f(i) for every support index i (of the arrays
+// the solver is given) and returns the total of the SupportSums f returned,
+// the same on every thread. The CPU passes a loop over a gathered support,
+// the CUDA kernel a block-strided loop and a block reduction, so both devices
+// run this same code and differ only in the order of the sums.
+struct SupportSums {
+  double a = 0.0, b = 0.0, c = 0.0;  // added
+  double top = 0.0;                  // maximum of values >= 0
+  C10_HOST_DEVICE void add(const SupportSums& o) {
+    a += o.a;
+    b += o.b;
+    c += o.c;
+    top = o.top > top ? o.top : top;
+  }
+};
+
+// The exact solver: alpha_i g(p_i) = lambda on the support, sum p = 1.
+// log_alpha holds log(alpha_i); p holds each row's last p, the warm start of
+// its next search (0: none yet), and the solution on exit.
+template <typename Over>
+C10_HOST_DEVICE inline void kkt_solve(const double* log_alpha, double* p, double c, int64_t max_iter,
+                                      Over over) {
+  const SupportSums roots = over([&](int64_t i) {
+    p[i] = 0.0;
+    return SupportSums{::exp(0.5 * log_alpha[i])};
+  });
+  // Exact for c = 1 (p proportional to sqrt(alpha)); the small-c*p asymptote
+  // g ~ 1 / (c p^2) otherwise.
+  const double s0 = 2.0 * ::log(roots.a) - ::log(c);
+  // Each row's p at the last lambda tried starts its search at the next.
+  auto update = [&](double s) {
+    return over([&](int64_t i) {
+      double d = 0.0;
+      p[i] = kkt_row(s - log_alpha[i], c, &d, p[i]);
+      return SupportSums{p[i], d};
+    });
+  };
+  const double log_lambda = kkt_lambda_search(s0, max_iter, [&](double s, double* excess, double* slope) {
+    const SupportSums t = update(s);
+    *excess = t.a - 1.0;
+    *slope = t.b;
+  });
+  const double total = update(log_lambda).a;
+  over([&](int64_t i) {
+    p[i] /= total;
+    return SupportSums{};
+  });
+}
+
+// PGD's per-row metric: the inverse of -d log g / dp = (c - 1) / (1 - p) +
+// 2 c (1 - p)^(c - 1) / pi(p), which is positive and finite for p in (0, 1).
+// At the optimum alpha_i g(p_i) is the same for every row, so this is the
+// inverse of the Hessian of f up to one common factor: scaled by it, rows
+// whose p differ by many orders of magnitude move at the same relative pace.
+C10_HOST_DEVICE inline double pgd_scale(double p, double c) {
+  const GradTerms t = grad_terms(p, c);
+  const double tail = c == 1.0 ? 0.0 : (c - 1.0) / (1.0 - p);
+  return 1.0 / (tail + 2.0 * c * t.q / t.pi);
+}
+
+// The arrays PGD works on, indexed by the support indices `over` visits:
+// alpha in, p out; gbar = alpha g(p) (minus the gradient of f) and d =
+// pgd_scale(p) are kept up to date with p.
+struct PgdRows {
+  const double* alpha;
+  double* p;
+  double* gbar;
+  double* d;
+};
+
+// A row's move in a PGD step: the projection of p + mu d gbar onto
+// {x >= kProbFloor, sum x = 1} in the metric sum (x_i - y_i)^2 / d_i is
+// x_i = max(p_i + d_i (mu gbar_i - tau), kProbFloor); this returns x_i - p_i,
+// exact to rounding when the move is small next to p_i.
+C10_HOST_DEVICE inline double pgd_move(const PgdRows& r, int64_t i, double mu, double tau) {
+  const double move = r.d[i] * (mu * r.gbar[i] - tau);
+  const double least = kProbFloor - r.p[i];
+  return move > least ? move : least;
+}
+
+// tau of that projection: the root of sum_i pgd_move(i, mu, tau) = excess
+// (1 - sum p, rounding), by Michelot's rounds. With the rows at their bound
+// fixed, tau = (sum_free d mu gbar + sum_fixed (floor - p) - excess) / sum_free d;
+// each round fixes the rows that this tau puts below the floor, so tau only
+// increases and the rounds end once the free set stops changing.
+template <typename Over>
+C10_HOST_DEVICE inline double pgd_tau(const PgdRows& r, int64_t k, double mu, double excess, Over over) {
+  double tau = -INFINITY;
+  for (int64_t round = 0; round <= k; ++round) {
+    const SupportSums s = over([&](int64_t i) {
+      const double least = kProbFloor - r.p[i];
+      if (r.d[i] * (mu * r.gbar[i] - tau) > least) return SupportSums{r.d[i] * mu * r.gbar[i], r.d[i]};
+      return SupportSums{0.0, 0.0, least};
+    });
+    if (!(s.b > 0.0)) break;
+    const double next = (s.a + s.c - excess) / s.b;
+    if (!(next > tau)) break;
+    tau = next;
+  }
+  return tau;
+}
+
+// The paper's Alg. 2, scaled: start at p = 1/k on the support (k rows), then
+// projected gradient steps p <- Proj(p + mu D gbar) with D = diag(pgd_scale)
+// and the projection in D's metric (pgd_move). mu is the Barzilai-Borwein
+// step of the last move in that metric, halved until the step decreases V by
+// Armijo's margin, so every accepted step decreases V (and f). Stops when no
+// row moved by more than tol of its p (max_i |dp_i| / p_i <= tol), when a
+// step no longer decreases V beyond rounding, when no step decreases it at
+// all, or after max_iter steps. p stays >= kProbFloor on the support.
+template <typename Over>
+C10_HOST_DEVICE inline void pgd_solve(const PgdRows& r, int64_t k, double c, int64_t max_iter, double tol,
+                                      Over over) {
+  const double start = 1.0 / static_cast<double>(k);
+  const SupportSums init = over([&](int64_t i) {
+    r.p[i] = start;
+    r.gbar[i] = r.alpha[i] * grad_factor(start, c);
+    r.d[i] = pgd_scale(start, c);
+    return SupportSums{variance_term(start, r.alpha[i], c), ::sqrt(r.alpha[i]), r.gbar[i]};
+  });
+  double v = init.a;
+  // First step: 1 / lambda for two estimates of the multiplier lambda, the
+  // larger step (line search only shortens it): lambda at the small-c*p
+  // asymptote of the optimum, (sum sqrt(alpha))^2 / c (exact for c = 1), and
+  // the mean of gbar at the start (closer when c*p is large).
+  const double mu_small = c / init.b / init.b;
+  const double mu_mean = static_cast<double>(k) / init.c;
+  double mu = mu_small > mu_mean ? mu_small : mu_mean;
+  if (!(mu > 0.0 && mu < INFINITY)) mu = mu_small > 0.0 && mu_small < INFINITY ? mu_small : 1.0;
+  for (int64_t it = 0; it < max_iter; ++it) {
+    const double excess = 1.0 - over([&](int64_t i) { return SupportSums{r.p[i]}; }).a;
+    bool accepted = false;
+    double tau = 0.0, moved = 0.0, v_next = v;
+    for (int halving = 0; halving < kMaxHalvings; ++halving, mu *= 0.5) {
+      tau = pgd_tau(r, k, mu, excess, over);
+      const SupportSums s = over([&](int64_t i) {
+        const double dp = pgd_move(r, i, mu, tau);
+        return SupportSums{dp * dp / r.d[i], variance_term(r.p[i] + dp, r.alpha[i], c)};
+      });
+      moved = s.a;
+      v_next = s.b;
+      if (!(moved > 0.0)) break;  // the step vanished: no step decreases V
+      accepted = v_next <= v - kArmijo * moved / mu && v_next < v;
+      if (accepted) break;
+    }
+    if (!accepted) break;
+    // The move, the new gradient and metric, and s'y for Barzilai-Borwein
+    // (y: the change of the gradient of f).
+    const SupportSums s = over([&](int64_t i) {
+      const double dp = pgd_move(r, i, mu, tau);
+      const double next = r.p[i] + dp;
+      const double g = r.alpha[i] * grad_factor(next, c);
+      const double sy = -dp * (g - r.gbar[i]);
+      const double rel = ::fabs(dp) / r.p[i];
+      r.p[i] = next;
+      r.gbar[i] = g;
+      r.d[i] = pgd_scale(next, c);
+      return SupportSums{sy, 0.0, 0.0, rel};
+    });
+    const bool stalled = v_next >= (1.0 - kMinRelDecrease) * v;
+    v = v_next;
+    if (s.top <= tol || stalled) break;
+    mu = s.a > 0.0 ? moved / s.a : kStepGrowth * mu;
+  }
+  // A step's move cancels in its large rows (p near 1 next to rows near the
+  // floor): the sum is put back to 1 once, at the end.
+  const double total = over([&](int64_t i) { return SupportSums{r.p[i]}; }).a;
+  over([&](int64_t i) {
+    r.p[i] /= total;
+    return SupportSums{};
+  });
 }
 
 // Michelot's projection onto {p >= 0, sum p = z}: the threshold tau is refined

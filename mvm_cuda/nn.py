@@ -146,7 +146,7 @@ class MVMUnit(SamplingUnit):
     round(c_rel * ref_pixels) with at least 1 (the paper's c = c_rel * N_pixel; the
     detector sets ref_pixels to the input's H*W; if ref_pixels stays None the unit's own
     M is used). In "record" mode the unit stores alpha = ||row||^2 and p = solve_mvm(alpha,
-    c, solver), both (P, M) for a batch of P images, one batched call. In "sample" mode
+    c, solver), both (P, M) float64 for a batch of P images, one batched call. In "sample" mode
     the batch must hold a whole number of copies of those P images (N % P == 0), and
     each sample draws c rows from p[n % P]: kept rows are scaled by 1/pi, the others are
     zero. The output has h's shape and memory format.
@@ -190,7 +190,9 @@ class MVMUnit(SamplingUnit):
     def record(self, h: Tensor) -> None:
         _check_nchw("MVMUnit", h)
         rows = h.shape[2] * h.shape[3]
-        self.alpha = self.backend.row_alpha(h.permute(0, 2, 3, 1))
+        # float64 from alpha to the sampler: p is (P, M), small, and the sampler then
+        # computes 1/pi from the solver's own values, not from a float32 rounding of them.
+        self.alpha = self.backend.row_alpha(h.permute(0, 2, 3, 1)).double()
         self.p = self.backend.solve_mvm(self.alpha, self.draws(rows), self.solver)
 
     def _check_recorded(self, h: Tensor) -> None:

@@ -65,13 +65,23 @@ def mvm_step(p: torch.Tensor, alpha: torch.Tensor, c: int, lr: float) -> torch.T
     return project_simplex(pd + step).to(p.dtype)
 
 
+def _log_g(p: torch.Tensor, c: float) -> torch.Tensor:
+    """log g(p) = log c + (c-1) log(1-p) - 2 log pi(p), exact over the whole of
+    (0, 1] (no floor: the KKT search must resolve p far below PROB_FLOOR)."""
+    log_1mp = torch.log1p(-p.clamp(max=1.0))
+    pi = -torch.expm1(c * log_1mp)
+    tail = (c - 1) * log_1mp if c != 1 else torch.zeros_like(p)
+    return math.log(c) + tail - 2 * torch.log(pi)
+
+
 def _row_p(target: torch.Tensor, c: float, iters: int = 64) -> torch.Tensor:
-    """The p in (0, 1] with log g(p) = target, by bisection on log p."""
-    lo = torch.full_like(target, -700.0)
+    """The p in (0, 1] with log g(p) = target, by bisection on log p over
+    [-745, 0], the whole range of a positive double."""
+    lo = torch.full_like(target, -745.0)
     hi = torch.zeros_like(target)
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        too_small = torch.log(grad_factor(torch.exp(mid), c)) > target
+        too_small = _log_g(torch.exp(mid), c) > target
         lo = torch.where(too_small, mid, lo)
         hi = torch.where(too_small, hi, mid)
     p = torch.exp(0.5 * (lo + hi))
@@ -106,37 +116,74 @@ def _solve_kkt(alpha: torch.Tensor, c: int, iters: int = 64) -> torch.Tensor:
     return p / p.sum(-1, keepdim=True)
 
 
+def _pgd_scale(p: torch.Tensor, c: float) -> torch.Tensor:
+    """PGD's per-row metric 1 / (-d log g / dp): (c-1)/(1-p) + 2 c (1-p)^(c-1) / pi."""
+    log_1mp = torch.log1p(-p)
+    q = torch.ones_like(p) if c == 1 else torch.exp((c - 1) * log_1mp)
+    tail = torch.zeros_like(p) if c == 1 else (c - 1) / (1 - p)
+    return 1.0 / (tail + 2 * c * q / inclusion_prob(p, c))
+
+
+def _scaled_move(p: torch.Tensor, u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The move x - p of the projection of p + d u onto {x >= PROB_FLOOR, sum x = 1}
+    in the metric sum (x - y)^2 / d: x - p = max(d (u - tau), PROB_FLOOR - p) with
+    tau found by sorting the rows' breakpoints (a row is free while tau < its
+    breakpoint u - (PROB_FLOOR - p) / d)."""
+    least = PROB_FLOOR - p
+    excess = 1.0 - p.sum()
+    order = torch.argsort(u - least / d, descending=True)
+    du, dd, lo = (d * u)[order], d[order], least[order]
+    # With the first j rows (by breakpoint) free and the rest at their bound:
+    fixed = lo.flip(0).cumsum(0).flip(0)  # sum of least over rows j.. (the fixed ones)
+    fixed = torch.cat([fixed[1:], fixed.new_zeros(1)])
+    tau = (du.cumsum(0) + fixed - excess) / dd.cumsum(0)
+    breaks = (u - least / d)[order]
+    j = int((breaks > tau).nonzero().max()) if (breaks > tau).any() else 0
+    return torch.maximum(d * (u - tau[j]), least)
+
+
 def _solve_pgd(alpha: torch.Tensor, c: int, max_iter: int, tol: float) -> torch.Tensor:
-    """The paper's Alg. 2 for one float64 problem (M,), with the kernel's
-    per-problem step (Barzilai-Borwein, halved until Armijo's decrease; see
-    csrc/cpu/solve_mvm.cpp)."""
+    """The paper's Alg. 2 for one float64 problem (M,) with the kernel's scaled
+    step (see pgd_solve in csrc/math.h): projected steps p + mu D gbar in the
+    metric of D = _pgd_scale(p), mu by Barzilai-Borwein and halved until
+    Armijo's decrease, p >= PROB_FLOOR on the support."""
     a = alpha[alpha > 0]
     k = a.numel()
     p = torch.full_like(a, 1.0 / k)
     v = variance(p, a, c)
-    grad = a * grad_factor(p, c)  # minus the gradient of f
-    mu = (1.0 / k) / grad.max().item()
+    gbar = a * grad_factor(p, c)  # minus the gradient of f
+    d = _pgd_scale(p, c)
+    # The larger of two first steps: 1 / lambda at the small-c*p asymptote, and
+    # 1 / (mean gbar) at the start.
+    mu_small = c / a.sqrt().sum().item() ** 2
+    mu = max(mu_small, (k / gbar.sum()).item())
+    if not 0 < mu < math.inf:
+        mu = mu_small if 0 < mu_small < math.inf else 1.0
     for _ in range(max_iter):
         accepted = False
         for _ in range(100):
-            nxt = project_simplex(p + mu * grad - PROB_FLOOR, 1.0 - k * PROB_FLOOR) + PROB_FLOOR
-            moved = ((nxt - p) ** 2).sum()
-            v_next = variance(nxt, a, c)
+            step = _scaled_move(p, mu * gbar, d)
+            moved = (step * step / d).sum()
+            if moved == 0:
+                break
+            v_next = variance(p + step, a, c)
             if v_next <= v - 1e-4 * moved / mu and v_next < v:
                 accepted = True
                 break
             mu *= 0.5
         if not accepted:
             break
+        nxt = p + step
         g_next = a * grad_factor(nxt, c)
-        sy = -((nxt - p) * (g_next - grad)).sum()
-        rel = (moved / (p ** 2).sum()).sqrt().item()
-        p, v, grad = nxt, v_next, g_next
-        if rel <= tol:
+        sy = -(step * (g_next - gbar)).sum()
+        rel = (step.abs() / p).max().item()
+        stalled = v_next >= (1 - 1e-15) * v
+        p, v, gbar, d = nxt, v_next, g_next, _pgd_scale(nxt, c)
+        if rel <= tol or stalled:
             break
         mu = (moved / sy).item() if sy > 0 else 2.0 * mu
     out = torch.zeros_like(alpha)
-    out[alpha > 0] = p
+    out[alpha > 0] = p / p.sum()  # the moves of large rows cancel: the sum back to 1
     return out
 
 
@@ -263,6 +310,6 @@ def sap_by_rows(rows_op, h, frac, generator, scale_only):
 
 def row_alpha(x: torch.Tensor) -> torch.Tensor:
     """alpha: the squared norm of every row (pixel) of x (N, H, W, C) or
-    (N, M, C), as (N, M), accumulated in float32 or better."""
-    acc = torch.promote_types(x.dtype, torch.float32)
-    return x.to(acc).square().sum(-1).reshape(x.shape[0], -1)
+    (N, M, C), as (N, M) float64, squared and summed in float64 (a float32
+    square overflows for entries above about 1.8e19)."""
+    return x.double().square().sum(-1).reshape(x.shape[0], -1)  # not square_: x may be float64 already

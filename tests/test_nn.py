@@ -141,7 +141,7 @@ def test_mvm_unit_reads_nhwc_view_in_place(channels_last):
     unit.set_mode("record")
     assert unit(h) is h
     assert unit.p.shape == (3, 42)
-    torch.testing.assert_close(unit.p.sum(1), torch.ones(3))
+    torch.testing.assert_close(unit.p.sum(1), torch.ones(3, dtype=torch.float64))
     big = h.repeat(4, 1, 1, 1).contiguous(memory_format=fmt)
     unit.set_mode("sample")
     out = unit(big)
@@ -231,6 +231,24 @@ def test_reference_backend_records_the_same_p():
     torch.testing.assert_close(units[0].alpha, units[1].alpha)
     torch.testing.assert_close(units[0].p, units[1].p, rtol=1e-6, atol=1e-9)
     assert (units[0].p[0].view(6, 6)[:2] == 0).all()
+
+
+def test_mvm_unit_keeps_p_float64_from_solve_to_sample():
+    # A float32 activation: alpha and p stay float64 (P x M, small), so p's rows sum
+    # to 1 to float64 rounding and 1/pi is computed from the solver's own values.
+    h = torch.relu(torch.randn(2, 4, 8, 8)) * 1e20  # squares past float32's range
+    unit = MVMUnit(c_rel=1.0, generator=torch.Generator().manual_seed(1))
+    unit.set_mode("record")
+    unit(h)
+    assert unit.alpha.dtype == torch.float64 and unit.p.dtype == torch.float64
+    assert torch.isfinite(unit.alpha).all()
+    assert (unit.p.sum(1) - 1).abs().max() < 1e-13
+    unit.set_mode("sample")
+    out = unit(h.repeat(3, 1, 1, 1)).permute(0, 2, 3, 1).reshape(6, 64, 4)
+    scale = (1 / reference.inclusion_prob(unit.p, 64)).repeat(3, 1).float()
+    rows = h.repeat(3, 1, 1, 1).permute(0, 2, 3, 1).reshape(6, 64, 4)
+    kept = (out != 0).any(-1)
+    torch.testing.assert_close(out[kept], (rows * scale[..., None])[kept], rtol=1e-6, atol=0)
 
 
 def test_set_mode_and_sampling_units():
