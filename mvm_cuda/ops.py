@@ -195,9 +195,9 @@ def _(h, r, *, scale_only=False, generator=None):
 
 def row_alpha(x: torch.Tensor) -> torch.Tensor:
     """alpha for MVM: the squared norm of every row (pixel) of x (N, H, W, C)
-    or (N, M, C), as (N, M), accumulated in float32 or better."""
-    acc = torch.promote_types(x.dtype, torch.float32)
-    return x.to(acc).square().sum(-1).reshape(x.shape[0], -1)
+    or (N, M, C), as (N, M) float64, squared and summed in float64 (a float32
+    square overflows for finite entries above about 1.8e19)."""
+    return x.to(torch.float64).square().sum(-1).reshape(x.shape[0], -1)  # to() may return x itself: no square_
 
 
 def set_value_checks(enabled: bool) -> bool:
