@@ -47,8 +47,9 @@ step "pip install . ok"
 (cd "$work/src" && "$work/venv/bin/python" -m build --sdist --no-isolation -o "$work/dist" > "$work/sdist.log" 2>&1) \
   || { tail -20 "$work/sdist.log"; fail "the sdist did not build"; }
 sdist=$(ls "$work"/dist/*.tar.gz)
+tar -tzf "$sdist" > "$work/sdist.txt"  # a file, not a pipe: grep -q would end tar early (pipefail)
 for member in backend/torch_aware_backend.py csrc/checks.h csrc/cuda/common.cuh MANIFEST.in pyproject.toml; do
-  tar -tzf "$sdist" | grep -q "/$member\$" || fail "the sdist lacks $member"
+  grep -q "/$member\$" "$work/sdist.txt" || fail "the sdist lacks $member"
 done
 "$work/venv/bin/pip" uninstall -q -y mvm_cuda
 step "pip $("$work/venv/bin/pip" --version | cut -d' ' -f2): pip install $(basename "$sdist")"
