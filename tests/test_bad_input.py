@@ -1208,6 +1208,18 @@ CASES = [
          Gives(lambda scores, c: bool(scores.isfinite().all())),
          input="`Detector(method=\"sap\", frac=2**51)`: scores (r = 2^62)",
          you_get="finite scores, at once"),
+    # the oracle over the whole range (issue 16, 11) and alpha of large float32 activations (12)
+    Case("reference-kkt-tiny-alpha",
+         lambda c: mvm_cuda.reference.solve_mvm(torch.tensor([[1.0, 1.0, 1e-30]], **F64), 1, "kkt"),
+         Gives(lambda p, c: 1e-16 < p[0, 2].item() < 1e-14 and abs(p.sum().item() - 1) < 1e-12),
+         input="`reference.solve_mvm(..., \"kkt\")`: alpha = [1, 1, 1e-30] (a p far below 1e-12)",
+         you_get="p3 = 1e-15 / (2 + 1e-15), as the kernels give (the bisection uses the exact gradient, not one clamped at 1e-12)"),
+    Case("row_alpha-float32-above-1e19",
+         lambda c: mvm_cuda.solve_mvm(mvm_cuda.row_alpha(torch.full((1, 2, 2, 3), 1e20, device=c.dev)), 4),
+         Gives(lambda p, c: bool(torch.isfinite(p).all()) and torch.allclose(p.cpu(), torch.full((1, 4), 0.25, **F64))),
+         ops=True,
+         input="`row_alpha` then `solve_mvm`: finite float32 activations of 1e20 (their squares pass float32's range)",
+         you_get="alpha in float64 (squared and summed in float64) and a valid p; no 'alpha must be finite' error"),
     # p one rounding above 1 (a one-hot row left at 1 + 1 ulp): pi = 1, the row is kept as it is
     Case("sample_rows-p-above-one-by-rounding",
          lambda c: SR(torch.ones(1, 1, 3, 2, device=c.dev), torch.tensor([[0.0, 0.0, 1.0000001]], device=c.dev), 3),
@@ -1473,8 +1485,26 @@ def doc_rows() -> list[tuple[str, str, str]]:
         rows.append((case.input, you_get, f"test_bad_input[{case.id}]"))
     for name, (_, _, given, you_get) in CORRUPTIONS.items():
         rows.append((given, you_get, f"test_cache_bad_file_is_rebuilt[{name}]"))
-    rows += [(given, you_get, test) for test, given, you_get in OTHER_ROWS]
+    rows += [(given, you_get, test) for test, given, you_get in OTHER_ROWS + ELSEWHERE]
     return rows
+
+
+# Cases that need threads or the command line, tested in their own files.
+ELSEWHERE = [
+    ("tests/test_concurrency.py::test_detector_shared_by_threads_gives_each_call_its_own_scores",
+     "`Detector`: one seeded detector scored from 4 threads at once",
+     "each call returns exactly what it returns alone (calls run one at a time under `Detector.lock`)"),
+    ("tests/test_cli.py::test_bad_argument_exits_2_before_work",
+     "`mvm-cuda reproduce`: a bad argument (`--n-test -350`, `--n-test 0`, `--n-boot 0`, `--seed -1`, "
+     "`--attacks ''`, `--device cuda` without CUDA, ...)",
+     "exit status 2 with a message naming the argument, before any work"),
+    ("tests/test_cli.py::test_bad_input_unwritable_out_exits_2_before_work",
+     "`mvm-cuda reproduce --out DIR`: DIR cannot be written",
+     "exit status 2 naming DIR, before any work"),
+    ("tests/test_cli.py::test_bad_input_failing_plot_is_a_warning_after_tables_and_json",
+     "`mvm-cuda reproduce`: a plot that cannot be written",
+     "a warning; the tables are printed and the JSON written first"),
+]
 
 
 def bad_input_markdown() -> str:
