@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 import textwrap
 
 import pytest
@@ -215,7 +217,10 @@ HUGE_C_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_huge_c_returns(device):
+def test_huge_c_returns(device, tmp_path):
+    # Out of the repository root, so that the imported mvm_cuda is the one under test, not the source folder.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(mvm_cuda.__file__).parent.parent),
+                                                        os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", HUGE_C_SCRIPT, device], capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+                          timeout=TIMEOUT_S, cwd=tmp_path, env=env)
     assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stderr[-3000:]

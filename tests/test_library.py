@@ -114,7 +114,7 @@ def _imports(path: Path, *, module_level: bool):
     return found
 
 
-def test_reference_and_library_import_neither_way():
+def test_reference_and_library_import_neither_way(tmp_path):
     # The oracle must not share code with what it checks: reference.py imports
     # nothing of the package, and no library module imports it when loaded.
     ref_imports = _imports(ROOT / "mvm_cuda" / "reference.py", module_level=False)
@@ -129,5 +129,5 @@ def test_reference_and_library_import_neither_way():
             "assert mvm_cuda.reference.solve_mvm is not mvm_cuda.solve_mvm")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(mvm_cuda.__file__).parent.parent),
                                                         os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
