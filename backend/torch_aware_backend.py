@@ -26,11 +26,7 @@ def _candidate_folders():
     folders += site.getsitepackages()
     if site.ENABLE_USER_SITE is not False:
         folders.append(site.getusersitepackages())
-    seen = []
-    for f in folders:
-        if f and f not in seen:
-            seen.append(f)
-    return seen
+    return [f for f in dict.fromkeys(folders) if f]  # in order, once each
 
 
 def _torch_visible():
