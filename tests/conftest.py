@@ -46,3 +46,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def installed_package_env():
+    """The environment for a subprocess that must import the mvm_cuda under
+    test (run it outside the repository root, whose source folder has no _C)."""
+    parent = str(pathlib.Path(mvm_cuda.__file__).parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([parent, os.environ.get("PYTHONPATH", "")])}

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 import textwrap
 
 import pytest
@@ -25,6 +23,7 @@ import torch
 from scipy import stats
 
 import mvm_cuda
+from conftest import installed_package_env
 from mvm_cuda import reference
 
 ALPHA = 1e-6
@@ -219,8 +218,6 @@ HUGE_C_SCRIPT = textwrap.dedent("""
 
 def test_huge_c_returns(device, tmp_path):
     # Out of the repository root, so that the imported mvm_cuda is the one under test, not the source folder.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(mvm_cuda.__file__).parent.parent),
-                                                        os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", HUGE_C_SCRIPT, device], capture_output=True, text=True,
-                          timeout=TIMEOUT_S, cwd=tmp_path, env=env)
+                          timeout=TIMEOUT_S, cwd=tmp_path, env=installed_package_env())
     assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stderr[-3000:]

@@ -2,7 +2,6 @@
 inference-only autograd, the build's guard against pip's build isolation, and
 the oracle's independence from the library (no imports either way)."""
 import ast
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 import mvm_cuda
+from conftest import installed_package_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,7 +127,6 @@ def test_reference_and_library_import_neither_way(tmp_path):
     code = ("import sys, mvm_cuda, mvm_cuda.eval.reproduce, mvm_cuda.eval.adaptive; "
             "assert 'mvm_cuda.reference' not in sys.modules, 'loaded'; "
             "assert mvm_cuda.reference.solve_mvm is not mvm_cuda.solve_mvm")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(mvm_cuda.__file__).parent.parent),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=installed_package_env(), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
