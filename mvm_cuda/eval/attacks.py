@@ -336,6 +336,7 @@ def craft(
     generator: torch.Generator | None = None,
     batch_size: int = 128,
     progress: bool = True,
+    target: Tensor | None = None,
     **params,
 ) -> Tensor:
     """Craft adversarial examples for a whole set, batch by batch, with a progress bar.
@@ -346,7 +347,8 @@ def craft(
     BIMs; theta, gamma, use_logits for JSMA). x: (N, C, H, W) and y: (N,) may live on the
     CPU: each batch moves to the model's device and the result comes back to x's.
     JSMA's random targets are drawn for the whole set up front from `generator`, so they
-    do not depend on batch_size. Returns the adversarial images, (N, C, H, W).
+    do not depend on batch_size; target (N,) gives them instead (a shard of a set whose
+    targets were drawn whole). Returns the adversarial images, (N, C, H, W).
     """
     key = name.lower().replace("_", "-")
     if key not in _PARAMS:
@@ -371,7 +373,11 @@ def craft(
         return x.detach().clone()
     device = _model_device(model, x.device)
     targets = None
-    if key == "jsma":
+    if target is not None:
+        if key != "jsma" or target.shape != y.shape:
+            raise ValueError(f"craft: target (N,) is for jsma only, got {key} with target {tuple(target.shape)}")
+        targets = target
+    elif key == "jsma":
         with torch.no_grad():
             num_classes = model(x[:1].to(device)).shape[1]
         targets = random_targets(y, num_classes, generator)

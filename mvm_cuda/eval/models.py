@@ -37,6 +37,8 @@ __all__ = [
     "cache_dir",
     "load_or_train",
     "cached_tensors",
+    "load_cached",
+    "save_cached",
 ]
 
 INPUT_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "svhn": (3, 32, 32), "digits": (1, 8, 8)}
@@ -299,6 +301,18 @@ def cached_tensors(key: str, fn: Callable[[], dict[str, Tensor]]) -> dict[str, T
         _try_save(path, key, tensors)
         tensors = {k: v.detach().cpu() for k, v in tensors.items()}
     return tensors
+
+
+def load_cached(key: str) -> dict[str, Tensor] | None:
+    """The tensors `cached_tensors` stored under `key`, on the CPU, or None (a bad file
+    warns); for a computation split over processes, which looks before it computes."""
+    return _load(_file_for("tensors", key), key)
+
+
+def save_cached(key: str, tensors: dict[str, Tensor]) -> None:
+    """Store tensors under `key` as `cached_tensors` does (atomically; a cache that cannot
+    be written only warns)."""
+    _try_save(_file_for("tensors", key), key, tensors)
 
 
 def _fingerprint(x: Tensor, y: Tensor) -> str:

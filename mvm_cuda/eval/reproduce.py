@@ -10,10 +10,18 @@ with all attacked images. Prints both tables beside the paper's numbers and writ
 results_<dataset>.json (every number, the ROC curves, the settings and timings) and
 roc_<dataset>_<attack>.png to --out. With --adaptive it also attacks the detectors with an
 attack that knows them (`eval.adaptive`: BIM with expectation over transformation).
+
+Several processes: `torchrun --nproc-per-node K -m mvm_cuda reproduce ...` shares the
+attacks and the scoring among K processes (gloo on the CPU; NCCL on CUDA, one GPU per
+process, cuda:LOCAL_RANK), in fixed chunks of CHUNK images (`mvm_cuda.distributed`);
+rank 0 trains or loads the model, gathers the results, writes every cache file, the
+JSON and the plots. With the same seed the JSON equals a single process's but for its
+timings. A process that fails ends the run with its error; --timeout bounds every wait.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -22,18 +30,20 @@ import sys
 import tempfile
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .. import __version__
+from .. import __version__, distributed
 from .._files import write_atomically
 from ..detector import Detector, roc_report
 from . import adaptive, attacks, data, models
 from .malloc import keep_freed_memory
 
-__all__ = ["DETECTORS", "PAPER", "DEFAULTS", "FULL", "build_parser", "run", "main"]
+__all__ = ["DETECTORS", "PAPER", "DEFAULTS", "FULL", "CHUNK", "build_parser", "run", "main"]
 
 # The rows of the paper's Table 3: (method, settings).
 DETECTORS = (
@@ -79,6 +89,11 @@ PAPER = {
 # The default run is sized to finish in minutes on a 2-core CPU; --full is the paper's size.
 DEFAULTS = dict(n_test=150, R=20, attacks=("fgsm", "bim-a", "jsma"))
 FULL = dict(n_test=1000, R=100, attacks=("fgsm", "bim-a", "bim-b", "jsma"))
+
+# Images per unit of work: attacks are crafted and scored in these fixed chunks of the
+# attacked set, which processes share whole, so results do not depend on their number
+# (the float bits of a batched forward do depend on the batch).
+CHUNK = 32
 
 
 _SEED_MAX = 2**32 - 1  # the adaptive attack seeds torch with seed + i; numpy's seeds are >= 0
@@ -191,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--full", action="store_true",
                      help=f"the paper's size: {FULL['n_test']} test images, R={FULL['R']}, all attacks")
     rep.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    rep.add_argument("--timeout", type=_integer(1), default=1800,
+                     help="under torchrun: seconds a process waits for the others at a synchronisation point "
+                          "before the run fails (default 1800)")
     rep.add_argument("--adaptive", action="store_true",
                      help="also run the adaptive attack (EOT-BIM, eval.adaptive) against MVM c=0.5N, SAP 50%% "
                           "and dropout 0.5, next to BIM-A on the same images, at FPR 5%%")
@@ -315,11 +333,52 @@ def _plot_roc(plt, results: dict, attack: str, dataset: str, path: Path) -> None
         plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> dict:
+def _launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+
+
+@contextlib.contextmanager
+def _processes(args: argparse.Namespace):
+    """The device of this process; under torchrun, within a process group: gloo on the CPU,
+    NCCL on CUDA with one GPU per process (cuda:LOCAL_RANK), every collective bounded by
+    --timeout. Without torchrun (or with a group already set up) nothing is started."""
+    device = torch.device(args.device)
+    if not _launched_by_torchrun() or torch.distributed.is_initialized():
+        yield device
+        return
+    local = int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        if device.index is not None and device.index != local:
+            raise SystemExit(f"mvm-cuda: --device {args.device}: under torchrun every process takes the GPU of "
+                             f"its LOCAL_RANK (here {local}); pass --device cuda")
+        if local >= torch.cuda.device_count():
+            raise SystemExit(f"mvm-cuda: LOCAL_RANK {local} but this node has {torch.cuda.device_count()} CUDA "
+                             "device(s); start at most one process per GPU")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, timeout=timedelta(seconds=args.timeout),
+                                         device_id=device if device.type == "cuda" else None)
+    try:
+        yield device
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run(args: argparse.Namespace) -> dict | None:
     """Run the evaluation described by parsed `reproduce` arguments; returns the results
-    dict that is also written to <out>/results_<dataset>.json."""
+    dict that is also written to <out>/results_<dataset>.json. Under torchrun the work is
+    shared by the processes (see the module's `distributed` notes): rank 0 prints, writes
+    every file and returns the dict; the other ranks return None."""
+    with _processes(args) as device:
+        return _run(args, device)
+
+
+def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
     t_start = time.perf_counter()
     timings = {}
+    rank, world = distributed.rank_and_size()
+    lead = rank == 0
     preset = FULL if args.full else DEFAULTS
     n_test = args.n_test if args.n_test is not None else preset["n_test"]
     R = args.R if args.R is not None else preset["R"]
@@ -329,33 +388,44 @@ def run(args: argparse.Namespace) -> dict:
     bad = [a for a in attack_names if a not in attacks.ATTACKS]
     if bad or not attack_names:
         raise SystemExit(f"mvm-cuda: unknown attack(s) {bad}; choose from {attacks.ATTACKS}")
-    progress = not args.no_progress
-    device = torch.device(args.device)
+    progress = not args.no_progress and lead
     out = Path(args.out).expanduser()
     problem = _out_problem(out)
     if problem is not None:
         raise SystemExit(f"mvm-cuda: {problem}")
     torch.manual_seed(args.seed)
 
+    # Rank 0 trains (or loads) the model and writes its cache file; the others get its
+    # weights, so no two processes write one file and all score the same network.
     t = time.perf_counter()
-    dataset = data.load_dataset(args.dataset, args.data_root, seed=args.seed)
     epochs = args.epochs if args.epochs is not None else models.DEFAULT_EPOCHS[args.dataset]
-    model = models.load_or_train(args.dataset, dataset, epochs=epochs, seed=args.seed, device=device,
-                                 progress=progress)
-    clean_accuracy = models.accuracy(model, dataset.x_test, dataset.y_test)
+    with distributed.agree("loading the data and the model"):
+        dataset = data.load_dataset(args.dataset, args.data_root, seed=args.seed)
+        model = models.load_or_train(args.dataset, dataset, epochs=epochs, seed=args.seed, device=device,
+                                     progress=progress) if lead else None
+    state = distributed.broadcast({k: v.cpu() for k, v in model.state_dict().items()} if lead else None)
+    with distributed.agree("loading the model's weights from rank 0"):
+        if not lead:
+            model = models.build_model(args.dataset, seed=args.seed)
+            model.load_state_dict(state)
+            model = model.to(device).eval()
+        clean_accuracy = models.accuracy(model, dataset.x_test, dataset.y_test) if lead else None
+        correct = models.predict(model, dataset.x_test[:n_test]) == dataset.y_test[:n_test] if lead else None
     timings["model"] = time.perf_counter() - t
     model_hash = _hash(model.state_dict().values())
 
     x, y = dataset.x_test[:n_test], dataset.y_test[:n_test]
-    correct = models.predict(model, x) == y
+    correct = distributed.broadcast(correct)
     x, y = x[correct], y[correct]
     if x.shape[0] == 0:
         raise SystemExit(f"mvm-cuda: the model classifies none of the first {n_test} test images correctly; "
                          "nothing to attack")
     n_pixel = x.shape[2] * x.shape[3]
-    print(f"{args.dataset}: clean test accuracy {clean_accuracy:.4f} on {dataset.x_test.shape[0]} images; "
-          f"attacking the {x.shape[0]} of the first {min(n_test, dataset.x_test.shape[0])} classified correctly; "
-          f"N_pixel = {n_pixel}, R = {R}", flush=True)
+    chunks = distributed.chunk_ranges(x.shape[0], CHUNK)
+    if lead:
+        print(f"{args.dataset}: clean test accuracy {clean_accuracy:.4f} on {dataset.x_test.shape[0]} images; "
+              f"attacking the {x.shape[0]} of the first {min(n_test, dataset.x_test.shape[0])} classified "
+              f"correctly; N_pixel = {n_pixel}, R = {R}" + (f"; {world} processes" if world > 1 else ""), flush=True)
 
     # Feinman et al.'s settings; digits (not in the paper) borrows MNIST's, both in [0, 1].
     settings = attacks.SETTINGS.get(args.dataset, attacks.SETTINGS["mnist"])
@@ -368,23 +438,43 @@ def run(args: argparse.Namespace) -> dict:
 
     def crafted(name):
         key = (f"adv-{args.dataset}-{name}-{json.dumps(settings, sort_keys=True)}-code{code}-model{model_hash}"
-               f"-x{_hash([x, y])}-s{args.seed}")
-
-        def craft():
-            gen = torch.Generator().manual_seed(args.seed)
-            return {"x": attacks.craft(name, model, x, y, attack_setting, generator=gen, progress=progress)}
-
-        return models.cached_tensors(key, craft)["x"]
+               f"-x{_hash([x, y])}-s{args.seed}-chunk{CHUNK}")
+        with distributed.agree(f"reading the {name} attack from the cache"):
+            found = models.load_cached(key) if lead else None
+        found = distributed.broadcast(found)
+        if found is not None:
+            return found["x"]
+        # JSMA's random targets are drawn for the whole set, so a shard's do not depend on
+        # how many processes share the set; every chunk is crafted as one batch.
+        target = None
+        if name == "jsma":
+            with torch.no_grad():
+                num_classes = model(x[:1].to(device)).shape[1]
+            target = attacks.random_targets(y, num_classes, torch.Generator().manual_seed(args.seed))
+        parts = []
+        with distributed.agree(f"crafting {name}"), \
+                tqdm(total=x.shape[0] * world, desc=f"{name} ({args.dataset})", disable=not progress) as bar:
+            for lo, hi in chunks:
+                parts.append(attacks.craft(name, model, x[lo:hi], y[lo:hi], attack_setting, batch_size=hi - lo,
+                                           progress=False, target=None if target is None else target[lo:hi]))
+                bar.update((hi - lo) * world)  # rank 0's share stands for everyone's
+        x_adv = distributed.all_gather_chunks(parts)
+        with distributed.agree(f"writing the {name} attack to the cache"):
+            if lead:
+                models.save_cached(key, {"x": x_adv})
+        return x_adv
 
     for name in attack_names:
         adversarial[name] = crafted(name)
-        success[name] = models.predict(model, adversarial[name]) != y
-        table2[name] = attacks.attack_stats(model, x, adversarial[name], y)
+        if lead:
+            success[name] = models.predict(model, adversarial[name]) != y
+            table2[name] = attacks.attack_stats(model, x, adversarial[name], y)
     timings["attacks"] = time.perf_counter() - t
 
     # Scores are cached like the attacks (a long run that stops resumes where it
-    # was): each detector restarts its generator from the seed on every call,
-    # so a set's scores depend only on the key below, not on what ran before.
+    # was): with a seed, an image's score depends only on the seed, the settings and
+    # its index, so a set's scores depend only on the key below, not on what ran
+    # before nor on how many processes shared it.
     code = _code_hash()
     results, detector_seconds, cached = {}, {}, {}
     for method, kwargs in DETECTORS:
@@ -398,27 +488,30 @@ def run(args: argparse.Namespace) -> dict:
                                   sort_keys=True)
 
         def scores(images, label):
-            key = f"scores-{args.dataset}-{settings_key}-{device.type}-code{code}-model{model_hash}-x{_hash([images])}"
-            fresh = []
-
-            def compute():
-                fresh.append(label)
-                return {"s": det.scores(images)}
-
-            out = models.cached_tensors(key, compute)["s"]
-            if not fresh:
+            key = (f"scores-{args.dataset}-{settings_key}-{device.type}-code{code}-model{model_hash}"
+                   f"-x{_hash([images])}-chunk{CHUNK}")
+            with distributed.agree(f"reading the {det.name} scores of {label} from the cache"):
+                found = models.load_cached(key) if lead else None
+            if distributed.broadcast(found is not None):
                 cached[det.name].append(label)
-            return out
+                return found["s"] if lead else None
+            s = distributed.score_dataset(det, images, chunk_size=CHUNK)
+            with distributed.agree(f"writing the {det.name} scores of {label} to the cache"):
+                if lead:
+                    models.save_cached(key, {"s": s})
+            return s
 
         clean_scores = scores(x, "clean")
+        adv_scores = {name: scores(adversarial[name], name) for name in attack_names}
+        if not lead:
+            continue
         per_attack = {}
         for name in attack_names:
-            adv_scores = scores(adversarial[name], name)
             per_attack[name] = {
-                "successful": roc_report(clean_scores, adv_scores[success[name]], n_boot=args.n_boot,
+                "successful": roc_report(clean_scores, adv_scores[name][success[name]], n_boot=args.n_boot,
                                          seed=args.seed).to_dict(),
-                "all": roc_report(clean_scores, adv_scores, n_boot=args.n_boot, seed=args.seed).to_dict(),
-                "mean_score_adv": float(adv_scores.mean()),
+                "all": roc_report(clean_scores, adv_scores[name], n_boot=args.n_boot, seed=args.seed).to_dict(),
+                "mean_score_adv": float(adv_scores[name].mean()),
             }
         per_attack["mean_score_clean"] = float(clean_scores.mean())
         detector_seconds[det.name] = time.perf_counter() - t
@@ -431,92 +524,102 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{det.name}: AUC {summary} ({detector_seconds[det.name]:.0f} s{note})", flush=True)
     timings["detectors"] = sum(detector_seconds.values())
 
-    adaptive_results = None
+    # BIM-A is the adaptive attack's non-adaptive reference on the same images: crafted
+    # (or read from the cache) by every process even when --attacks leaves it out.
+    baseline = None
     if args.adaptive:
-        t = time.perf_counter()
-        # The non-adaptive reference on the same images: BIM-A, crafted (or loaded from
-        # the cache) even when --attacks leaves it out.
         baseline = adversarial["bim-a"] if "bim-a" in adversarial else crafted("bim-a")
-        adaptive_results = adaptive.evaluate_adaptive(
-            model, x, y, {"bim-a": baseline}, settings["eps"], settings["eps_iter"], R=R,
-            n_images=args.adaptive_images, n_iter=args.adaptive_steps, K=args.adaptive_eot,
-            max_batch=args.max_batch, seed=args.seed, n_boot=args.n_boot, progress=progress)
-        timings["adaptive"] = time.perf_counter() - t
 
-    timings["total"] = time.perf_counter() - t_start
+    # The adaptive attack and the report are rank 0's; the others wait for its outcome,
+    # so that every process ends with the run's status.
+    with distributed.agree("the adaptive attack and the report (rank 0)"):
+        if not lead:
+            return None
+        adaptive_results = None
+        if args.adaptive:
+            t = time.perf_counter()
+            adaptive_results = adaptive.evaluate_adaptive(
+                model, x, y, {"bim-a": baseline}, settings["eps"], settings["eps_iter"], R=R,
+                n_images=args.adaptive_images, n_iter=args.adaptive_steps, K=args.adaptive_eot,
+                max_batch=args.max_batch, seed=args.seed, n_boot=args.n_boot, progress=progress)
+            timings["adaptive"] = time.perf_counter() - t
 
-    paper = PAPER.get(args.dataset, {})
-    acc_paper = paper.get("accuracy", {})
-    rows = [["clean (all test images)", _pct(clean_accuracy), "", "", "", "",
-             _pct(acc_paper["clean"]) if "clean" in acc_paper else "-"]]
-    for name in attack_names:
-        s = table2[name]
-        rows.append([name, _pct(1 - s["success_rate"]), _pct(s["success_rate"], 1), _num(s["l2"]),
-                     _num(s["linf"]), _pct(s["l0_frac"], 1), _pct(acc_paper[name]) if name in acc_paper else "-"])
-    _print_table(f"Table 2 ({args.dataset}): accuracy on clean and adversarial images; attack success and "
-                 f"mean distortion of the successful ones ({x.shape[0]} attacked images)",
-                 ["images", "accuracy", "success", "L2", "Linf", "L0", "paper accuracy"], rows)
+        timings["total"] = time.perf_counter() - t_start
 
-    auc_paper = paper.get("auc", {})
-    for which, title in (("successful", "successful attacks as positives (headline)"),
-                         ("all", "all attacked images as positives")):
-        rows = []
-        for det_name, per_attack in results.items():
-            row = [det_name]
-            for name in attack_names:
-                rep = per_attack[name][which]
-                ref = auc_paper.get(det_name, {}).get(name)
-                row.append(_fmt_auc(rep["auc"], rep["ci"]) + (f" ({ref:.3f})" if ref is not None else ""))
-            rows.append(row)
-        _print_table(f"Table 3 ({args.dataset}): ROC-AUC [bootstrap 95% CI] (paper), {title}, R = {R}",
-                     ["detector"] + list(attack_names), rows)
+        paper = PAPER.get(args.dataset, {})
+        acc_paper = paper.get("accuracy", {})
+        rows = [["clean (all test images)", _pct(clean_accuracy), "", "", "", "",
+                 _pct(acc_paper["clean"]) if "clean" in acc_paper else "-"]]
+        for name in attack_names:
+            s = table2[name]
+            rows.append([name, _pct(1 - s["success_rate"]), _pct(s["success_rate"], 1), _num(s["l2"]),
+                         _num(s["linf"]), _pct(s["l0_frac"], 1), _pct(acc_paper[name]) if name in acc_paper else "-"])
+        _print_table(f"Table 2 ({args.dataset}): accuracy on clean and adversarial images; attack success and "
+                     f"mean distortion of the successful ones ({x.shape[0]} attacked images)",
+                     ["images", "accuracy", "success", "L2", "Linf", "L0", "paper accuracy"], rows)
 
-    if adaptive_results is not None:
-        st = adaptive_results["settings"]
-        rows = []
-        for det_name, entry in adaptive_results["detectors"].items():
-            for which, label in (("bim-a", "BIM-A"), ("adaptive", "EOT-BIM (adaptive)")):
-                rec = entry[which]
-                rows.append([det_name, label, _pct(rec["misclassified"], 0), _pct(rec["flagged"], 0),
-                             _pct(rec["success_at_fpr"], 0), _fmt_auc(rec["auc_successful"]["auc"],
-                                                                      rec["auc_successful"]["ci"]),
-                             _fmt_auc(rec["auc_all"]["auc"], rec["auc_all"]["ci"])])
-        _print_table(f"Adaptive attack ({args.dataset}): {st['n_images']} images, eps {st['eps']}, step "
-                     f"{st['eps_iter']}, {st['n_iter']} steps, K = {st['K']} EOT passes; R = {R}; threshold at "
-                     f"FPR {st['fpr']:.0%} on {st['n_clean']} clean images",
-                     ["detector", "attack", "misclassified", "flagged", "success at FPR",
-                      "AUC (successful)", "AUC (all)"], rows)
+        auc_paper = paper.get("auc", {})
+        for which, title in (("successful", "successful attacks as positives (headline)"),
+                             ("all", "all attacked images as positives")):
+            rows = []
+            for det_name, per_attack in results.items():
+                row = [det_name]
+                for name in attack_names:
+                    rep = per_attack[name][which]
+                    ref = auc_paper.get(det_name, {}).get(name)
+                    row.append(_fmt_auc(rep["auc"], rep["ci"]) + (f" ({ref:.3f})" if ref is not None else ""))
+                rows.append(row)
+            _print_table(f"Table 3 ({args.dataset}): ROC-AUC [bootstrap 95% CI] (paper), {title}, R = {R}",
+                         ["detector"] + list(attack_names), rows)
 
-    record = {
-        "version": __version__,
-        "args": vars(args),
-        "config": {"dataset": args.dataset, "device": str(device), "n_test": n_test, "n_attacked": int(x.shape[0]),
-                   "R": R, "attacks": list(attack_names), "seed": args.seed, "epochs": epochs,
-                   "max_batch": args.max_batch, "n_boot": args.n_boot, "n_pixel": n_pixel, "full": args.full,
-                   "attack_settings": settings, "torch": torch.__version__,
-                   "threads": torch.get_num_threads()},
-        "table2": {"clean_accuracy": clean_accuracy, "n_test_total": int(dataset.x_test.shape[0]), **table2},
-        "table3": results,
-        "paper": paper,
-        "figures": [],
-        "seconds": timings,
-    }
-    if adaptive_results is not None:
-        record["adaptive"] = adaptive_results
-    # The tables are printed and the numbers written before the plots, so a plot that
-    # fails costs only itself; the record is rewritten with the plots that were written.
-    path = out / f"results_{args.dataset}.json"
-    _write_json(path, record)
-    t = time.perf_counter()
-    figures = _plot_rocs(results, attack_names, args.dataset, out)
-    timings["plots"] = time.perf_counter() - t
-    if figures:
-        record["figures"] = figures
+        if adaptive_results is not None:
+            st = adaptive_results["settings"]
+            rows = []
+            for det_name, entry in adaptive_results["detectors"].items():
+                for which, label in (("bim-a", "BIM-A"), ("adaptive", "EOT-BIM (adaptive)")):
+                    rec = entry[which]
+                    rows.append([det_name, label, _pct(rec["misclassified"], 0), _pct(rec["flagged"], 0),
+                                 _pct(rec["success_at_fpr"], 0), _fmt_auc(rec["auc_successful"]["auc"],
+                                                                          rec["auc_successful"]["ci"]),
+                                 _fmt_auc(rec["auc_all"]["auc"], rec["auc_all"]["ci"])])
+            _print_table(f"Adaptive attack ({args.dataset}): {st['n_images']} images, eps {st['eps']}, step "
+                         f"{st['eps_iter']}, {st['n_iter']} steps, K = {st['K']} EOT passes; R = {R}; threshold at "
+                         f"FPR {st['fpr']:.0%} on {st['n_clean']} clean images",
+                         ["detector", "attack", "misclassified", "flagged", "success at FPR",
+                          "AUC (successful)", "AUC (all)"], rows)
+
+        record = {
+            "version": __version__,
+            "args": vars(args),
+            "config": {"dataset": args.dataset, "device": str(device), "n_test": n_test, "n_attacked": int(x.shape[0]),
+                       "R": R, "attacks": list(attack_names), "seed": args.seed, "epochs": epochs,
+                       "max_batch": args.max_batch, "n_boot": args.n_boot, "n_pixel": n_pixel, "full": args.full,
+                       "attack_settings": settings, "torch": torch.__version__,
+                       "threads": torch.get_num_threads()},
+            "table2": {"clean_accuracy": clean_accuracy, "n_test_total": int(dataset.x_test.shape[0]), **table2},
+            "table3": results,
+            "paper": paper,
+            "figures": [],
+            "seconds": timings,
+        }
+        if adaptive_results is not None:
+            record["adaptive"] = adaptive_results
+        # The tables are printed and the numbers written before the plots, so a plot that
+        # fails costs only itself; the record is rewritten with the plots that were written.
+        path = out / f"results_{args.dataset}.json"
         _write_json(path, record)
-    print(f"\nwrote {path} and {len(figures)} ROC plot(s); wall time {timings['total']:.0f} s "
-          f"(model {timings['model']:.0f}, attacks {timings['attacks']:.0f}, detectors {timings['detectors']:.0f}"
-          + (f", adaptive {timings['adaptive']:.0f}" if "adaptive" in timings else "") + ")")
-    return record
+        t = time.perf_counter()
+        figures = _plot_rocs(results, attack_names, args.dataset, out)
+        timings["plots"] = time.perf_counter() - t
+        if figures:
+            record["figures"] = figures
+            _write_json(path, record)
+        print(f"\nwrote {path} and {len(figures)} ROC plot(s); wall time {timings['total']:.0f} s "
+              f"(model {timings['model']:.0f}, attacks {timings['attacks']:.0f}, detectors {timings['detectors']:.0f}"
+              + (f", adaptive {timings['adaptive']:.0f}" if "adaptive" in timings else "") + ")")
+        return record
+
+
 
 
 def _with_default_command(argv: list[str]) -> list[str]:

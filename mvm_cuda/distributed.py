@@ -1,0 +1,185 @@
+"""Scoring a data set over the processes of a torch.distributed group (e.g. under torchrun).
+
+The images 0..N-1 are cut into fixed chunks of global indices [k*chunk, (k+1)*chunk); each
+rank takes a contiguous run of whole chunks (about N/K images) and scores them chunk by chunk
+with `Detector.scores(x[chunk], index=chunk's indices)`. A chunk is computed the same way
+whatever the number of ranks K, and a seeded detector keys every image's draws by its index,
+so with a seed the scores are bit for bit those of one process for every K (on the same
+device type). After each step the ranks exchange an ok or an error: a rank that raised
+makes every other rank raise `RankFailed` with its message instead of waiting for it; a
+rank that hangs or dies is caught by the process group's timeout (`init_process_group(...,
+timeout=)`), which gloo and NCCL (with its default async error handling) honour.
+
+Without an initialised process group everything here runs as a single process (rank 0 of
+1). With NCCL, set the rank's device first (`torch.cuda.set_device(local_rank)`): the
+object collectives used here stage through it.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["RankFailed", "rank_and_size", "chunk_ranges", "agree", "all_gather_chunks", "broadcast",
+           "score_dataset", "vote_dataset"]
+
+
+class RankFailed(RuntimeError):
+    """Another rank of the group raised during a step that this rank completed (or also failed)."""
+
+
+def _dist():
+    return torch.distributed if torch.distributed.is_available() and torch.distributed.is_initialized() else None
+
+
+def rank_and_size(group=None) -> tuple[int, int]:
+    """(rank, world size) of this process in `group` (default: the whole world); (0, 1)
+    without an initialised process group."""
+    dist = _dist()
+    if dist is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def chunk_ranges(n: int, chunk_size: int, rank: int | None = None, world_size: int | None = None,
+                 group=None) -> list[tuple[int, int]]:
+    """The chunks [lo, hi) of the indices 0..n-1 that `rank` handles, in index order.
+
+    Chunk k is [k*chunk_size, min((k+1)*chunk_size, n)); it belongs to the rank r whose
+    share [r*n/K, (r+1)*n/K) holds its first index, so every rank gets a contiguous run of
+    whole chunks, about n/K indices, and rank order is index order. rank and world_size
+    default to this process's in `group`. Raises ValueError unless n >= 0, chunk_size >= 1
+    and 0 <= rank < world_size.
+    """
+    if rank is None or world_size is None:
+        here, size = rank_and_size(group)
+        rank = here if rank is None else rank
+        world_size = size if world_size is None else world_size
+    if n < 0 or chunk_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"chunk_ranges: need n >= 0, chunk_size >= 1 and 0 <= rank < world_size, got n={n}, "
+                         f"chunk_size={chunk_size}, rank={rank}, world_size={world_size}")
+    return [(lo, min(lo + chunk_size, n)) for lo in range(0, n, chunk_size) if lo * world_size // n == rank]
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+@contextlib.contextmanager
+def agree(step: str, group=None) -> Iterator[None]:
+    """Run the with-block on every rank, then exchange each rank's ok or error.
+
+    A rank whose block raised re-raises its own exception once every rank has reported; a
+    rank whose block succeeded raises RankFailed naming `step`, the failing rank(s) and
+    their errors. So one rank's error ends the run everywhere with that message, never
+    a hang. A single process (no group) runs the block as it is. The exchange is a
+    collective: every rank must enter the same steps in the same order.
+    """
+    dist = _dist()
+    if dist is None or dist.get_world_size(group) == 1:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as e:  # KeyboardInterrupt and the like end the process; torchrun stops the rest
+        error = e
+    statuses: list[Any] = [None] * dist.get_world_size(group)
+    try:
+        dist.all_gather_object(statuses, None if error is None else _describe(error), group=group)
+    except Exception as e:
+        if error is not None:
+            raise error from e
+        raise RankFailed(f"{step}: rank {dist.get_rank(group)} lost the other ranks ({_describe(e)})") from e
+    if error is not None:
+        raise error
+    failed = [f"rank {r}: {s}" for r, s in enumerate(statuses) if s is not None]
+    if failed:
+        raise RankFailed(f"{step}: {'; '.join(failed)}")
+
+
+def broadcast(value: Any, src: int = 0, group=None) -> Any:
+    """`value` of group rank `src` (any picklable object), returned on every rank; the value
+    itself for a single process."""
+    dist = _dist()
+    if dist is None or dist.get_world_size(group) == 1:
+        return value
+    box = [value if dist.get_rank(group) == src else None]
+    src = dist.get_global_rank(group, src) if group is not None else src
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def all_gather_chunks(parts: Sequence[Tensor], group=None) -> Tensor:
+    """Every rank's tensors `parts` (its chunks' results, in index order, each (n_i, ...)),
+    concatenated in rank order along dim 0, on the CPU, on every rank. Ranks with no
+    chunks pass []; the result is then empty only if every rank's parts are."""
+    local = [p.detach().cpu() for p in parts]
+    local = torch.cat(local) if local else None
+    dist = _dist()
+    if dist is None or dist.get_world_size(group) == 1:
+        gathered = [local]
+    else:
+        gathered = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, local, group=group)
+    pieces = [g for g in gathered if g is not None]
+    if not pieces:
+        raise ValueError("all_gather_chunks: no rank has any result")
+    return torch.cat(pieces)
+
+
+def _image(item) -> Tensor:
+    """The image of a data set item: the item itself, or the first entry of a tuple or list
+    (as in (image, label))."""
+    if isinstance(item, (tuple, list)):
+        item = item[0]
+    return torch.as_tensor(item)
+
+
+def _images(dataset, lo: int, hi: int) -> Tensor:
+    if isinstance(dataset, (Tensor, np.ndarray)):
+        return torch.as_tensor(dataset[lo:hi])
+    return torch.stack([_image(dataset[i]) for i in range(lo, hi)])
+
+
+def _over_ranks(fn: str, detector, dataset, chunk_size: int, group, call, empty: Tensor) -> Tensor:
+    dist = _dist()
+    n = len(dataset)
+    if dist is not None and dist.get_world_size(group) > 1:
+        sizes = [None] * dist.get_world_size(group)
+        dist.all_gather_object(sizes, n, group=group)
+        if len(set(sizes)) > 1:
+            raise ValueError(f"{fn}: the data set has a different length on each rank: {sizes}")
+    parts = []
+    with agree(fn, group):
+        for lo, hi in chunk_ranges(n, chunk_size, group=group):
+            parts.append(call(_images(dataset, lo, hi), torch.arange(lo, hi)))
+    return all_gather_chunks(parts, group) if n else empty
+
+
+def score_dataset(detector, dataset, *, chunk_size: int = 64, group=None) -> Tensor:
+    """Alg. 3's scores of every image of `dataset`, computed over the ranks of `group`.
+
+    dataset: a tensor (N, C, H, W) or anything with len() and [i] giving an image (C, H, W)
+    or a tuple/list whose first entry is one (a torch Dataset of (image, label)), with
+    pixel values in [0, 1]; every rank must see the same N items. Each rank reads and
+    scores only its chunks of chunk_size images (`chunk_ranges`) with
+    detector.scores(images, index=their global indices), on the detector's device.
+    Returns the (N,) float64 scores, on the CPU, on every rank. A rank that raises
+    (a bad item, a bad image) makes every rank raise (see `agree`). Without a process
+    group it scores the whole set in the same chunks. Scores do not depend on the number
+    of ranks; with a seeded detector they are bit for bit the same for every K.
+    """
+    return _over_ranks("score_dataset", detector, dataset, chunk_size, group,
+                       lambda x, index: detector.scores(x, index=index), torch.zeros(0, dtype=torch.float64))
+
+
+def vote_dataset(detector, dataset, *, chunk_size: int = 64, group=None) -> Tensor:
+    """The R predicted classes of every image of `dataset`, (N, R) int64 on the CPU, on every
+    rank, computed over the ranks of `group` as in `score_dataset`."""
+    return _over_ranks("vote_dataset", detector, dataset, chunk_size, group,
+                       lambda x, index: detector.votes(x, index=index),
+                       torch.zeros(0, detector.R, dtype=torch.int64))
