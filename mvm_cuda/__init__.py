@@ -65,6 +65,8 @@ _value_checks_from_env()
 from .nn import (DropoutUnit, MVMUnit, SAPUnit, SamplingUnit, insert_units, sampling_units,  # noqa: E402
                  set_differentiable, set_mode)
 from .detector import Detector, roc_report  # noqa: E402
+from .calibration import DetectorSearch  # noqa: E402
+from .malloc import keep_freed_memory  # noqa: E402
 
 
 
@@ -89,4 +91,6 @@ __all__ += [
     "set_differentiable",
     "Detector",
     "roc_report",
+    "DetectorSearch",
+    "keep_freed_memory",
 ]
