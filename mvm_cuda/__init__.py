@@ -15,6 +15,7 @@ except ImportError as e:  # pragma: no cover - only on a broken install
     ) from e
 
 from .ops import (  # noqa: E402
+    keyed_uniform,
     project_simplex,
     mvm_step,
     row_alpha,
@@ -32,6 +33,7 @@ __all__ = [
     "sample_rows",
     "sap_sample",
     "sap_scale",
+    "keyed_uniform",
     "row_alpha",
     "set_value_checks",
 ]
