@@ -41,7 +41,7 @@ from .. import __version__, distributed
 from .._files import write_atomically
 from ..detector import Detector, roc_report
 from . import adaptive, attacks, data, models
-from .malloc import keep_freed_memory
+from ..malloc import keep_freed_memory
 
 __all__ = ["DETECTORS", "PAPER", "DEFAULTS", "FULL", "CHUNK", "build_parser", "run", "main"]
 
