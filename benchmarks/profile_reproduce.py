@@ -17,7 +17,7 @@ import torch
 
 from mvm_cuda import Detector, sampling_units
 from mvm_cuda.eval import data, models, reproduce
-from mvm_cuda.eval.malloc import keep_freed_memory
+from mvm_cuda.malloc import keep_freed_memory
 
 
 def unit_seconds(det, x, chunk):

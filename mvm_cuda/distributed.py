@@ -5,7 +5,8 @@ rank takes a contiguous run of whole chunks (about N/K images) and scores them c
 with `Detector.scores(x[chunk], index=chunk's indices)`. A chunk is computed the same way
 whatever the number of ranks K, and a seeded detector keys every image's draws by its index,
 so with a seed the scores are bit for bit those of one process for every K (on the same
-device type). After each step the ranks exchange an ok or an error: a rank that raised
+device type). A detector with seed=None draws fresh noise on every call, on every rank:
+its scores are as random as ever, and differ from run to run. After each step the ranks exchange an ok or an error: a rank that raised
 makes every other rank raise `RankFailed` with its message instead of waiting for it; a
 rank that hangs or dies is caught by the process group's timeout (`init_process_group(...,
 timeout=)`), which gloo and NCCL (with its default async error handling) honour.

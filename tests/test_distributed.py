@@ -109,6 +109,18 @@ def test_single_process_scores_chunk_by_chunk_with_global_indices():
     assert distributed.vote_dataset(det, x[:0]).shape == (0, 9)
 
 
+@pytest.mark.parametrize("method,kwargs", [("mvm", dict(c_rel=1.0)), ("sap", dict(frac=0.5)),
+                                           ("dropout", dict(p_drop=0.5))])
+def test_seeded_scores_do_not_depend_on_max_batch_nor_chunk_size(method, kwargs):
+    model = models.build_model("digits", seed=0).eval()
+    x = torch.rand(45, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    votes = [distributed.vote_dataset(Detector(model, method, R=6, max_batch=max_batch, seed=7, progress=False,
+                                               **kwargs), x, chunk_size=chunk)
+             for max_batch, chunk in ((4, 8), (7, 8), (40, 16), (1024, 64))]  # 4 < R: an image's passes split
+    assert (votes[0] != votes[0][:, :1]).any(1).sum() >= 5  # passes disagree: equality below is not trivial
+    assert all(torch.equal(v, votes[0]) for v in votes[1:])
+
+
 def test_agree_without_a_group_passes_errors_through():
     with pytest.raises(KeyError, match="mine"):
         with distributed.agree("a step"):
