@@ -22,7 +22,7 @@ from mvm_cuda.malloc import keep_freed_memory
 
 def unit_seconds(det, x, chunk):
     """Seconds inside the units per mode, and in all, over det.scores of x chunk by chunk."""
-    spent = {"record": 0.0, "sample": 0.0}
+    spent = {"record": 0.0, "sample": 0.0, "off": 0.0}
 
     def before(unit, args):
         unit._t0 = time.perf_counter()

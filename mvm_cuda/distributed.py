@@ -6,9 +6,11 @@ with `Detector.scores(x[chunk], index=chunk's indices)`. A chunk is computed the
 whatever the number of ranks K, and a seeded detector keys every image's draws by its index,
 so with a seed the scores are bit for bit those of one process for every K (on the same
 device type). A detector with seed=None draws fresh noise on every call, on every rank:
-its scores are as random as ever, and differ from run to run. After each step the ranks exchange an ok or an error: a rank that raised
-makes every other rank raise `RankFailed` with its message instead of waiting for it; a
-rank that hangs or dies is caught by the process group's timeout (`init_process_group(...,
+its scores are as random as ever, and differ from run to run.
+
+After each step the ranks exchange an ok or an error: a rank that raised makes every
+other rank raise `RankFailed` with its message instead of waiting for it; a rank that
+hangs or dies is caught by the process group's timeout (`init_process_group(...,
 timeout=)`), which gloo and NCCL (with its default async error handling) honour.
 
 Without an initialised process group everything here runs as a single process (rank 0 of

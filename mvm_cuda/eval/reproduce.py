@@ -444,20 +444,21 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
         found = distributed.broadcast(found)
         if found is not None:
             return found["x"]
-        # JSMA's random targets are drawn for the whole set, so a shard's do not depend on
-        # how many processes share the set; every chunk is crafted as one batch.
-        target = None
-        if name == "jsma":
-            with torch.no_grad():
-                num_classes = model(x[:1].to(device)).shape[1]
-            target = attacks.random_targets(y, num_classes, torch.Generator().manual_seed(args.seed))
         parts = []
-        with distributed.agree(f"crafting {name}"), \
-                tqdm(total=x.shape[0] * world, desc=f"{name} ({args.dataset})", disable=not progress) as bar:
+        share = sum(hi - lo for lo, hi in chunks)
+        desc = f"{name} ({args.dataset})" + (", rank 0's share" if world > 1 else "")
+        with distributed.agree(f"crafting {name}"), tqdm(total=share, desc=desc, disable=not progress) as bar:
+            # JSMA's random targets are drawn for the whole set, so a shard's do not depend
+            # on how many processes share the set; every chunk is crafted as one batch.
+            target = None
+            if name == "jsma":
+                with torch.no_grad():
+                    num_classes = model(x[:1].to(device)).shape[1]
+                target = attacks.random_targets(y, num_classes, torch.Generator().manual_seed(args.seed))
             for lo, hi in chunks:
                 parts.append(attacks.craft(name, model, x[lo:hi], y[lo:hi], attack_setting, batch_size=hi - lo,
                                            progress=False, target=None if target is None else target[lo:hi]))
-                bar.update((hi - lo) * world)  # rank 0's share stands for everyone's
+                bar.update(hi - lo)
         x_adv = distributed.all_gather_chunks(parts)
         with distributed.agree(f"writing the {name} attack to the cache"):
             if lead:
@@ -466,9 +467,10 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
 
     for name in attack_names:
         adversarial[name] = crafted(name)
-        if lead:
-            success[name] = models.predict(model, adversarial[name]) != y
-            table2[name] = attacks.attack_stats(model, x, adversarial[name], y)
+        with distributed.agree(f"the {name} attack's statistics (rank 0)"):
+            if lead:
+                success[name] = models.predict(model, adversarial[name]) != y
+                table2[name] = attacks.attack_stats(model, x, adversarial[name], y)
     timings["attacks"] = time.perf_counter() - t
 
     # Scores are cached like the attacks (a long run that stops resumes where it
@@ -503,25 +505,26 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
 
         clean_scores = scores(x, "clean")
         adv_scores = {name: scores(adversarial[name], name) for name in attack_names}
-        if not lead:
-            continue
-        per_attack = {}
-        for name in attack_names:
-            per_attack[name] = {
-                "successful": roc_report(clean_scores, adv_scores[name][success[name]], n_boot=args.n_boot,
-                                         seed=args.seed).to_dict(),
-                "all": roc_report(clean_scores, adv_scores[name], n_boot=args.n_boot, seed=args.seed).to_dict(),
-                "mean_score_adv": float(adv_scores[name].mean()),
-            }
-        per_attack["mean_score_clean"] = float(clean_scores.mean())
-        detector_seconds[det.name] = time.perf_counter() - t
-        per_attack["seconds"] = detector_seconds[det.name]
-        per_attack["cached"] = cached[det.name]
-        per_attack["config"] = det.config()
-        results[det.name] = per_attack
-        summary = ", ".join(f"{a} {per_attack[a]['successful']['auc']:.3f}" for a in attack_names)
-        note = f"; scores of {', '.join(cached[det.name])} from the cache" if cached[det.name] else ""
-        print(f"{det.name}: AUC {summary} ({detector_seconds[det.name]:.0f} s{note})", flush=True)
+        with distributed.agree(f"the ROC analysis of {det.name} (rank 0)"):
+            if not lead:
+                continue
+            per_attack = {}
+            for name in attack_names:
+                per_attack[name] = {
+                    "successful": roc_report(clean_scores, adv_scores[name][success[name]], n_boot=args.n_boot,
+                                             seed=args.seed).to_dict(),
+                    "all": roc_report(clean_scores, adv_scores[name], n_boot=args.n_boot, seed=args.seed).to_dict(),
+                    "mean_score_adv": float(adv_scores[name].mean()),
+                }
+            per_attack["mean_score_clean"] = float(clean_scores.mean())
+            detector_seconds[det.name] = time.perf_counter() - t
+            per_attack["seconds"] = detector_seconds[det.name]
+            per_attack["cached"] = cached[det.name]
+            per_attack["config"] = det.config()
+            results[det.name] = per_attack
+            summary = ", ".join(f"{a} {per_attack[a]['successful']['auc']:.3f}" for a in attack_names)
+            note = f"; scores of {', '.join(cached[det.name])} from the cache" if cached[det.name] else ""
+            print(f"{det.name}: AUC {summary} ({detector_seconds[det.name]:.0f} s{note})", flush=True)
     timings["detectors"] = sum(detector_seconds.values())
 
     # BIM-A is the adaptive attack's non-adaptive reference on the same images: crafted
