@@ -52,8 +52,8 @@ def chunk_ranges(n: int, chunk_size: int, rank: int | None = None, world_size: i
     """The chunks [lo, hi) of the indices 0..n-1 that `rank` handles, in index order.
 
     Chunk k is [k*chunk_size, min((k+1)*chunk_size, n)); it belongs to the rank r whose
-    share [r*n/K, (r+1)*n/K) holds its first index, so every rank gets a contiguous run of
-    whole chunks, about n/K indices, and rank order is index order. rank and world_size
+    share [r*n/K, (r+1)*n/K) holds its middle, so every rank gets a contiguous run of whole
+    chunks, n/K indices give or take half a chunk at each end, and rank order is index order. rank and world_size
     default to this process's in `group`. Raises ValueError unless n >= 0, chunk_size >= 1
     and 0 <= rank < world_size.
     """
@@ -64,7 +64,8 @@ def chunk_ranges(n: int, chunk_size: int, rank: int | None = None, world_size: i
     if n < 0 or chunk_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"chunk_ranges: need n >= 0, chunk_size >= 1 and 0 <= rank < world_size, got n={n}, "
                          f"chunk_size={chunk_size}, rank={rank}, world_size={world_size}")
-    return [(lo, min(lo + chunk_size, n)) for lo in range(0, n, chunk_size) if lo * world_size // n == rank]
+    chunks = [(lo, min(lo + chunk_size, n)) for lo in range(0, n, chunk_size)]
+    return [(lo, hi) for lo, hi in chunks if (lo + hi) * world_size // (2 * n) == rank]
 
 
 def _describe(error: BaseException) -> str:
@@ -149,6 +150,8 @@ def _images(dataset, lo: int, hi: int) -> Tensor:
 
 
 def _over_ranks(fn: str, detector, dataset, chunk_size: int, group, call, empty: Tensor) -> Tensor:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{fn}: chunk_size must be an integer >= 1, got {chunk_size!r}")
     dist = _dist()
     n = len(dataset)
     if dist is not None and dist.get_world_size(group) > 1:
