@@ -245,7 +245,8 @@ def _(keys, K, *, dtype=None):
     dtype = torch.float32 if dtype is None else dtype
     torch._check(keys.dtype == torch.int64, lambda: f"mvm::keyed_uniform: keys must be int64, got "
                  f"{_scalar_name(keys.dtype)}")
-    torch._check(keys.dim() == 1, lambda: f"mvm::keyed_uniform: keys must have shape (N,), got {_shape_str(keys.shape)}")
+    torch._check(keys.dim() == 1,
+                 lambda: f"mvm::keyed_uniform: keys must have shape (N,), got {_shape_str(keys.shape)}")
     torch._check(K >= 0, lambda: f"mvm::keyed_uniform: K (uniforms per key) must be >= 0, got {K}")
     torch._check(dtype in (torch.float32, torch.float64),
                  lambda: f"mvm::keyed_uniform: dtype must be float32 or float64, got {_scalar_name(dtype)}")

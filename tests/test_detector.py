@@ -137,7 +137,7 @@ def test_errors_name_the_method_called(digits):
     det.threshold = 0.5
     for method in ("scores", "votes", "predict", "fit_threshold"):
         with pytest.raises(ValueError, match=rf"^Detector\.{method}: pixel values"):
-            getattr(det, method)(adv[:30] + 2, index=None)
+            getattr(det, method)(adv[:30] + 2, **({"fpr": 0.5} if method == "fit_threshold" else {}))
     with pytest.raises(ValueError, match=r"^Detector\.scores: index must hold one integer per image, shape \(3,\)"):
         det.scores(adv[:3], index=[0, 1])
     with pytest.raises(ValueError, match=r"^Detector\.votes: index must lie in \[0, 2\*\*63\)"):

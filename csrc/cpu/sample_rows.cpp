@@ -299,8 +299,9 @@ void sample_all(const Call& k) {
   std::vector<Table> shared_table(guided);
   at::parallel_for(0, guided, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
-      shared_table[j] = rows.with_row(
-          j, [&](auto prow) { return build_table(prow, M, j, shared_cdf.data() + j * M, shared_guide.data() + j * (M + 1)); });
+      shared_table[j] = rows.with_row(j, [&](auto prow) {
+        return build_table(prow, M, j, shared_cdf.data() + j * M, shared_guide.data() + j * (M + 1));
+      });
     }
   });
 

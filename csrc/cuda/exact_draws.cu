@@ -60,7 +60,8 @@ waits_kernel(const double* __restrict__ hit, const double* __restrict__ rest, in
 
 }  // namespace
 
-at::Tensor exact_drawn(const at::Tensor& weights, int64_t c, const at::PhiloxCudaState& rng, const SampleKeys& sample_keys) {
+at::Tensor exact_drawn(const at::Tensor& weights, int64_t c, const at::PhiloxCudaState& rng,
+                       const SampleKeys& sample_keys) {
   TORCH_INTERNAL_ASSERT(weights.dim() == 2 && weights.scalar_type() == at::kDouble && weights.is_contiguous());
   const int64_t N = weights.size(0), M = weights.size(1);
   auto drawn = at::zeros({N, M}, weights.options().dtype(at::kByte));
