@@ -42,7 +42,8 @@ from torch import nn
 
 import mvm_cuda
 from mvm_cuda.detector import Detector
-from mvm_cuda.eval import data, models
+from mvm_cuda import distributed
+from mvm_cuda.eval import attacks, data, models
 from mvm_cuda.nn import DropoutUnit, insert_units
 
 F64 = dict(dtype=torch.float64)
@@ -1325,6 +1326,20 @@ CASES = [
          Gives(lambda r, c: r[0].shape == (0, 5) and r[1].shape == (3, 0)), ops=True,
          input="`keyed_uniform`: no keys, or K = 0",
          you_get="empty results of shape (0, K) and (N, 0)"),
+    # Several processes (mvm_cuda.distributed) and the JSMA targets of a shard.
+    Case("score_dataset-chunk_size-zero", lambda c: distributed.score_dataset(c.detector(), c.images(), chunk_size=0),
+         Raises(ValueError, r"score_dataset: chunk_size must be an integer >= 1, got 0"),
+         input="`distributed.score_dataset` / `vote_dataset`: chunk_size = 0",
+         you_get="ValueError `score_dataset: chunk_size must be an integer >= 1, got 0`"),
+    Case("score_dataset-empty", lambda c: distributed.score_dataset(c.detector(), [], chunk_size=4),
+         Gives(lambda r, c: r.shape == (0,) and r.dtype == torch.float64),
+         input="`distributed.score_dataset`: an empty data set",
+         you_get="an empty (0,) float64 tensor (and (0, R) int64 from `vote_dataset`)"),
+    Case("craft-target-not-jsma", lambda c: attacks.craft("fgsm", c.model, c.images(), torch.tensor([1, 2]),
+                                                          "mnist", target=torch.tensor([3, 4]), progress=False),
+         Raises(ValueError, r"craft: target \(N,\) is for jsma only, got fgsm with target \(2,\)"),
+         input="`attacks.craft`: `target=` for another attack than JSMA, or of another shape than y",
+         you_get="ValueError `craft: target (N,) is for jsma only, got fgsm with target (2,)`"),
 ]
 
 _IDS = [case.id for case in CASES]

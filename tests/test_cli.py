@@ -120,6 +120,7 @@ BAD_ARGUMENTS = {
     "epochs-zero": (["--epochs", "0"], r"argument --epochs: must be an integer >= 1, got 0"),
     "max-batch-zero": (["--max-batch", "0"], r"argument --max-batch: must be an integer >= 1, got 0"),
     "adaptive-eot-zero": (["--adaptive-eot", "0"], r"argument --adaptive-eot: must be an integer >= 1, got 0"),
+    "timeout-zero": (["--timeout", "0"], r"argument --timeout: must be an integer >= 1, got 0"),
     "attacks-empty": (["--attacks", ""], r"argument --attacks: must be a comma-separated list of .*, got ''"),
     "attacks-empty-item": (["--attacks", "fgsm,,jsma"], r"argument --attacks: must be a comma-separated list"),
     "attacks-unknown": (["--attacks", "fgsm,cw"], r"argument --attacks: unknown attack\(s\) cw; choose from"),
