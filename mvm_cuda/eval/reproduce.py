@@ -39,8 +39,9 @@ from tqdm.auto import tqdm
 
 from .. import __version__, distributed
 from .._files import write_atomically
+from .._progress import hide_bar
 from ..detector import Detector, roc_report
-from . import adaptive, attacks, data, models
+from . import adaptive, attacks, calibrated, data, models
 from ..malloc import keep_freed_memory
 
 __all__ = ["DETECTORS", "PAPER", "DEFAULTS", "FULL", "CHUNK", "build_parser", "run", "main"]
@@ -209,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--timeout", type=_integer(1), default=1800,
                      help="under torchrun: seconds a process waits for the others at a synchronisation point "
                           "before the run fails (default 1800)")
+    rep.add_argument("--calibrate", action="store_true",
+                     help=f"also choose each method's setting with DetectorSearch on {calibrated.N_VAL} validation "
+                          "images (the test images after --n-test) and score the calibrated detectors beside the "
+                          "fixed ones")
     rep.add_argument("--adaptive", action="store_true",
                      help="also run the adaptive attack (EOT-BIM, eval.adaptive) against MVM c=0.5N, SAP 50%% "
                           "and dropout 0.5, next to BIM-A on the same images, at FPR 5%%")
@@ -388,7 +393,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
     bad = [a for a in attack_names if a not in attacks.ATTACKS]
     if bad or not attack_names:
         raise SystemExit(f"mvm-cuda: unknown attack(s) {bad}; choose from {attacks.ATTACKS}")
-    progress = not args.no_progress and lead
+    progress = (False if args.no_progress else None) if lead else False  # None: bars on a terminal
     out = Path(args.out).expanduser()
     problem = _out_problem(out)
     if problem is not None:
@@ -436,27 +441,30 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
     t = time.perf_counter()
     adversarial, success, table2 = {}, {}, {}
 
-    def crafted(name):
+    def crafted(name, xs=None, ys=None):
+        """Attack `name` on images xs, labels ys (default: the attacked set x, y)."""
+        xs, ys = (x, y) if xs is None else (xs, ys)
         key = (f"adv-{args.dataset}-{name}-{json.dumps(settings, sort_keys=True)}-code{code}-model{model_hash}"
-               f"-x{_hash([x, y])}-s{args.seed}-chunk{CHUNK}")
+               f"-x{_hash([xs, ys])}-s{args.seed}-chunk{CHUNK}")
         with distributed.agree(f"reading the {name} attack from the cache"):
             found = models.load_cached(key) if lead else None
         found = distributed.broadcast(found)
         if found is not None:
             return found["x"]
         parts = []
+        chunks = distributed.chunk_ranges(xs.shape[0], CHUNK)
         share = sum(hi - lo for lo, hi in chunks)
         desc = f"{name} ({args.dataset})" + (", rank 0's share" if world > 1 else "")
-        with distributed.agree(f"crafting {name}"), tqdm(total=share, desc=desc, disable=not progress) as bar:
+        with distributed.agree(f"crafting {name}"), tqdm(total=share, desc=desc, disable=hide_bar(progress)) as bar:
             # JSMA's random targets are drawn for the whole set, so a shard's do not depend
             # on how many processes share the set; every chunk is crafted as one batch.
             target = None
             if name == "jsma":
                 with torch.no_grad():
-                    num_classes = model(x[:1].to(device)).shape[1]
-                target = attacks.random_targets(y, num_classes, torch.Generator().manual_seed(args.seed))
+                    num_classes = model(xs[:1].to(device)).shape[1]
+                target = attacks.random_targets(ys, num_classes, torch.Generator().manual_seed(args.seed))
             for lo, hi in chunks:
-                parts.append(attacks.craft(name, model, x[lo:hi], y[lo:hi], attack_setting, batch_size=hi - lo,
+                parts.append(attacks.craft(name, model, xs[lo:hi], ys[lo:hi], attack_setting, batch_size=hi - lo,
                                            progress=False, target=None if target is None else target[lo:hi]))
                 bar.update(hi - lo)
         x_adv = distributed.all_gather_chunks(parts)
@@ -477,12 +485,28 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
     # was): with a seed, an image's score depends only on the seed, the settings and
     # its index, so a set's scores depend only on the key below, not on what ran
     # before nor on how many processes shared it.
+    rows = [(det.name, det, None) for det in (
+        Detector(model, method, R=R, max_batch=args.max_batch, seed=args.seed, progress=progress, **kwargs)
+        for method, kwargs in DETECTORS)]
+    if args.calibrate:
+        # The validation images follow the evaluated ones in the test split: never trained
+        # on, never scored by the evaluation. Every process runs the same searches.
+        t = time.perf_counter()
+        xv, yv = dataset.x_test[n_test:n_test + calibrated.N_VAL], dataset.y_test[n_test:n_test + calibrated.N_VAL]
+        right = models.predict(model, xv) == yv
+        xv, yv = xv[right], yv[right]
+        if xv.shape[0] < 20:
+            raise SystemExit(f"mvm-cuda: --calibrate needs at least 20 correctly classified test images after the "
+                             f"first --n-test {n_test}; the test split has {dataset.x_test.shape[0]}")
+        rows += calibrated.calibrated_detectors(model, xv, yv, crafted, attack_names, R=R, seed=args.seed,
+                                                max_batch=args.max_batch, progress=progress)
+        timings["calibration"] = time.perf_counter() - t
+
     code = _code_hash()
     results, detector_seconds, cached = {}, {}, {}
-    for method, kwargs in DETECTORS:
-        det = Detector(model, method, R=R, max_batch=args.max_batch, seed=args.seed, progress=progress, **kwargs)
+    for row, det, search in rows:
         t = time.perf_counter()
-        cached[det.name] = []
+        cached[row] = []
 
         # The settings that change scores (not the threshold, nor what scoring records).
         settings_key = json.dumps({k: v for k, v in det.config().items()
@@ -492,20 +516,20 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
         def scores(images, label):
             key = (f"scores-{args.dataset}-{settings_key}-{device.type}-code{code}-model{model_hash}"
                    f"-x{_hash([images])}-chunk{CHUNK}")
-            with distributed.agree(f"reading the {det.name} scores of {label} from the cache"):
+            with distributed.agree(f"reading the {row} scores of {label} from the cache"):
                 found = models.load_cached(key) if lead else None
             if distributed.broadcast(found is not None):
-                cached[det.name].append(label)
+                cached[row].append(label)
                 return found["s"] if lead else None
             s = distributed.score_dataset(det, images, chunk_size=CHUNK)
-            with distributed.agree(f"writing the {det.name} scores of {label} to the cache"):
+            with distributed.agree(f"writing the {row} scores of {label} to the cache"):
                 if lead:
                     models.save_cached(key, {"s": s})
             return s
 
         clean_scores = scores(x, "clean")
         adv_scores = {name: scores(adversarial[name], name) for name in attack_names}
-        with distributed.agree(f"the ROC analysis of {det.name} (rank 0)"):
+        with distributed.agree(f"the ROC analysis of {row} (rank 0)"):
             if not lead:
                 continue
             per_attack = {}
@@ -517,14 +541,16 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
                     "mean_score_adv": float(adv_scores[name].mean()),
                 }
             per_attack["mean_score_clean"] = float(clean_scores.mean())
-            detector_seconds[det.name] = time.perf_counter() - t
-            per_attack["seconds"] = detector_seconds[det.name]
-            per_attack["cached"] = cached[det.name]
+            detector_seconds[row] = time.perf_counter() - t
+            per_attack["seconds"] = detector_seconds[row]
+            per_attack["cached"] = cached[row]
             per_attack["config"] = det.config()
-            results[det.name] = per_attack
+            if search is not None:
+                per_attack["calibration"] = search
+            results[row] = per_attack
             summary = ", ".join(f"{a} {per_attack[a]['successful']['auc']:.3f}" for a in attack_names)
-            note = f"; scores of {', '.join(cached[det.name])} from the cache" if cached[det.name] else ""
-            print(f"{det.name}: AUC {summary} ({detector_seconds[det.name]:.0f} s{note})", flush=True)
+            note = f"; scores of {', '.join(cached[row])} from the cache" if cached[row] else ""
+            print(f"{row}: AUC {summary} ({detector_seconds[row]:.0f} s{note})", flush=True)
     timings["detectors"] = sum(detector_seconds.values())
 
     # BIM-A is the adaptive attack's non-adaptive reference on the same images: crafted
@@ -619,7 +645,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
             _write_json(path, record)
         print(f"\nwrote {path} and {len(figures)} ROC plot(s); wall time {timings['total']:.0f} s "
               f"(model {timings['model']:.0f}, attacks {timings['attacks']:.0f}, detectors {timings['detectors']:.0f}"
-              + (f", adaptive {timings['adaptive']:.0f}" if "adaptive" in timings else "") + ")")
+              + "".join(f", {k} {timings[k]:.0f}" for k in ("calibration", "adaptive") if k in timings) + ")")
         return record
 
 
