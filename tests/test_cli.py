@@ -63,6 +63,24 @@ def test_reproduce_end_to_end(tmp_path, cache, capsys):
     assert all(per_attack["cached"] == [] for per_attack in third["table3"].values())
 
 
+def test_calibrate_adds_a_searched_row_per_method(tmp_path, cache, capsys):
+    """--calibrate: each method's setting is searched on test images after the evaluated
+    ones, and the calibrated detectors are scored beside the fixed ones."""
+    out = tmp_path / "out"
+    argv = ["reproduce", *TINY, "--attacks", "fgsm", "--calibrate", "--out", str(out)]
+    assert reproduce.main(argv) == 0
+    rows = json.loads((out / "results_digits.json").read_text())["table3"]
+    searched = {name: row for name, row in rows.items() if name.endswith("(calibrated)")}
+    assert [row["calibration"]["method"] for row in searched.values()] == ["mvm", "sap", "dropout"]
+    for row in searched.values():
+        search = row["calibration"]
+        assert search["val_test_images"] == [20, 220]  # after the first --n-test 20: never evaluated
+        assert search["best_val_auc"] == max(c["score"] for c in search["candidates"])
+        assert row["config"]["threshold"] is not None and 0 <= row["fgsm"]["all"]["auc"] <= 1
+    mvm = searched[next(n for n in searched if n.startswith("MVM"))]
+    assert mvm["config"]["c_ref"] == "unit" and mvm["config"]["c_rel"] == mvm["calibration"]["best_params"]["c_rel"]
+
+
 def test_reproduce_is_the_default_command():
     assert reproduce._with_default_command([]) == ["reproduce"]
     assert reproduce._with_default_command(["--dataset", "digits"]) == ["reproduce", "--dataset", "digits"]

@@ -498,8 +498,10 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
         if xv.shape[0] < 20:
             raise SystemExit(f"mvm-cuda: --calibrate needs at least 20 correctly classified test images after the "
                              f"first --n-test {n_test}; the test split has {dataset.x_test.shape[0]}")
-        rows += calibrated.calibrated_detectors(model, xv, yv, crafted, attack_names, R=R, seed=args.seed,
+        found = calibrated.calibrated_detectors(model, xv, yv, crafted, attack_names, R=R, seed=args.seed,
                                                 max_batch=args.max_batch, progress=progress)
+        val_range = [n_test, min(n_test + calibrated.N_VAL, dataset.x_test.shape[0])]
+        rows += [(row, det, {**search, "val_test_images": val_range}) for row, det, search in found]
         timings["calibration"] = time.perf_counter() - t
 
     code = _code_hash()
