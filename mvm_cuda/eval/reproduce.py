@@ -30,7 +30,7 @@ import torch
 from .. import __version__
 from .._files import write_atomically
 from ..detector import Detector, roc_report
-from . import adaptive, attacks, data, models
+from . import adaptive, attacks, data, exact, models
 from .malloc import keep_freed_memory
 
 __all__ = ["DETECTORS", "PAPER", "DEFAULTS", "FULL", "build_parser", "run", "main"]
@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--dataset", default="mnist", choices=data.DATASETS,
                      help="mnist (5,000 bundled images), digits (8x8, fast), cifar10, svhn (need --data-root)")
+    rep.add_argument("--model", default=None, choices=models.MODELS,
+                     help="network (default: the dataset's own, e.g. mnist; mnist-pool is a second MNIST network)")
     rep.add_argument("--data-root", type=_path, default=None,
                      help="folder with the CIFAR-10 or SVHN files (default: $MVM_CUDA_DATA)")
     rep.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
@@ -339,8 +341,10 @@ def run(args: argparse.Namespace) -> dict:
 
     t = time.perf_counter()
     dataset = data.load_dataset(args.dataset, args.data_root, seed=args.seed)
-    epochs = args.epochs if args.epochs is not None else models.DEFAULT_EPOCHS[args.dataset]
-    model = models.load_or_train(args.dataset, dataset, epochs=epochs, seed=args.seed, device=device,
+    model_name = _model_name(args)
+    tag = args.dataset if model_name == args.dataset else model_name  # names the output files
+    epochs = args.epochs if args.epochs is not None else models.DEFAULT_EPOCHS[model_name]
+    model = models.load_or_train(model_name, dataset, epochs=epochs, seed=args.seed, device=device,
                                  progress=progress)
     clean_accuracy = models.accuracy(model, dataset.x_test, dataset.y_test)
     timings["model"] = time.perf_counter() - t
@@ -362,12 +366,12 @@ def run(args: argparse.Namespace) -> dict:
     attack_setting = args.dataset if args.dataset in attacks.SETTINGS else dict(settings)
     # The key names everything the crafted images depend on, the attack code included
     # (its defaults, e.g. BIM's step count, live there), so no stale set is ever reused.
-    code = hashlib.sha256(Path(attacks.__file__).read_bytes()).hexdigest()[:8]
+    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (attacks, exact))).hexdigest()[:8]
     t = time.perf_counter()
     adversarial, success, table2 = {}, {}, {}
 
     def crafted(name):
-        key = (f"adv-{args.dataset}-{name}-{json.dumps(settings, sort_keys=True)}-code{code}-model{model_hash}"
+        key = (f"adv-{args.dataset}-{model_name}-{name}-{json.dumps(settings, sort_keys=True)}-code{code}-model{model_hash}"
                f"-x{_hash([x, y])}-s{args.seed}")
 
         def craft():
@@ -490,11 +494,12 @@ def run(args: argparse.Namespace) -> dict:
     record = {
         "version": __version__,
         "args": vars(args),
-        "config": {"dataset": args.dataset, "device": str(device), "n_test": n_test, "n_attacked": int(x.shape[0]),
+        "config": {"dataset": args.dataset, "model": model_name, "device": str(device), "n_test": n_test, "n_attacked": int(x.shape[0]),
                    "R": R, "attacks": list(attack_names), "seed": args.seed, "epochs": epochs,
                    "max_batch": args.max_batch, "n_boot": args.n_boot, "n_pixel": n_pixel, "full": args.full,
                    "attack_settings": settings, "torch": torch.__version__,
-                   "threads": torch.get_num_threads()},
+                   "threads": torch.get_num_threads(), "train_threads": models.TRAIN_THREADS,
+                   "kernel_pins": {k: os.environ.get(k) for k in _KERNEL_PINS}},
         "table2": {"clean_accuracy": clean_accuracy, "n_test_total": int(dataset.x_test.shape[0]), **table2},
         "table3": results,
         "paper": paper,
@@ -505,10 +510,10 @@ def run(args: argparse.Namespace) -> dict:
         record["adaptive"] = adaptive_results
     # The tables are printed and the numbers written before the plots, so a plot that
     # fails costs only itself; the record is rewritten with the plots that were written.
-    path = out / f"results_{args.dataset}.json"
+    path = out / f"results_{tag}.json"
     _write_json(path, record)
     t = time.perf_counter()
-    figures = _plot_rocs(results, attack_names, args.dataset, out)
+    figures = _plot_rocs(results, attack_names, tag, out)
     timings["plots"] = time.perf_counter() - t
     if figures:
         record["figures"] = figures
@@ -517,6 +522,17 @@ def run(args: argparse.Namespace) -> dict:
           f"(model {timings['model']:.0f}, attacks {timings['attacks']:.0f}, detectors {timings['detectors']:.0f}"
           + (f", adaptive {timings['adaptive']:.0f}" if "adaptive" in timings else "") + ")")
     return record
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    """The network of a run: --model, else the dataset's own."""
+    return getattr(args, "model", None) or args.dataset
+
+
+# oneDNN and MKL pick their kernels by the CPU (not by ATEN_CPU_CAPABILITY), and other
+# kernels give other bits: pinned to AVX2 so that a run repeats bit for bit on any CPU
+# with AVX2. Both are read at their library's first use, so setting them in main() works.
+_KERNEL_PINS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2,STRICT"}
 
 
 def _with_default_command(argv: list[str]) -> list[str]:
@@ -531,14 +547,19 @@ def main(argv: list[str] | None = None) -> int:
     options) it runs `reproduce`. Every argument, and that --out can be written, is
     checked before any work: a bad one exits with status 2 and a message naming it.
     Returns the exit status."""
-    if argv is None:  # run as a program (not called from Python): see keep_freed_memory
+    if argv is None:  # run as a program (not called from Python): see keep_freed_memory, _KERNEL_PINS
         keep_freed_memory()
+        for name, value in _KERNEL_PINS.items():
+            os.environ.setdefault(name, value)  # a value the user set wins
     parser = build_parser()
     args = parser.parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
     if args.command == "reproduce":
         problem = _out_problem(args.out)
         if problem is not None:
             parser.error(problem)  # exit status 2, like every other bad argument
+        if models.INPUT_SHAPES[_model_name(args)] != models.INPUT_SHAPES[args.dataset]:
+            parser.error(f"argument --model: {args.model} takes {models.INPUT_SHAPES[args.model]} images, "
+                         f"{args.dataset} has {models.INPUT_SHAPES[args.dataset]}")
         run(args)
     return 0
 
