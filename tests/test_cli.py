@@ -129,6 +129,9 @@ BAD_ARGUMENTS = {
     "device-cuda-absent": (["--device", "cuda"], r"argument --device: 'cuda': this torch .* has no usable CUDA "
                                                  r"device .*; use --device cpu"),
     "out-empty": (["--out", ""], r"argument --out: must be a path, got ''"),
+    "model-other-shape": (["--dataset", "digits", "--model", "mnist-pool"],
+                          r"argument --model: mnist-pool takes \(1, 28, 28\) images, digits has \(1, 8, 8\)"),
+    "model-unknown": (["--model", "resnet"], r"argument --model: invalid choice: 'resnet'"),
 }
 
 

@@ -531,7 +531,7 @@ def _model_name(args: argparse.Namespace) -> str:
 
 # oneDNN and MKL pick their kernels by the CPU (not by ATEN_CPU_CAPABILITY), and other
 # kernels give other bits: pinned to AVX2 so that a run repeats bit for bit on any CPU
-# with AVX2. Both are read at their library's first use, so setting them in main() works.
+# with AVX2. Both are read at their library's first use, so main() can still set them.
 _KERNEL_PINS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2,STRICT"}
 
 
@@ -547,10 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     options) it runs `reproduce`. Every argument, and that --out can be written, is
     checked before any work: a bad one exits with status 2 and a message naming it.
     Returns the exit status."""
-    if argv is None:  # run as a program (not called from Python): see keep_freed_memory, _KERNEL_PINS
+    program = argv is None  # run as a program, not called from Python
+    if program:  # see keep_freed_memory
         keep_freed_memory()
-        for name, value in _KERNEL_PINS.items():
-            os.environ.setdefault(name, value)  # a value the user set wins
     parser = build_parser()
     args = parser.parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
     if args.command == "reproduce":
@@ -560,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
         if models.INPUT_SHAPES[_model_name(args)] != models.INPUT_SHAPES[args.dataset]:
             parser.error(f"argument --model: {args.model} takes {models.INPUT_SHAPES[args.model]} images, "
                          f"{args.dataset} has {models.INPUT_SHAPES[args.dataset]}")
+        if program:  # a caller's process and its settings are its own
+            for name, value in _KERNEL_PINS.items():
+                os.environ.setdefault(name, value)  # a value the user set wins
         run(args)
     return 0
 
