@@ -190,7 +190,7 @@ def test_bad_input_failing_plot_is_a_warning_after_tables_and_json(tmp_path, cac
 
     monkeypatch.setattr(reproduce, "_plot_roc", broken)
     out = tmp_path / "out"
-    tiny = ["--dataset", "digits", "--n-test", "10", "--R", "2", "--epochs", "1", "--n-boot", "10",
+    tiny = ["--dataset", "digits", "--n-test", "10", "--R", "2", "--epochs", "2", "--n-boot", "10",
             "--no-progress", "--attacks", "fgsm"]
     with pytest.warns(UserWarning, match=r"could not write the ROC plot .*roc_digits_fgsm.png: OSError"):
         assert reproduce.main(["reproduce", *tiny, "--out", str(out)]) == 0

@@ -8,8 +8,9 @@ R stochastic passes each; report the ROC-AUC with a bootstrap 95% interval, with
 successful adversarial images as positives (the headline, as in Feinman et al.) and
 with all attacked images. Prints both tables beside the paper's numbers and writes
 results_<dataset>.json (every number, the ROC curves, the settings and timings) and
-roc_<dataset>_<attack>.png to --out. With --adaptive it also attacks the detectors with an
-attack that knows them (`eval.adaptive`: BIM with expectation over transformation).
+roc_<dataset>_<attack>.png to --out (named after the model with another --model). With
+--adaptive it also attacks the detectors with an attack that knows them (`eval.adaptive`:
+BIM with expectation over transformation).
 """
 from __future__ import annotations
 
@@ -371,8 +372,8 @@ def run(args: argparse.Namespace) -> dict:
     adversarial, success, table2 = {}, {}, {}
 
     def crafted(name):
-        key = (f"adv-{args.dataset}-{model_name}-{name}-{json.dumps(settings, sort_keys=True)}-code{code}-model{model_hash}"
-               f"-x{_hash([x, y])}-s{args.seed}")
+        key = (f"adv-{args.dataset}-{model_name}-{name}-{json.dumps(settings, sort_keys=True)}-code{code}"
+               f"-model{model_hash}-x{_hash([x, y])}-s{args.seed}")
 
         def craft():
             gen = torch.Generator().manual_seed(args.seed)
@@ -494,7 +495,8 @@ def run(args: argparse.Namespace) -> dict:
     record = {
         "version": __version__,
         "args": vars(args),
-        "config": {"dataset": args.dataset, "model": model_name, "device": str(device), "n_test": n_test, "n_attacked": int(x.shape[0]),
+        "config": {"dataset": args.dataset, "model": model_name, "device": str(device), "n_test": n_test,
+                   "n_attacked": int(x.shape[0]),
                    "R": R, "attacks": list(attack_names), "seed": args.seed, "epochs": epochs,
                    "max_batch": args.max_batch, "n_boot": args.n_boot, "n_pixel": n_pixel, "full": args.full,
                    "attack_settings": settings, "torch": torch.__version__,
