@@ -176,6 +176,8 @@ def test_jsma_stops_at_the_target(trained):
     hit = predict(model, x_adv) == target
     assert hit.float().mean() > 0.5
     assert steps.max() <= math.floor(0.3 * 64 / 2) and len(steps[hit].unique()) > 2
+    # Images that all reach their targets within the budget: the loop ends when the last does.
+    assert torch.equal(attacks.jsma(model, x[hit], y[hit], gamma=0.3, target=target[hit]), x_adv[hit])
     for k in steps[hit].unique().tolist():
         sel = hit & (steps == k)
         # A budget of exactly k steps gives the same images; of k - 1, not yet the target.

@@ -264,6 +264,8 @@ def jsma(
             # Decreasing a feature flips the sign of its effect: same search, mirrored.
             g_target, g_other = -g_target, -g_other
         running = running[keep]
+        if running.numel() == 0:  # the last ones reached their targets
+            break
         p, q, found = _best_pairs(g_target, g_other, domain[running])
         running, p, q = running[found], p[found], q[found]
         for feature in (p, q):
