@@ -216,14 +216,14 @@ def train(
     x: (N, C, H, W) float, y: (N,) int64, both may stay on the CPU (each batch moves to
     `device`, default the model's). The shuffling comes from a torch.Generator seeded
     with `seed` and the Dropout masks from torch.manual_seed(seed) inside a forked RNG,
-    so the caller's random state is untouched. On the CPU, training runs on TRAIN_THREADS
-    threads with torch.use_deterministic_algorithms(True) (both restored afterwards), and
-    the parts whose ATen kernels differ between CPU capabilities (the softmax in the loss's
-    gradient, Adam's fused updates) use single-rounding ops instead: see
-    `exact.cross_entropy_grad` and `_adam_step`. The convolutions and matrix products are oneDNN's and MKL's, which
-    pick their kernels by the CPU itself (docs/reliability.md, Reproducibility). On CUDA,
-    runs repeat bit for bit with deterministic algorithms. Shows a tqdm bar over epochs.
-    Returns the model, on `device`, in eval mode.
+    so the caller's random state is untouched. Training runs on TRAIN_THREADS CPU threads
+    with torch.use_deterministic_algorithms(True) (both restored afterwards; on CUDA only
+    where CUBLAS_WORKSPACE_CONFIG is set, which cuBLAS needs for it), and the parts whose
+    ATen kernels differ between CPU capabilities (the softmax in the loss's gradient,
+    Adam's fused updates) use single-rounding ops instead: see `exact.cross_entropy_grad`
+    and `_adam_step`. The convolutions and matrix products are oneDNN's and MKL's, which
+    pick their kernels by the CPU itself (docs/reliability.md, Reproducibility). Shows a
+    tqdm bar over epochs. Returns the model, on `device`, in eval mode.
     """
     device = torch.device(device) if device is not None else _device_of(model)
     model.to(device)
@@ -240,7 +240,8 @@ def train(
     step = 0
     try:
         torch.set_num_threads(TRAIN_THREADS)
-        torch.use_deterministic_algorithms(True)
+        if device.type == "cpu" or os.environ.get("CUBLAS_WORKSPACE_CONFIG"):
+            torch.use_deterministic_algorithms(True)
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             model.train()
