@@ -143,7 +143,7 @@ step "built $(ls "$BUILD"/src/mvm_cuda/_C*.so)"
 import sys
 import torch
 torch.ops.load_library(sys.argv[1])
-ops = ("sample_rows", "project_simplex", "mvm_step", "solve_mvm", "sap_sample")
+ops = ("sample_rows", "project_simplex", "mvm_step", "solve_mvm", "sap_sample", "keyed_uniform")
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key("mvm::" + op, "CUDA")]
 if missing:
     raise SystemExit("no CUDA kernel registered for: " + ", ".join(missing))

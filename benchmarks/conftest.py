@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from mvm_cuda.eval.malloc import keep_freed_memory
+from mvm_cuda import keep_freed_memory
 from mvm_cuda.eval.models import INPUT_SHAPES, build_model
 
 

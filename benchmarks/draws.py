@@ -35,7 +35,7 @@ import time
 import torch
 
 import mvm_cuda
-from mvm_cuda.eval.malloc import keep_freed_memory
+from mvm_cuda import keep_freed_memory
 from mvm_cuda.eval.models import build_model
 
 R = 100  # stochastic passes per image, as in the paper

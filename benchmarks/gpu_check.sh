@@ -133,7 +133,7 @@ build() {
   [ "$src" = "$REPO" ] || cp "$src"/mvm_cuda/_C*.so "$REPO/mvm_cuda/"
   $PY -P - <<'EOF'
 import torch, mvm_cuda
-for op in ("sample_rows", "project_simplex", "mvm_step", "solve_mvm", "sap_sample"):
+for op in ("sample_rows", "project_simplex", "mvm_step", "solve_mvm", "sap_sample", "keyed_uniform"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key("mvm::" + op, "CUDA"), op + ": no CUDA kernel"
 print("mvm_cuda from", mvm_cuda.__file__, "with CUDA kernels for every op")
 EOF

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import mvm_cuda  # noqa: E402
-from mvm_cuda.eval.malloc import keep_freed_memory  # noqa: E402
+from mvm_cuda import keep_freed_memory  # noqa: E402
 from test_bench_ops import LAYERS, draws, images_nhwc  # noqa: E402
 
 

@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <sstream>
 #include <string>
 
@@ -121,6 +122,32 @@ inline void check_bitmask_rows(const char* op, int64_t M) {
               " rows per sample on CUDA, got M = ", M);
 }
 
+// The per-sample keys of the samplers (keys[n] alone seeds sample n's
+// stream): an int64 tensor of shape (N,) on the samples' device, any strides.
+// A generator as well is an error: with keys it would be neither read nor
+// advanced, which a caller passing one cannot mean.
+inline void check_keys(const char* op, const std::optional<at::Tensor>& keys, bool has_generator,
+                       const char* name, const at::Tensor& t, int64_t N) {
+  if (!keys.has_value()) return;
+  TORCH_CHECK(!has_generator, "mvm::", op, ": pass keys or generator, not both");
+  check_same_device(op, name, t, "keys", *keys);
+  TORCH_CHECK(keys->scalar_type() == at::kLong, "mvm::", op, ": keys must be int64, got ", keys->scalar_type());
+  TORCH_CHECK(keys->dim() == 1 && keys->size(0) == N, "mvm::", op, ": keys must have shape (N,) = (", N,
+              ",), one key per sample of ", name, ", got ", shape_str(keys->sizes()));
+}
+
+// keyed_uniform's checks: keys a 1-d int64 tensor, K >= 0, a float32 or
+// float64 result (float32 when dtype is not given). Returns the dtype.
+inline at::ScalarType check_keyed_uniform(const at::Tensor& keys, int64_t K, std::optional<at::ScalarType> dtype) {
+  constexpr const char* op = "keyed_uniform";
+  TORCH_CHECK(keys.scalar_type() == at::kLong, "mvm::", op, ": keys must be int64, got ", keys.scalar_type());
+  TORCH_CHECK(keys.dim() == 1, "mvm::", op, ": keys must have shape (N,), got ", shape_str(keys.sizes()));
+  TORCH_CHECK(K >= 0, "mvm::", op, ": K (uniforms per key) must be >= 0, got ", K);
+  const at::ScalarType dt = dtype.value_or(at::kFloat);
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "mvm::", op, ": dtype must be float32 or float64, got ", dt);
+  return dt;
+}
+
 // A CUDA kernel is reached with tensors elsewhere when a C++ caller passes a
 // CUDA generator with CPU tensors (the generator joins the dispatch key).
 inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
@@ -148,6 +175,7 @@ struct SampleShape {
 // check_values = false and checks each row of p as it builds its CDF, which
 // costs no extra pass over p (SAP's p is as large as x).
 inline SampleShape check_sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
+                                     const std::optional<at::Tensor>& keys, bool has_generator,
                                      bool check_values = true) {
   constexpr const char* op = "sample_rows";
   TORCH_CHECK(x.dim() == 4 || x.dim() == 3, "mvm::", op,
@@ -170,6 +198,7 @@ inline SampleShape check_sample_rows(const at::Tensor& x, const at::Tensor& p, i
   s.P = p.size(0);
   TORCH_CHECK(s.N % s.P == 0, "mvm::", op, ": x's batch N = ", s.N,
               " must be a multiple of p's rows P = ", s.P, " (sample n uses p[n % P])");
+  check_keys(op, keys, has_generator, "x", x, s.N);
   if (check_values && should_check_values(p)) check_probabilities(op, "p", p);
   return s;
 }
@@ -223,11 +252,13 @@ inline void check_sap_values(bool finite, double sum_abs, int64_t sample) {
 // contiguous copy (documented). NaN/inf in h and a sum |h| that overflows
 // float64 are value checks: the CPU kernel finds them as it packs h, the CUDA
 // kernel checks here when value checks are on.
-inline at::Tensor check_sap_sample(const at::Tensor& h, int64_t r) {
+inline at::Tensor check_sap_sample(const at::Tensor& h, int64_t r, const std::optional<at::Tensor>& keys,
+                                   bool has_generator) {
   constexpr const char* op = "sap_sample";
   TORCH_CHECK(h.dim() >= 1, "mvm::", op, ": h must have a batch dimension (N, ...), got a 0-d tensor");
   check_float_dtype(op, "h", h, /*allow_half=*/true);
   TORCH_CHECK(r >= 1, "mvm::", op, ": r (the number of draws) must be >= 1, got ", r);
+  check_keys(op, keys, has_generator, "h", h, h.size(0));
   if (!h.device().is_cpu() && should_check_values(h) && h.numel() > 0) {
     const auto flat = h.reshape({h.size(0), -1});
     const auto finite = at::isfinite(flat).all(1);

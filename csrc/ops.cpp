@@ -38,9 +38,15 @@ TORCH_LIBRARY(mvm, m) {
   m.def("project_simplex(Tensor v, float z=1.0) -> Tensor");
   m.def("mvm_step(Tensor p, Tensor alpha, int c, float lr) -> Tensor");
   m.def("solve_mvm(Tensor alpha, int c, str method=\"kkt\", int max_iter=1000, float tol=1e-6) -> Tensor");
-  m.def("sample_rows(Tensor x, Tensor p, int c, *, Generator? generator=None) -> Tensor");
+  // keys (N,) int64: sample n draws from keys[n] alone (then no generator).
+  // keys may be passed by position: torch.library.register_autograd (ops.py's
+  // inference-only registration) refuses keyword-only tensors.
+  m.def("sample_rows(Tensor x, Tensor p, int c, Tensor? keys=None, *, Generator? generator=None) -> Tensor");
   // SAP fused: what sample_rows(h.reshape(N, K, 1), abs(h) / sum abs(h), r) draws, without p.
-  m.def("sap_sample(Tensor h, int r, *, bool scale_only=False, Generator? generator=None) -> Tensor");
+  m.def("sap_sample(Tensor h, int r, Tensor? keys=None, *, bool scale_only=False, Generator? generator=None) -> "
+        "Tensor");
+  // (N, K) uniforms in [0, 1), row n a function of keys[n] alone, prefix-stable in K.
+  m.def("keyed_uniform(Tensor keys, int K, *, ScalarType? dtype=None) -> Tensor");
   // Not a tensor op: switches the device-syncing value checks of non-CPU
   // kernels on or off (see checks.h).
   m.def("set_value_checks(bool enabled) -> bool", &set_value_checks);

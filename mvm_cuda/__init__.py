@@ -15,6 +15,7 @@ except ImportError as e:  # pragma: no cover - only on a broken install
     ) from e
 
 from .ops import (  # noqa: E402
+    keyed_uniform,
     project_simplex,
     mvm_step,
     row_alpha,
@@ -32,6 +33,7 @@ __all__ = [
     "sample_rows",
     "sap_sample",
     "sap_scale",
+    "keyed_uniform",
     "row_alpha",
     "set_value_checks",
 ]
@@ -65,6 +67,8 @@ _value_checks_from_env()
 from .nn import (DropoutUnit, MVMUnit, SAPUnit, SamplingUnit, insert_units, sampling_units,  # noqa: E402
                  set_differentiable, set_mode)
 from .detector import Detector, roc_report  # noqa: E402
+from .calibration import DetectorSearch  # noqa: E402
+from .malloc import keep_freed_memory  # noqa: E402
 
 
 
@@ -89,4 +93,6 @@ __all__ += [
     "set_differentiable",
     "Detector",
     "roc_report",
+    "DetectorSearch",
+    "keep_freed_memory",
 ]

@@ -17,8 +17,10 @@ import math
 import numbers
 import os
 import re
+import secrets
 import threading
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from types import ModuleType
 
@@ -29,18 +31,43 @@ from tqdm.auto import tqdm
 
 from . import ops
 from ._files import write_atomically
+from ._progress import hide_bar
 from .nn import DropoutUnit, MVMUnit, SAPUnit, insert_units, sampling_units, set_mode
 
 __all__ = ["METHODS", "SOLVERS", "Detector", "RocReport", "histogram_entropy", "threshold_for_fpr", "roc_report"]
 
 METHODS = ("mvm", "sap", "dropout")
 SOLVERS = ("kkt", "pgd")
+C_REFS = ("input", "unit")
 _FORMAT = "mvm_cuda-detector-v1"
 _KNOWN_BACKENDS = ("mvm_cuda.ops", "mvm_cuda.reference")
 _SAVED_KEYS = ("method", "c", "c_rel", "frac", "p_drop", "R", "max_batch", "seed", "solver", "channels_last",
                "backend", "threshold", "fpr", "input_shape")
 _INT64_MAX = 2**63 - 1
 _SEED_END = 2**64  # torch.Generator.manual_seed and numpy take seeds in [0, 2**64)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic): a bijection that
+    spreads every input bit over the output."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def sample_keys(base: int, index, unit: int, passes: range) -> Tensor:
+    """The ops' per-sample keys of one forward: (len(passes) * P,) int64 on the CPU, pass-major
+    (sample k * P + j is image index[j] in pass passes[k]), each a hash of (base, the image's
+    index, the unit, the pass). index: (P,) integers. So an image's draws depend on its
+    index and never on its position in a batch or on the other images."""
+    with np.errstate(over="ignore"):
+        image = _mix64(_mix64(np.asarray([base], dtype=np.uint64) + _GOLDEN)
+                       + (np.asarray(index, dtype=np.uint64) + np.uint64(1)) * _GOLDEN)
+        unit_key = _mix64(image + np.uint64(unit + 1) * _GOLDEN)
+        r = np.arange(passes.start, passes.stop, dtype=np.uint64)[:, None]
+        keys = _mix64(unit_key[None, :] + (r + np.uint64(1)) * _GOLDEN)
+    return torch.from_numpy(keys.reshape(-1).view(np.int64))
 
 
 def _is_int(value) -> bool:
@@ -228,8 +255,12 @@ def _check_saved(path, cfg: dict) -> None:
 
     valid = {
         "method": (lambda v: v in METHODS, f"one of {METHODS}"),
-        "c": (lambda v: v is None or integer(v, 1), "null or an integer >= 1"),
-        "c_rel": (lambda v: v is None or number(v) and v > 0, "null or a finite number > 0"),
+        "c": (lambda v: v is None or integer(v, 1) or isinstance(v, list) and v and all(integer(e, 1) for e in v),
+              "null, an integer >= 1 or a list of them"),
+        "c_rel": (lambda v: v is None or number(v) and v > 0
+                  or isinstance(v, list) and v and all(number(e) and e > 0 for e in v),
+                  "null, a finite number > 0 or a list of them"),
+        "c_ref": (lambda v: v in C_REFS, f"one of {C_REFS}"),
         "frac": (lambda v: number(v) and v > 0, "a finite number > 0"),
         "p_drop": (lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)"),
         "R": (lambda v: integer(v, 1), "an integer >= 1"),
@@ -242,6 +273,7 @@ def _check_saved(path, cfg: dict) -> None:
         "fpr": (lambda v: v is None or number(v) and 0 < v < 1, "null or a number in (0, 1)"),
         "input_shape": (lambda v: v is None or shape(v), "null or a list of 3 integers >= 1 (C, H, W)"),
     }
+    cfg.setdefault("c_ref", "input")  # files saved before c_ref existed
     for key, (ok, what) in valid.items():
         if not ok(cfg[key]):
             raise ValueError(f"Detector.load: {path}: {key} must be {what}, got {cfg[key]!r}")
@@ -250,23 +282,64 @@ def _check_saved(path, cfg: dict) -> None:
                          f"got c={cfg['c']!r}, c_rel={cfg['c_rel']!r}")
 
 
+def _draw_count(value) -> int | None:
+    f = _real(value)
+    if f is None or not math.isfinite(f) or f != int(f) or not 1 <= f <= _INT64_MAX:
+        return None
+    return int(value)
+
+
+def _positive(value) -> float | None:
+    f = _real(value)
+    return f if f is not None and math.isfinite(f) and f > 0 else None
+
+
+def _per_unit(name: str, value, convert):
+    """None, one setting, or a tuple of one per unit; each converted (None: invalid)."""
+    if value is None:
+        return None
+    many = isinstance(value, Sequence) and not isinstance(value, str) or \
+        isinstance(value, (np.ndarray, Tensor)) and np.ndim(value) == 1
+    items = [convert(v) for v in value] if many else [convert(value)]
+    what = "an integer in [1, 2**63)" if convert is _draw_count else "a finite number > 0"
+    if not items or any(v is None for v in items):
+        raise ValueError(f"Detector: {name} must be None, {what}, or a sequence of them (one per unit), "
+                         f"got {value!r}")
+    return tuple(items) if many else items[0]
+
+
+def _label(value) -> str:
+    return f"{value:g}" if not isinstance(value, tuple) else "(" + ",".join(f"{v:g}" for v in value) + ")"
+
+
 class Detector:
     """Adversarial-image detector of the paper's Alg. 3, with MVM, SAP or dropout units.
 
     model: a trained CNN mapping float images (N, C, H, W) with values in [0, 1] to
     logits (N, K); it is copied (see `insert_units`), never modified, and the copy runs
     in eval mode on the model's device and dtype, so only the inserted units are random.
-    method "mvm": c draws per unit, absolute, or c = c_rel * H*W of the input (the
-    paper's c = c_rel N_pixel; default c_rel = 1), probabilities by `solver`; "sap": a
-    fraction `frac` of each activation's entries drawn; "dropout": drop probability
-    p_drop. R: stochastic passes per image. max_batch: the most images (copies
-    included) in one forward, which bounds memory; P = max(1, max_batch // R) images
-    are scored per forward. Randomness: with `generator` (on the model's device) every
-    call draws from it; else with `seed` every call restarts from a generator seeded
-    with it, so equal inputs get equal scores; with neither, the default generator.
-    backend: the op module (`mvm_cuda.ops` or `mvm_cuda.reference`). channels_last runs
-    the copy in that memory format: the units' NHWC rows are then dense and convs are
-    faster on CPU and GPU. threshold: as fitted by `fit_threshold` (or given).
+    method "mvm": c draws per unit, absolute, or c = c_rel * a reference count of rows:
+    with c_ref="input" (the paper's rule, c = c_rel N_pixel) the input's H*W, the same c
+    for every unit; with c_ref="unit" each unit's own H*W, so a small late map gets a
+    small c. c and c_rel may also be sequences, one value per unit in execution order
+    (as `DetectorSearch` picks them). Default c_rel = 1, c_ref = "input". Probabilities
+    by `solver`. "sap": a fraction `frac` of each activation's entries drawn; "dropout":
+    drop probability p_drop. R: stochastic passes per image. max_batch: the most images
+    (copies included) in one forward, which bounds memory; P = max(1, max_batch // R)
+    images are scored per forward.
+
+    Randomness is per image: the draws for image x[n] come from keys hashed from
+    (base, index[n], unit, pass), where index defaults to n (pass `index=` to `scores`
+    where images are not numbered from 0). With `seed`, base = seed, so an image's
+    score is a function of (seed, settings, its index) alone: the same in any batch,
+    for any max_batch, in split calls or spread over processes. With `generator`, every
+    call draws its base from it. With neither (seed=None, the default), every call draws
+    a fresh base from the operating system, so that an attacker cannot replay the noise
+    of a deployed detector; evaluations pass a seed. backend: the op module
+    (`mvm_cuda.ops` or `mvm_cuda.reference`). channels_last runs the copy in that memory
+    format: the units' NHWC rows are then dense and convs are faster on CPU and GPU.
+    threshold: as fitted by `fit_threshold` (or given). progress: True shows progress
+    bars, False hides them, None (default) shows them where stderr is a terminal.
     """
 
     def __init__(
@@ -274,19 +347,20 @@ class Detector:
         model: nn.Module,
         method: str = "mvm",
         *,
-        c: int | None = None,
-        c_rel: float | None = None,
+        c: int | Sequence[int] | None = None,
+        c_rel: float | Sequence[float] | None = None,
+        c_ref: str = "input",
         frac: float = 0.5,
         p_drop: float = 0.5,
         R: int = 100,
         max_batch: int = 1024,
-        seed: int | None = 0,
+        seed: int | None = None,
         generator: torch.Generator | None = None,
         backend: ModuleType | None = None,
         solver: str = "kkt",
         channels_last: bool = True,
         threshold: float | None = None,
-        progress: bool = True,
+        progress: bool | None = None,
     ):
         if method not in METHODS:
             raise ValueError(f"Detector: method must be one of {METHODS}, got {method!r}")
@@ -296,41 +370,50 @@ class Detector:
             raise ValueError(f"Detector: max_batch must be an integer >= 1, got {max_batch}")
         if method == "mvm" and solver not in SOLVERS:
             raise ValueError(f"Detector: solver must be one of {SOLVERS}, got {solver!r}")
+        if c_ref not in C_REFS:
+            raise ValueError(f"Detector: c_ref must be one of {C_REFS}, got {c_ref!r}")
         if method == "mvm" and c is None and c_rel is None:
             c_rel = 1.0
         # Plain Python values (a numpy int, a 0-d tensor threshold become int, float),
         # checked here so that config() is valid JSON and every call can run.
-        if c is not None and (_real(c) is None or not math.isfinite(_real(c)) or c > _INT64_MAX):
-            raise ValueError(f"Detector: c must be None or an integer in [1, {_INT64_MAX}], got {c!r}")
-        if c is not None and int(c) == c:
-            c = int(c)
-        c_rel = _finite_setting("Detector", "c_rel", c_rel, optional=True)
+        c = _per_unit("c", c, _draw_count)
+        c_rel = _per_unit("c_rel", c_rel, _positive)
         frac = _finite_setting("Detector", "frac", frac)
         p_drop = _finite_setting("Detector", "p_drop", p_drop)
         seed = _seed_setting("Detector", seed)
         threshold = _finite_setting("Detector", "threshold", threshold, optional=True)
         if channels_last not in (True, False) or isinstance(channels_last, float):
             raise ValueError(f"Detector: channels_last must be a bool, got {channels_last!r}")
+        if progress not in (True, False, None) or isinstance(progress, float):
+            raise ValueError(f"Detector: progress must be True, False or None, got {progress!r}")
         channels_last = bool(channels_last)
         backend = ops if backend is None else backend
-        self.method, self.c, self.c_rel, self.frac, self.p_drop = method, c, c_rel, frac, p_drop
+        self.method, self.c, self.c_rel, self.c_ref = method, c, c_rel, c_ref
+        self.frac, self.p_drop = frac, p_drop
         self.R, self.max_batch, self.seed, self.generator = int(R), int(max_batch), seed, generator
         self.backend, self.solver, self.channels_last = backend, solver, channels_last
         self.threshold, self.fpr, self.progress = threshold, None, progress
         self.input_shape: tuple[int, ...] | None = None
-        # The units' mode, generator and recorded p live on the shared network, so one
-        # call at a time: a lock, not per-thread state, keeps the units simple and
-        # makes a seeded call from any thread return exactly what it returns alone.
+        # The units' mode, keys and recorded p live on the shared network, so one call
+        # at a time: a lock, not per-thread state, keeps the units simple.
         self.lock = threading.RLock()
+        made = []
 
         def make_unit():
+            k = len(made)
+            made.append(k)
             if method == "mvm":
-                return MVMUnit(c, c_rel=c_rel, solver=solver, backend=backend)
+                pick = lambda v: v[min(k, len(v) - 1)] if isinstance(v, tuple) else v  # noqa: E731
+                return MVMUnit(pick(c), c_rel=pick(c_rel), solver=solver, backend=backend)
             if method == "sap":
                 return SAPUnit(frac, backend=backend)
             return DropoutUnit(p_drop, backend=backend)
 
         self.net = insert_units(model, make_unit).eval()
+        for name, value in (("c", c), ("c_rel", c_rel)):
+            if method == "mvm" and isinstance(value, tuple) and len(value) != len(made):
+                raise ValueError(f"Detector: {name} gives {len(value)} values, but the model has {len(made)} "
+                                 f"units (one after each ReLU of its conv part)")
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.units = sampling_units(self.net)
@@ -347,16 +430,25 @@ class Detector:
     def name(self) -> str:
         """A short label, e.g. "MVM c=0.5N", "SAP 50%", "dropout 0.5"."""
         if self.method == "mvm":
-            return f"MVM c={self.c}" if self.c is not None else f"MVM c={self.c_rel:g}N"
+            if self.c is not None:
+                return f"MVM c={_label(self.c)}"
+            return f"MVM c={_label(self.c_rel)}" + ("N" if self.c_ref == "input" else "M")
         if self.method == "sap":
             return f"SAP {100 * self.frac:g}%"
         return f"dropout {self.p_drop:g}"
 
-    def _check_input(self, x: Tensor, fn: str) -> None:
-        """Reject what would crash deep inside the model or give meaningless scores: not
-        a tensor, not 4-d, not floating point, pixels outside [0, 1] or NaN, or images
-        the model does not take (found by one clean forward of the first image)."""
-        where = f"Detector.{fn}: x must be a float tensor of images (N, C, H, W)"
+    def _images(self, x, fn: str) -> Tensor:
+        """x as a tensor of images, checked: a numpy array becomes a tensor once (sharing
+        its memory where torch can). Rejects what would crash deep inside the model or give
+        meaningless scores: not an array, not 4-d, not floating point, pixels outside
+        [0, 1] or NaN, or images the model does not take (found by one clean forward of
+        the first image). fn names the public method in messages."""
+        where = f"Detector.{fn}: x must be a float tensor or numpy array of images (N, C, H, W)"
+        if isinstance(x, np.ndarray):
+            if x.dtype.kind != "f":
+                hint = " (for 0..255 images pass x.astype(np.float32) / 255)" if x.dtype == np.uint8 else ""
+                raise ValueError(f"{where}, got a numpy array of dtype {x.dtype}{hint}")
+            x = torch.from_numpy(np.ascontiguousarray(x) if x.dtype.byteorder not in "=|" else x)
         if not isinstance(x, Tensor):
             raise TypeError(f"{where}, got {type(x).__name__}")
         if x.dim() != 4:
@@ -389,16 +481,44 @@ class Detector:
                 got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                 raise ValueError(f"Detector.{fn}: the model must return logits (N, K), got {got}")
             self.input_shape = tuple(x.shape[1:])
+        return x
 
-    def _fresh_generator(self) -> torch.Generator | None:
+    @staticmethod
+    def _index(index, n: int, fn: str) -> np.ndarray:
+        """index as (n,) uint64: None gives 0..n-1; else n integers in [0, 2**63)."""
+        if index is None:
+            return np.arange(n, dtype=np.uint64)
+        if isinstance(index, Tensor):
+            index = index.detach().cpu().numpy()
+        values = np.asarray(index)
+        if values.shape != (n,) or (values.size and values.dtype.kind not in "iu"):
+            raise ValueError(f"Detector.{fn}: index must hold one integer per image, shape ({n},), "
+                             f"got shape {values.shape} of dtype {values.dtype}")
+        if values.size and (values.min() < 0 or values.max() > _INT64_MAX):
+            raise ValueError(f"Detector.{fn}: index must lie in [0, 2**63), got values in "
+                             f"[{values.min()}, {values.max()}]")
+        return values.astype(np.uint64)
+
+    def _base(self) -> int:
+        """The key base of one call: the seed, one draw from the generator, or fresh
+        randomness from the operating system."""
+        if self.seed is not None:
+            return self.seed
         if self.generator is not None:
-            return self.generator
-        if self.seed is None:
-            return None
-        return torch.Generator(self.device).manual_seed(self.seed)
+            draw = torch.empty((), dtype=torch.int64, device=self.generator.device)
+            return int(draw.random_(generator=self.generator))
+        return secrets.randbits(64)
 
-    def _votes_of_batch(self, xb: Tensor) -> Tensor:
-        """(R, P) predicted classes of the R stochastic passes over the P images xb."""
+    def set_ref_pixels(self, pixels: int) -> None:
+        """Give the MVM units the reference count of c_ref="input" (the input's H*W);
+        with c_ref="unit" each unit keeps its own rows."""
+        for unit in self.units:
+            if isinstance(unit, MVMUnit):
+                unit.ref_pixels = pixels if self.c_ref == "input" else None
+
+    def _votes_of_batch(self, xb: Tensor, index: np.ndarray, base: int) -> Tensor:
+        """(R, P) predicted classes of the R stochastic passes over the P images xb, whose
+        indices are index (P,)."""
         p = xb.shape[0]
         if self.method == "mvm":
             set_mode(self.net, "record")
@@ -408,55 +528,61 @@ class Detector:
         votes = []
         for start in range(0, self.R, copies):
             r = min(copies, self.R - start)
+            for u, unit in enumerate(self.units):
+                unit.keys = sample_keys(base, index, u, range(start, start + r)).to(self.device)
             # Copy-major stacking: sample n is image n % P, which is the row of p
             # that sample_rows uses for it, so the recorded p is never repeated.
             votes.append(self.net(xb.repeat(r, 1, 1, 1)).argmax(1).view(r, p))
         return torch.cat(votes)
 
-    def votes(self, x: Tensor) -> Tensor:
-        """The predicted classes of the R stochastic passes over images x (N, C, H, W) in
-        [0, 1], as (N, R) int64 on the CPU. Runs in batches of P = max(1, max_batch // R)
-        images (a tqdm bar over images), under torch.inference_mode. x is moved to the model's
-        device and cast to its dtype. Raises TypeError if x is not a tensor, ValueError for
-        images that are not (N, C, H, W) floats in [0, 1] (NaN included) or do not fit the
-        model. Thread-safe: calls from several threads run one at a time (`lock`), so a
-        seeded detector gives every call the scores it gives that call alone."""
+    def _votes(self, x, index, fn: str) -> Tensor:
         with self.lock, torch.inference_mode():
-            self._check_input(x, "votes")
+            x = self._images(x, fn)
             n = x.shape[0]
+            index = self._index(index, n, fn)
             if n == 0:
                 return torch.zeros(0, self.R, dtype=torch.int64)
-            gen = self._fresh_generator()
-            for unit in self.units:
-                unit.generator = gen
-                if isinstance(unit, MVMUnit):
-                    unit.ref_pixels = x.shape[2] * x.shape[3]
+            base = self._base()
+            self.set_ref_pixels(x.shape[2] * x.shape[3])
             batch = max(1, self.max_batch // self.R)
             memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
             out = []
             try:
-                with tqdm(total=n, desc=f"{self.name} R={self.R}", unit="img", disable=not self.progress,
+                with tqdm(total=n, desc=f"{self.name} R={self.R}", unit="img", disable=hide_bar(self.progress),
                           leave=False) as bar:
                     for start in range(0, n, batch):
                         xb = x[start:start + batch].to(self.device, self.dtype)
                         xb = xb.contiguous(memory_format=memory_format)
-                        out.append(self._votes_of_batch(xb).T.cpu())
+                        out.append(self._votes_of_batch(xb, index[start:start + batch], base).T.cpu())
                         bar.update(xb.shape[0])
             finally:
                 set_mode(self.net, "off")
-                for unit in self.units:  # drop the recorded alpha and p of the last batch
-                    unit.generator = None
+                for unit in self.units:  # drop the keys and the recorded alpha and p of the last batch
+                    unit.keys = None
                     if isinstance(unit, MVMUnit):
                         unit.alpha = unit.p = None
             return torch.cat(out)
 
-    def scores(self, x: Tensor) -> Tensor:
+    def votes(self, x, index=None) -> Tensor:
+        """The predicted classes of the R stochastic passes over images x (N, C, H, W) in
+        [0, 1] (a tensor or a numpy array), as (N, R) int64 on the CPU. index: (N,)
+        integers, the images' numbers in the user's data (default 0..N-1), which key their
+        randomness (see the class docstring). Runs in batches of P = max(1, max_batch // R)
+        images (a tqdm bar over images), under torch.inference_mode. x is moved to the
+        model's device and cast to its dtype. Raises TypeError if x is not an array,
+        ValueError for images that are not (N, C, H, W) floats in [0, 1] (NaN included)
+        or do not fit the model, and for an index of another length or with negative
+        values. Thread-safe: calls from several threads run one at a time (`lock`)."""
+        return self._votes(x, index, "votes")
+
+    def scores(self, x, index=None) -> Tensor:
         """Alg. 3's score of every image x (N, C, H, W) in [0, 1]: the entropy (natural log)
         of the histogram of its R predicted classes, as (N,) float64 on the CPU; 0 when
-        all R passes agree, at most log(min(R, K)). See `votes` for batching and errors."""
-        return histogram_entropy(self.votes(x))
+        all R passes agree, at most log(min(R, K)). See `votes` for index, batching and
+        errors."""
+        return self._score(x, index, "scores")
 
-    def fit_threshold(self, clean_x: Tensor, fpr: float = 0.05) -> "Detector":
+    def fit_threshold(self, clean_x, fpr: float = 0.05, index=None) -> "Detector":
         """Set `threshold` so that at most a fraction fpr of the clean images clean_x
         (N, C, H, W) score above it (see `threshold_for_fpr`); returns self.
 
@@ -469,7 +595,7 @@ class Detector:
         if not 0 < fpr < 1:
             raise ValueError(f"Detector.fit_threshold: fpr must be in (0, 1), got {fpr}")
         need, advised = math.ceil(1 / fpr - 1e-9), math.ceil(10 / fpr - 1e-9)
-        if isinstance(clean_x, Tensor) and clean_x.dim() >= 1:
+        if isinstance(clean_x, (Tensor, np.ndarray)) and clean_x.ndim >= 1:
             n = clean_x.shape[0]
             if n < need:
                 raise ValueError(
@@ -482,31 +608,38 @@ class Detector:
                     f"(use at least {advised})",
                     stacklevel=2,
                 )
-        self.threshold = threshold_for_fpr(self.scores(clean_x), fpr)
+        self.threshold = threshold_for_fpr(self._score(clean_x, index, "fit_threshold"), fpr)
         self.fpr = fpr
         return self
 
-    def predict(self, x: Tensor) -> Tensor:
+    def _score(self, x, index, fn: str) -> Tensor:
+        return histogram_entropy(self._votes(x, index, fn))
+
+    def predict(self, x, index=None) -> Tensor:
         """(N,) bool on the CPU: True where an image of x (N, C, H, W) scores above the
         fitted threshold, i.e. is declared adversarial. Raises RuntimeError before
         `fit_threshold` (or a threshold given at construction)."""
         if self.threshold is None:
             raise RuntimeError("Detector.predict: no threshold; call fit_threshold(clean_images) first")
-        return self.scores(x) > self.threshold
+        return self._score(x, index, "predict") > self.threshold
 
-    def evaluate(self, clean: Tensor, adversarial: Tensor, n_boot: int = 1000, seed: int = 0) -> RocReport:
+    def evaluate(self, clean, adversarial, n_boot: int = 1000, seed: int = 0) -> RocReport:
         """ROC analysis of clean images (negatives, (N0, C, H, W)) against adversarial
         ones (positives, (N1, C, H, W)): the ROC-AUC, its bootstrap 95% interval from
-        n_boot resamples with `seed`, and the ROC curve, as a RocReport."""
-        return roc_report(self.scores(clean), self.scores(adversarial), n_boot=n_boot, seed=seed)
+        n_boot resamples with `seed`, and the ROC curve, as a RocReport. Both sets are
+        numbered from 0, so an adversarial image made from clean[n] (at position n) gets
+        clean[n]'s random keys."""
+        return roc_report(self._score(clean, None, "evaluate"), self._score(adversarial, None, "evaluate"),
+                          n_boot=n_boot, seed=seed)
 
     def config(self) -> dict:
         """The settings that define this detector and its fitted threshold, JSON-ready."""
         return {
             "format": _FORMAT,
             "method": self.method,
-            "c": self.c,
-            "c_rel": self.c_rel,
+            "c": list(self.c) if isinstance(self.c, tuple) else self.c,
+            "c_rel": list(self.c_rel) if isinstance(self.c_rel, tuple) else self.c_rel,
+            "c_ref": self.c_ref,
             "frac": self.frac,
             "p_drop": self.p_drop,
             "R": self.R,
@@ -535,7 +668,7 @@ class Detector:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module, *, backend: ModuleType | None = None,
-             generator: torch.Generator | None = None, progress: bool = True,
+             generator: torch.Generator | None = None, progress: bool | None = None,
              strict: bool = True) -> "Detector":
         """The detector saved at `path`, rebuilt around `model` (the same trained network).
         backend: the op module (default: the saved one, if it is mvm_cuda.ops or
@@ -575,7 +708,8 @@ class Detector:
             if strict:
                 raise ValueError(message + "; pass that model, or strict=False and refit the threshold")
             warnings.warn(message, stacklevel=2)
-        det = cls(model, cfg["method"], c=cfg["c"], c_rel=cfg["c_rel"], frac=cfg["frac"], p_drop=cfg["p_drop"],
+        det = cls(model, cfg["method"], c=cfg["c"], c_rel=cfg["c_rel"], c_ref=cfg["c_ref"], frac=cfg["frac"],
+                  p_drop=cfg["p_drop"],
                   R=cfg["R"], max_batch=cfg["max_batch"], seed=cfg["seed"], generator=generator,
                   backend=backend, solver=cfg["solver"], channels_last=cfg["channels_last"],
                   threshold=cfg["threshold"], progress=progress)

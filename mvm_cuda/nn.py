@@ -55,11 +55,14 @@ MODES = ("off", "record", "sample")
 
 
 class SamplingUnit(nn.Module):
-    """Base class of the units: holds `mode`, `generator` and `backend`.
+    """Base class of the units: holds `mode`, `generator`, `keys` and `backend`.
 
     mode is one of MODES ("off" at construction). generator: an optional torch.Generator
     on the activations' device, the source of every random draw (None: the default
-    generator of that device, seeded by torch.manual_seed). backend: a module with the op
+    generator of that device, seeded by torch.manual_seed). keys: None, or an (N,) int64
+    tensor on the activations' device, one key per sample of the next batch: sample n's
+    draws are then a function of keys[n] alone, whatever the batch holds besides, and the
+    generator is not used (the detector sets them, see `Detector`). backend: a module with the op
     functions (`mvm_cuda.ops`, the default, or `mvm_cuda.reference`). Subclasses implement
     `sample(h)`; `forward(h)` maps an NCHW activation (N, C, H, W) to one of the same shape.
     """
@@ -69,7 +72,15 @@ class SamplingUnit(nn.Module):
         self.mode = "off"
         self.differentiable = False
         self.generator = generator
+        self.keys: Tensor | None = None
         self.backend = backend if backend is not None else ops
+
+    def _random(self) -> dict:
+        """The ops' source of randomness: one key per sample (`keys`, (N,) int64 on the
+        activations' device) when set, else the generator."""
+        # getattr: a unit pickled before keys existed has no such attribute.
+        keys = getattr(self, "keys", None)
+        return {"keys": keys} if keys is not None else {"generator": self.generator}
 
     def __getstate__(self):
         # A module object cannot be pickled or deep-copied, its name can: this keeps
@@ -212,7 +223,7 @@ class MVMUnit(SamplingUnit):
         # sample_rows writes its output with the strides of its input, so permuting the
         # result back gives h's own layout, again without a copy.
         out = self.backend.sample_rows(h.permute(0, 2, 3, 1), self.p, self.draws(self.p.shape[1]),
-                                       generator=self.generator)
+                                       **self._random())
         return out.permute(0, 3, 1, 2)
 
     def sample_scale(self, h: Tensor) -> Tensor:
@@ -229,7 +240,7 @@ class MVMUnit(SamplingUnit):
         ones = torch.ones(n, self.p.shape[1], 1, dtype=_scale_dtype(h), device=h.device)
         with torch.no_grad():
             scale = self.backend.sample_rows(ones, self.p.detach(), self.draws(self.p.shape[1]),
-                                             generator=self.generator)
+                                             **self._random())
         return scale.view(n, 1, rows_h, rows_w)
 
     def extra_repr(self) -> str:
@@ -266,7 +277,7 @@ class SAPUnit(SamplingUnit):
     def sample(self, h: Tensor) -> Tensor:
         _check_nchw("SAPUnit", h)
         order = _dense_order(h) or (0, 1, 2, 3)  # a strided h is copied by the reshape
-        out = self.backend.sap_sample(h.permute(order), self.frac, self.generator)
+        out = self.backend.sap_sample(h.permute(order), self.frac, **self._random())
         return out.permute(tuple(order.index(d) for d in range(4)))
 
     def sample_scale(self, h: Tensor) -> Tensor:
@@ -277,7 +288,7 @@ class SAPUnit(SamplingUnit):
         _check_nchw("SAPUnit", h)
         order = _dense_order(h) or (0, 1, 2, 3)
         with torch.no_grad():
-            scale = self.backend.sap_scale(h.detach().permute(order), self.frac, self.generator)
+            scale = self.backend.sap_scale(h.detach().permute(order), self.frac, **self._random())
         return scale.permute(tuple(order.index(d) for d in range(4)))
 
     def extra_repr(self) -> str:
@@ -288,7 +299,8 @@ class DropoutUnit(SamplingUnit):
     """Test-time inverted dropout: in "sample" mode every entry of h (N, C, H, W) is zeroed
     with probability p_drop and the rest are scaled by 1/(1 - p_drop), whatever the
     module's training flag; otherwise the identity. p_drop = 0 is the identity always.
-    (The backend is not used.)
+    The uniforms come from torch.rand, or from the backend's `keyed_uniform` when `keys`
+    are set.
     """
 
     def __init__(self, p_drop: float = 0.5, *, generator: torch.Generator | None = None,
@@ -302,8 +314,12 @@ class DropoutUnit(SamplingUnit):
         # 1 with probability 1 - p_drop, else 0, in h's dtype: uniforms compared in place
         # (on the CPU twice as fast as bernoulli_, whose per-entry cost dominated a pass),
         # drawn in float32 or better so that half types do not round p_drop.
-        u = torch.rand(h.shape, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device,
-                       generator=self.generator)
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        keys = getattr(self, "keys", None)
+        if keys is not None:  # sample n's mask from keys[n] alone, entries in NCHW order
+            u = self.backend.keyed_uniform(keys, math.prod(h.shape[1:]), dtype=dtype).view(h.shape)
+        else:
+            u = torch.rand(h.shape, dtype=dtype, device=h.device, generator=self.generator)
         keep = u.ge_(self.p_drop)
         return keep if keep.dtype == h.dtype else keep.to(h.dtype)
 

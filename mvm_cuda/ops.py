@@ -116,38 +116,72 @@ def _(alpha, c, method="kkt", max_iter=1000, tol=1e-6):
 
 
 def sample_rows(x: torch.Tensor, p: torch.Tensor, c: int, *,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
     """The paper's Alg. 1, fused. x is (N, H, W, C) or (N, M, C) in any float
     dtype, with any strides (the NHWC view of an NCHW tensor is read in place);
     p is (P, M), float32/float64, with N % P == 0. Sample n draws c rows with
     replacement from p[n % P]; drawn rows become x_i / pi_i, the others 0.
     The output has x's strides (for a dense x). Under torch.compile, pass no
-    generator (the default one, seeded by torch.manual_seed, is used)."""
-    return _lib.sample_rows(x, p, _int_arg("sample_rows", "c", c), generator=generator)
+    generator (the default one, seeded by torch.manual_seed, is used).
+    keys, an (N,) int64 tensor on x's device (any strides), keys each sample's
+    draws: sample n's rows are then a function of (keys[n], p[n % P], c, M)
+    alone, whatever the batch, and the generator is neither read nor advanced
+    (passing both is an error)."""
+    return _lib.sample_rows(x, p, _int_arg("sample_rows", "c", c), generator=generator, keys=keys)
+
+
+def _check_keys(op: str, keys, name: str, t: torch.Tensor, generator) -> None:
+    # The kernels' check_keys (csrc/checks.h), for the fake kernels.
+    if keys is None:
+        return
+    torch._check(generator is None, lambda: f"mvm::{op}: pass keys or generator, not both")
+    _same_device(op, name, t, "keys", keys)
+    torch._check(keys.dtype == torch.int64, lambda: f"mvm::{op}: keys must be int64, got {_scalar_name(keys.dtype)}")
+    n = t.shape[0]
+    torch._check(keys.dim() == 1 and keys.shape[0] == n, lambda: f"mvm::{op}: keys must have shape (N,) = ({n},), "
+                 f"one key per sample of {name}, got {_shape_str(keys.shape)}")
+
+
+def _scalar_name(dtype: torch.dtype) -> str:
+    """A dtype as c10 prints it (torch.int32 -> Int), for messages that match the kernels'."""
+    return {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+            torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+            torch.bool: "Bool"}.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _shape_str(shape) -> str:
+    """A shape as csrc/checks.h's shape_str prints it: (4,) or (4, 1)."""
+    sizes = [str(s) for s in shape]
+    return "(" + ", ".join(sizes) + ("," if len(sizes) == 1 else "") + ")"
 
 
 @torch.library.register_fake("mvm::sample_rows")
-def _(x, p, c, *, generator=None):
+def _(x, p, c, keys=None, *, generator=None):
     _same_device("sample_rows", "x", x, "p", p)
+    _check_keys("sample_rows", keys, "x", x, generator)
     return torch.empty_like(x)
 
 
-def sap_sample(h: torch.Tensor, frac: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def sap_sample(h: torch.Tensor, frac: float, generator: torch.Generator | None = None, *,
+               keys: torch.Tensor | None = None) -> torch.Tensor:
     """Stochastic activation pruning on h (N, ...): each sample's K entries are
     rows of width 1 with p = |h| / sum |h| (recomputed from h), drawn
     r = max(1, round(frac * K)) times; kept entries are scaled by 1/pi, the
     others (zeros included) are 0. On the CPU and CUDA one fused op, which
     reads a contiguous or channels_last h in place (entries in memory order)
-    and copies other layouts; on other devices sample_rows on (N, K, 1)."""
-    return _sap(h, frac, generator, scale_only=False)
+    and copies other layouts; on other devices sample_rows on (N, K, 1).
+    keys (N,) int64 on h's device: sample n's draws from keys[n] alone, the
+    generator untouched (as in sample_rows)."""
+    return _sap(h, frac, generator, keys, scale_only=False)
 
 
-def sap_scale(h: torch.Tensor, frac: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The random scale of sap_sample(h, frac) with the same generator state:
-    1/pi_j on the drawn entries, 0 elsewhere, shaped like h, in float32 or h's
-    dtype if wider (1/pi overflows float16 where h/pi does not);
-    sap_sample(h) == h * sap_scale(h) for float32 and float64."""
-    return _sap(h, frac, generator, scale_only=True)
+def sap_scale(h: torch.Tensor, frac: float, generator: torch.Generator | None = None, *,
+              keys: torch.Tensor | None = None) -> torch.Tensor:
+    """The random scale of sap_sample(h, frac) with the same generator state
+    (or the same keys): 1/pi_j on the drawn entries, 0 elsewhere, shaped like
+    h, in float32 or h's dtype if wider (1/pi overflows float16 where h/pi
+    does not); sap_sample(h) == h * sap_scale(h) for float32 and float64."""
+    return _sap(h, frac, generator, keys, scale_only=True)
 
 
 def sap_draws(h: torch.Tensor, frac: float) -> int:
@@ -158,22 +192,24 @@ def sap_draws(h: torch.Tensor, frac: float) -> int:
     return max(1, round(frac * math.prod(h.shape[1:])))
 
 
-def _sap(h, frac, generator, scale_only):
+def _sap(h, frac, generator, keys, scale_only):
     frac = _float_arg(frac)
     if scale_only and h.dtype in (torch.float16, torch.bfloat16):
         # The same p and draws (the kernels read |h| in float32 or wider), a float32 scale.
         h = h.float()
     r = sap_draws(h, frac)
     if h.device.type in ("cpu", "cuda"):
-        return _lib.sap_sample(h, r, scale_only=scale_only, generator=generator)
-    return _sap_by_rows(h, r, generator, scale_only)
+        return _lib.sap_sample(h, r, scale_only=scale_only, generator=generator, keys=keys)
+    return _sap_by_rows(h, r, generator, scale_only, keys)
 
 
-def _sap_by_rows(h, r, generator, scale_only):
+def _sap_by_rows(h, r, generator, scale_only, keys=None):
     # Devices without the fused op: sample_rows on the (N, K, 1) view, with
     # p_j = |h_j| / sum |h| per sample (uniform for an all-zero sample, whose
     # output is zero anyway).
     if h.numel() == 0:
+        if keys is not None:
+            _check_keys("sap_sample", keys, "h", h, generator)
         return torch.empty_like(h)
     n, k = h.shape[0], math.prod(h.shape[1:])
     flat = h.reshape(n, k, 1)
@@ -182,15 +218,38 @@ def _sap_by_rows(h, r, generator, scale_only):
     total = mag.sum(-1, keepdim=True, dtype=torch.float64)
     p = mag.div_(total).masked_fill_(total == 0, 1.0 / k)
     x = torch.ones_like(flat) if scale_only else flat
-    return sample_rows(x, p, r, generator=generator).reshape(h.shape)
+    return sample_rows(x, p, r, generator=generator, keys=keys).reshape(h.shape)
 
 
 @torch.library.register_fake("mvm::sap_sample")
-def _(h, r, *, scale_only=False, generator=None):
+def _(h, r, keys=None, *, scale_only=False, generator=None):
+    torch._check(h.dim() >= 1, lambda: "mvm::sap_sample: h must have a batch dimension (N, ...), got a 0-d tensor")
+    _check_keys("sap_sample", keys, "h", h, generator)
     # The kernel reads a contiguous or channels_last h in place and copies any
     # other layout (contiguous); its output takes that tensor's strides.
     in_place = h.is_contiguous() or (h.dim() == 4 and h.is_contiguous(memory_format=torch.channels_last))
     return torch.empty_like(h if in_place else h.contiguous())
+
+
+def keyed_uniform(keys: torch.Tensor, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, K) uniforms in [0, 1) for keys (N,) int64, on keys' device, float32
+    (24 random bits each) or float64 (53 bits): row n is a function of keys[n]
+    alone (Philox4x32-10 seeded by the key), the same on the CPU and CUDA, and
+    its first j entries do not depend on K. For masks that must not depend on
+    the batch a sample is in (the dropout baseline's)."""
+    return _lib.keyed_uniform(keys, _int_arg("keyed_uniform", "K", K), dtype=dtype)
+
+
+@torch.library.register_fake("mvm::keyed_uniform")
+def _(keys, K, *, dtype=None):
+    dtype = torch.float32 if dtype is None else dtype
+    torch._check(keys.dtype == torch.int64, lambda: f"mvm::keyed_uniform: keys must be int64, got "
+                 f"{_scalar_name(keys.dtype)}")
+    torch._check(keys.dim() == 1, lambda: f"mvm::keyed_uniform: keys must have shape (N,), got {_shape_str(keys.shape)}")
+    torch._check(K >= 0, lambda: f"mvm::keyed_uniform: K (uniforms per key) must be >= 0, got {K}")
+    torch._check(dtype in (torch.float32, torch.float64),
+                 lambda: f"mvm::keyed_uniform: dtype must be float32 or float64, got {_scalar_name(dtype)}")
+    return keys.new_empty((keys.shape[0], K), dtype=dtype)
 
 
 def row_alpha(x: torch.Tensor) -> torch.Tensor:
@@ -206,5 +265,5 @@ def set_value_checks(enabled: bool) -> bool:
     return _lib.set_value_checks(enabled)
 
 
-for _name in ("project_simplex", "mvm_step", "solve_mvm", "sample_rows", "sap_sample"):
+for _name in ("project_simplex", "mvm_step", "solve_mvm", "sample_rows", "sap_sample", "keyed_uniform"):
     _inference_only(_name)

@@ -209,22 +209,30 @@ def solve_mvm(alpha: torch.Tensor, c: int, method: str = "kkt", max_iter: int = 
     return out.reshape(alpha.shape).to(alpha.dtype)
 
 
+def _key_generator(key: int, device: torch.device) -> torch.Generator:
+    """A generator of its own for one sample, seeded by its key (mod 2^64)."""
+    return torch.Generator(device=device).manual_seed(int(key) % 2**64)
+
+
 def sample_rows(x: torch.Tensor, p: torch.Tensor, c: int, *,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
     """The paper's Alg. 1: x (N, H, W, C) or (N, M, C), p (P, M) with N % P == 0;
     sample n draws c rows with replacement from p[n % P] and keeps them scaled
-    by 1/pi_i, the other rows are set to 0."""
+    by 1/pi_i, the other rows are set to 0. With keys (N,) int64, sample n
+    draws from a generator of its own seeded by keys[n] (one sample at a time)."""
+    if keys is not None and generator is not None:
+        raise ValueError("sample_rows: pass keys or generator, not both")
     n = x.shape[0]
     rows = x.reshape(n, -1, x.shape[-1])  # a copy for non-viewable strides: fine here
     m = rows.shape[1]
     if n == 0:
         return torch.zeros_like(x)
     probs = p.double().repeat(n // p.shape[0], 1)
-    if c > EXACT_DRAWS_PER_ROW * m:  # c large against M: the drawn set in work independent of c
-        keep = drawn_rows_exact(probs, c, generator)
+    if keys is not None:
+        keep = torch.cat([_drawn_rows(probs[i:i + 1], c, _key_generator(k, x.device))
+                          for i, k in enumerate(keys.tolist())])
     else:
-        idx = torch.multinomial(probs, c, replacement=True, generator=generator)
-        keep = torch.zeros(n, m, dtype=torch.bool, device=x.device).scatter_(1, idx, True)
+        keep = _drawn_rows(probs, c, generator)
     scale = (1.0 / inclusion_prob(probs, c)).to(torch.promote_types(x.dtype, torch.float32))
     out = torch.where(keep[..., None], rows * scale[..., None], torch.zeros((), dtype=rows.dtype, device=x.device))
     return out.to(x.dtype).reshape(x.shape)
@@ -233,6 +241,15 @@ def sample_rows(x: torch.Tensor, p: torch.Tensor, c: int, *,
 # The draws per row above which the samplers take the exact set path, as
 # csrc/multinomial.h's kExactDrawsPerRow.
 EXACT_DRAWS_PER_ROW = 64
+
+
+def _drawn_rows(probs: torch.Tensor, c: int, generator: torch.Generator | None) -> torch.Tensor:
+    """(N, M) bool: the rows that c draws with replacement from each row of probs hit."""
+    n, m = probs.shape
+    if c > EXACT_DRAWS_PER_ROW * m:  # c large against M: the drawn set in work independent of c
+        return drawn_rows_exact(probs, c, generator)
+    idx = torch.multinomial(probs, c, replacement=True, generator=generator)
+    return torch.zeros(n, m, dtype=torch.bool, device=probs.device).scatter_(1, idx, True)
 
 
 def drawn_rows_exact(probs: torch.Tensor, c: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -285,27 +302,79 @@ def sap_inputs(h: torch.Tensor, frac: float):
     return flat, p, r
 
 
-def sap_sample(h: torch.Tensor, frac: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def sap_sample(h: torch.Tensor, frac: float, generator: torch.Generator | None = None, *,
+               keys: torch.Tensor | None = None) -> torch.Tensor:
     """Stochastic activation pruning (Dhillon et al. 2018) on h (N, ...): each
     sample's entries are rows of width 1, drawn r = max(1, round(frac * K))
-    times with p proportional to |h|, kept entries scaled by 1/pi."""
-    return sap_by_rows(sample_rows, h, frac, generator, scale_only=False)
+    times with p proportional to |h|, kept entries scaled by 1/pi; with keys
+    (N,), sample n's draws from keys[n] alone (as sample_rows)."""
+    return sap_by_rows(sample_rows, h, frac, generator, scale_only=False, keys=keys)
 
 
-def sap_scale(h: torch.Tensor, frac: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The random scale of sap_sample(h, frac) with the same generator state:
-    1/pi_j on the drawn entries, 0 elsewhere, shaped like h (in h's dtype)."""
-    return sap_by_rows(sample_rows, h, frac, generator, scale_only=True)
+def sap_scale(h: torch.Tensor, frac: float, generator: torch.Generator | None = None, *,
+              keys: torch.Tensor | None = None) -> torch.Tensor:
+    """The random scale of sap_sample(h, frac) with the same generator state
+    (or keys): 1/pi_j on the drawn entries, 0 elsewhere, shaped like h (in h's dtype)."""
+    return sap_by_rows(sample_rows, h, frac, generator, scale_only=True, keys=keys)
 
 
-def sap_by_rows(rows_op, h, frac, generator, scale_only):
+def sap_by_rows(rows_op, h, frac, generator, scale_only, keys=None):
     """SAP through a row sampler `rows_op` (this module's sample_rows, or the
     kernel's): on the (N, K, 1) view of h, or of ones for the scale alone."""
     flat, p, r = sap_inputs(h, frac)
     if h.numel() == 0:  # nothing to prune
         return torch.empty_like(h)
     x = torch.ones_like(flat) if scale_only else flat
-    return rows_op(x, p, r, generator=generator).reshape(h.shape)
+    return rows_op(x, p, r, generator=generator, keys=keys).reshape(h.shape)
+
+
+# Philox4x32-10 (Salmon et al. 2011) as ATen's at::Philox4_32 computes it.
+_PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_WEYL = (0x9E3779B9, 0xBB67AE85)
+_MASK32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: int, b: torch.Tensor):
+    """(high, low) 32-bit halves of a * b for a < 2^32 and an int64 tensor b of
+    values < 2^32, in 16-bit pieces (no int64 product overflows)."""
+    al, ah = a & 0xFFFF, a >> 16
+    bl, bh = b & 0xFFFF, b >> 16
+    mid = ah * bl + al * bh
+    low = al * bl + ((mid & 0xFFFF) << 16)
+    return ah * bh + (mid >> 16) + (low >> 32), low & _MASK32
+
+
+def philox4x32(key: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """The four 32-bit outputs (..., 4), as int64, of Philox4x32-10 for 64-bit
+    keys `key` (int64, read mod 2^64) and 128-bit counters given as their
+    four 32-bit words counter (..., 4) (low word first), broadcast together."""
+    k0, k1 = key & _MASK32, (key >> 32) & _MASK32
+    c0, c1, c2, c3 = counter.unbind(-1)
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + _PHILOX_WEYL[0]) & _MASK32, (k1 + _PHILOX_WEYL[1]) & _MASK32
+        hi0, lo0 = _mulhilo32(_PHILOX_MUL[0], c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_MUL[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return torch.stack(torch.broadcast_tensors(c0, c1, c2, c3), -1)
+
+
+def keyed_uniform(keys: torch.Tensor, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, K) uniforms in [0, 1) for keys (N,) int64: entry j of row n from
+    Philox block j // U of key keys[n] (subsequence 0), U = 4 float32 uniforms
+    of 24 bits (an output each) or 2 float64 ones of 53 bits (two outputs)."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"keyed_uniform: dtype must be float32 or float64, got {dtype}")
+    per = 4 if dtype == torch.float32 else 2
+    blocks = torch.arange(-(-K // per), dtype=torch.int64, device=keys.device)
+    zero = torch.zeros_like(blocks)
+    counter = torch.stack([blocks & _MASK32, blocks >> 32, zero, zero], -1)  # (B, 4)
+    out = philox4x32(keys.to(torch.int64)[:, None], counter[None])  # (N, B, 4)
+    if dtype == torch.float32:
+        u = (out >> 8).double() * 2.0**-24
+    else:
+        u = ((out[..., 0::2] >> 5).double() * 2.0**26 + (out[..., 1::2] >> 6).double()) * 2.0**-53
+    return u.reshape(keys.shape[0], -1)[:, :K].to(dtype)
 
 
 def row_alpha(x: torch.Tensor) -> torch.Tensor:

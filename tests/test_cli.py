@@ -103,7 +103,7 @@ def test_program_keeps_freed_memory_but_a_call_from_python_does_not(monkeypatch)
 def test_keep_freed_memory_applies_on_glibc(tmp_path):
     # In a child process (the setting is process-wide), outside the repository
     # (whose source folder has no compiled _C).
-    code = "from mvm_cuda.eval.malloc import keep_freed_memory; assert keep_freed_memory() is True"
+    code = "from mvm_cuda import keep_freed_memory; assert keep_freed_memory() is True"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tmp_path)
 
 

@@ -228,3 +228,91 @@ def test_vectorised_and_split_paths_agree():
     alone = mvm_cuda.sample_rows(wide, pw, 40, generator=gen())
     batch = mvm_cuda.sample_rows(wide.expand(600, 32, 32, 256), pw, 40, generator=gen())
     assert torch.equal(alone[0], batch[0])
+
+
+# Per-sample keys on the GPU: each sampler as f(x, p, keys).
+def _tiny_rows(p, c):
+    """p with 10 rows at c p = 0.3: on the exact path the drawn sets then vary."""
+    q = p.clone()
+    q[:, :10] = 0.3 / c
+    q[:, 10:] *= (1 - q[:, :10].sum()) / q[:, 10:].sum()
+    return q
+
+
+def _big_m(x, c, keys):
+    # M = 784 * 51 rows: past shared memory, the CDF in global memory.
+    rows = x.reshape(x.shape[0], -1, 1).repeat(1, 51, 1)
+    p = torch.full((1, rows.shape[1]), 1 / rows.shape[1], dtype=torch.float64, device="cuda")
+    return mvm_cuda.sample_rows(rows, p, c, keys=keys)
+
+
+KEYED = {
+    "sample_rows": lambda x, p, keys: mvm_cuda.sample_rows(x, p, 20, keys=keys),
+    "sample_rows_exact": lambda x, p, keys: mvm_cuda.sample_rows(x, _tiny_rows(p, 3137), 3137, keys=keys),
+    "sample_rows_big_m": lambda x, p, keys: _big_m(x, 40, keys),
+    "sap_sample": lambda x, p, keys: mvm_cuda.sap_sample(x, 0.02, keys=keys),
+    "sap_sample_slices": lambda x, p, keys: mvm_cuda.sap_sample(x.repeat(1, 1, 1, 8), 0.05, keys=keys),
+    "sap_sample_exact": lambda x, p, keys: mvm_cuda.sap_sample(x, 65.0, keys=keys),
+    "keyed_uniform": lambda x, p, keys: mvm_cuda.keyed_uniform(keys, 1000),
+}
+
+
+@pytest.mark.parametrize("sampler", KEYED)
+def test_keys_permutation_determinism_and_generator(sampler):
+    # With keys: sample n's output follows it through a permutation and into a
+    # batch of one (split over many blocks), repeats exactly, and neither the
+    # default generator nor the graph-safe offset moves.
+    x, p = _inputs()
+    x = x * torch.linspace(1e-3, 1, x.shape[-1], device="cuda")  # small entries: SAP's exact sets vary
+    sample = KEYED[sampler]
+    keys = torch.arange(x.shape[0], device="cuda") * 1_000_003 - 2**40
+    before = torch.cuda.get_rng_state()
+    full = sample(x, p, keys)
+    perm = torch.randperm(x.shape[0], device="cuda")
+    assert torch.equal(sample(x[perm], p, keys[perm]), full[perm])
+    assert torch.equal(sample(x[5:6], p, keys[5:6]), full[5:6])
+    assert torch.equal(sample(x, p, keys), full)
+    assert not torch.equal(sample(x, p, keys + 1), full)
+    torch.cuda.synchronize()
+    assert torch.equal(torch.cuda.get_rng_state(), before)
+
+
+def test_keys_no_host_sync_and_graph_replays_the_same():
+    x, p = _inputs()
+    keys = torch.arange(x.shape[0], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for sample in KEYED.values():
+            sample(x, p, keys)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        expected = KEYED["sample_rows"](x, p, keys)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = KEYED["sample_rows"](x, p, keys)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)  # keyed: every replay draws what eager mode draws
+
+
+def test_keyed_uniform_is_the_cpu_s():
+    keys = torch.tensor([0, 1, -1, 2**63 - 1, -2**63, 12345678901234])
+    for dtype in (torch.float32, torch.float64):
+        for k in (1, 7, 4096 + 3):
+            assert torch.equal(mvm_cuda.keyed_uniform(keys.cuda(), k, dtype).cpu(),
+                               mvm_cuda.keyed_uniform(keys, k, dtype))
+
+
+def test_keys_on_another_device_raise():
+    x, p = _inputs()
+    with pytest.raises(RuntimeError, match=r"mvm::sample_rows: x and keys must be on the same device, got cuda:0 "
+                                           r"and cpu"):
+        torch.ops.mvm.sample_rows(x, p, 3, keys=torch.arange(x.shape[0]))
+    with pytest.raises(RuntimeError, match=r"mvm::sap_sample: h and keys must be on the same device, got cpu and "
+                                           r"cuda:0"):
+        torch.ops.mvm.sap_sample(torch.rand(2, 5), 3, keys=torch.arange(2, device="cuda"))

@@ -74,6 +74,103 @@ def test_seed_makes_scores_repeatable(digits, device):
     assert not torch.equal(det.scores(adv[:40]), det.scores(adv[:40]))  # a generator advances
 
 
+METHODS = [("mvm", dict(c_rel=0.5)), ("mvm", dict(c_rel=0.25, c_ref="unit")), ("sap", dict(frac=0.5)),
+           ("dropout", dict(p_drop=0.5))]
+
+
+@pytest.mark.parametrize("method,kwargs", METHODS)
+def test_randomness_is_per_image(digits, device, method, kwargs):
+    """With a seed, an image's score depends on its index only: not on the batch it sits
+    in, max_batch, how a set is split into calls, or its position in the call."""
+    model, x, adv = digits
+    model = copy.deepcopy(model).to(device)
+    images = adv[:45]
+
+    def det(max_batch=1024):
+        return Detector(model, method, R=10, seed=7, max_batch=max_batch, progress=False, **kwargs)
+
+    whole = det().votes(images)
+    assert (histogram_entropy(whole) > 0).sum() > 5  # the comparisons below see real noise
+    assert torch.equal(det().votes(images[:10]), whole[:10])
+    for max_batch in (7, 25, 333):  # 7 < R: one image's copies span two forwards
+        assert torch.equal(det(max_batch).votes(images), whole)
+    split = det()
+    parts = [split.votes(images[:13]), split.votes(images[13:], index=torch.arange(13, 45))]
+    assert torch.equal(torch.cat(parts), whole)
+    perm = torch.randperm(45, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(det().votes(images[perm], index=perm.numpy()), whole[perm])
+    # The same image at another index gets other noise.
+    assert not torch.equal(det().votes(images, index=torch.arange(45) + 1000), whole)
+
+
+def test_fresh_randomness_without_a_seed(digits):
+    """seed=None (the default): every call draws new noise, whatever torch's seed."""
+    model, x, adv = digits
+    det = Detector(model, "mvm", c_rel=0.5, R=10, progress=False)
+    assert det.seed is None
+    torch.manual_seed(0)
+    first = det.votes(adv[:40])
+    torch.manual_seed(0)
+    assert not torch.equal(det.votes(adv[:40]), first)
+    # A generator: new noise per call, repeatable from its seed.
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    a = Detector(model, "mvm", c_rel=0.5, R=10, generator=gen(), progress=False)
+    b = Detector(model, "mvm", c_rel=0.5, R=10, generator=gen(), progress=False)
+    va, vb = a.votes(adv[:40]), b.votes(adv[:40])
+    assert torch.equal(va, vb) and not torch.equal(a.votes(adv[:40]), va)
+
+
+def test_numpy_images(digits):
+    model, x, adv = digits
+    det = Detector(model, "sap", R=8, seed=1, progress=False)
+    assert torch.equal(det.scores(adv[:20].numpy()), det.scores(adv[:20]))
+    assert torch.equal(det.scores(adv[:20].double().numpy()), det.scores(adv[:20].double()))
+    det.fit_threshold(x[:40].numpy(), fpr=0.25)
+    assert torch.equal(det.predict(adv[:20].numpy()), det.predict(adv[:20]))
+    with pytest.raises(ValueError, match=r"Detector\.scores: x must be .* numpy array of dtype uint8 .*astype"):
+        det.scores((adv[:2].numpy() * 255).astype(np.uint8))
+
+
+def test_errors_name_the_method_called(digits):
+    model, x, adv = digits
+    det = Detector(model, "dropout", R=2, seed=0, progress=False)
+    det.threshold = 0.5
+    for method in ("scores", "votes", "predict", "fit_threshold"):
+        with pytest.raises(ValueError, match=rf"^Detector\.{method}: pixel values"):
+            getattr(det, method)(adv[:30] + 2, **({"fpr": 0.5} if method == "fit_threshold" else {}))
+    with pytest.raises(ValueError, match=r"^Detector\.scores: index must hold one integer per image, shape \(3,\)"):
+        det.scores(adv[:3], index=[0, 1])
+    with pytest.raises(ValueError, match=r"^Detector\.votes: index must lie in \[0, 2\*\*63\)"):
+        det.votes(adv[:2], index=[0, -1])
+
+
+def test_c_relative_to_each_unit(digits):
+    """c_ref="unit": c = c_rel times the unit's own rows; per-unit values; saved and loaded."""
+    model, x, adv = digits
+    det = Detector(model, "mvm", c_rel=0.25, c_ref="unit", R=4, seed=0, progress=False)
+    det.scores(adv[:3])
+    assert det.name == "MVM c=0.25M"
+    assert [u.draws(64) for u in det.units] == [16, 16]  # two 8x8 maps: round(0.25 * 64)
+    paper = Detector(model, "mvm", c_rel=0.25, R=4, seed=0, progress=False)
+    paper.set_ref_pixels(28 * 28)
+    assert [u.draws(64) for u in paper.units] == [196, 196]  # the input's pixels, not the unit's rows
+    per_unit = Detector(model, "mvm", c_rel=[0.5, 0.125], c_ref="unit", R=4, seed=0, progress=False)
+    assert [u.draws(64) for u in per_unit.units] == [32, 8] and per_unit.name == "MVM c=(0.5,0.125)M"
+    with pytest.raises(ValueError, match="c_rel gives 3 values, but the model has 2 units"):
+        Detector(model, "mvm", c_rel=[0.5, 0.5, 0.5], progress=False)
+    with pytest.raises(ValueError, match="c_ref must be one of"):
+        Detector(model, "mvm", c_ref="image", progress=False)
+
+
+def test_per_unit_settings_save_and_load(digits, tmp_path):
+    model, x, adv = digits
+    det = Detector(model, "mvm", c_rel=(0.5, 0.125), c_ref="unit", R=6, seed=3, progress=False)
+    det.save(tmp_path / "d.json")
+    loaded = Detector.load(tmp_path / "d.json", model, progress=False)
+    assert loaded.c_rel == (0.5, 0.125) and loaded.c_ref == "unit"
+    assert torch.equal(loaded.scores(adv[:20]), det.scores(adv[:20]))
+
+
 def test_model_is_left_alone(digits):
     model, x, adv = digits
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -30,10 +30,19 @@ def _samples(device):
         (torch.ops.mvm.sap_sample.default,
          (torch.rand(4, 3, 4, 5, device=device).contiguous(memory_format=torch.channels_last), 7), {"scale_only": True}),
         (torch.ops.mvm.sap_sample.default, (torch.rand(4, 3, 4, 10, device=device)[..., ::2], 9), {}),  # copied
+        # per-sample keys: the eager and traced runs draw the same
+        (torch.ops.mvm.sample_rows.default, (torch.rand(4, 3, 4, 5, device=device), p, 4),
+         {"keys": torch.arange(4, device=device)}),
+        (torch.ops.mvm.sample_rows.default, (torch.rand(4, 3, 4, 5, device=device), p, 2000),  # exact path
+         {"keys": torch.arange(8, device=device)[::2]}),
+        (torch.ops.mvm.sap_sample.default, (torch.relu(torch.randn(4, 3, 4, 5, device=device)), 30),
+         {"scale_only": True, "keys": torch.tensor([7, -1, 2**62, 0], device=device)}),
+        (torch.ops.mvm.keyed_uniform.default, (torch.arange(5, device=device), 7), {}),
+        (torch.ops.mvm.keyed_uniform.default, (torch.arange(5, device=device), 3), {"dtype": torch.float64}),
     ]
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(14))
 def test_opcheck(device, case):
     op, args, kwargs = _samples(device)[case]
     utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -63,6 +72,24 @@ def test_compile_fullgraph_traces_every_op(device):
     expected, p_pgd_eager = pipeline(h, alpha)
     assert torch.equal(out, expected)  # the same default generator draws
     assert torch.allclose(p_pgd, p_pgd_eager)
+
+
+def test_compile_fullgraph_with_keys(device):
+    # Keyed draws under torch.compile: the fake kernels take keys, and the
+    # compiled graph draws what eager mode draws (no generator state involved).
+    torch._dynamo.reset()
+
+    def pipeline(h, p, keys):
+        mask = mvm_cuda.keyed_uniform(keys, h.shape[1] * h.shape[2]) < 0.5
+        return (mvm_cuda.sample_rows(h, p, 8, keys=keys) + mvm_cuda.sap_sample(h, 0.5, keys=keys),
+                mvm_cuda.sap_scale(h, 0.5, keys=keys), mask)
+
+    compiled = torch.compile(pipeline, fullgraph=True)
+    h = torch.rand(4, 3, 5, 2, device=device)
+    p = torch.full((2, 15), 1 / 15, dtype=torch.float64, device=device)
+    keys = torch.arange(4, device=device) + 2**40
+    for got, want in zip(compiled(h, p, keys), pipeline(h, p, keys)):
+        assert torch.equal(got, want)
 
 
 def test_every_op_is_inference_only():

@@ -341,3 +341,136 @@ def test_one_message_per_fault(device, value_checks, fault, p_dtype):
         with pytest.raises(RuntimeError) as info:
             torch.ops.mvm.sample_rows(*args, 3)
         assert re.match(message, str(info.value).splitlines()[0]), str(info.value)
+
+
+# ---------------------------------------------------------------- per-sample keys
+
+# c = 40 (one-by-one draws) or 64 M + 1 (the exact set path), over M = 300 rows
+# (several of the CPU kernel's bins of 128 guide buckets).
+KEYED_C = {"draws": 40, "exact": 64 * 300 + 1}
+
+
+def _keyed_inputs(device, n=32, m=300, seed=20):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(n, m, 3, generator=g) + 0.5).to(device)
+    p = torch.cat([_probs(m, seed=seed + 1, zeros=30), _probs(m, seed=seed + 2)])  # P = 2
+    # 50 rows of each with c p near 1 on the exact path (pi about 0.6 there):
+    # its drawn sets then depend on the draws.
+    p[:, 30:80] = 5e-5
+    p[:, 80:] *= (1 - p[:, :80].sum(1, keepdim=True)) / p[:, 80:].sum(1, keepdim=True)
+    p = p.to(device)
+    keys = (torch.randint(-2**63, 2**63 - 1, (n,), generator=g, dtype=torch.int64)).to(device)
+    return x, p, keys
+
+
+@pytest.mark.parametrize("c", KEYED_C.values(), ids=KEYED_C.keys())
+def test_keys_make_a_sample_independent_of_its_batch(device, c):
+    # Sample n's rows are a function of (keys[n], p[n % P], c, M) alone: the
+    # same in a batch of 32 with P = 2 (rows of p shared: N >= 4P), permuted with
+    # a row of p per sample (N < 4P), as the even samples with P = 1, alone, and
+    # at the head of a batch of 64; bit-equal outputs.
+    x, p, keys = _keyed_inputs(device)
+    n = x.shape[0]
+    full = mvm_cuda.sample_rows(x, p, c, keys=keys)
+    kept = _kept(full.cpu())
+    assert (kept.sum(1) >= 1).all() and not kept[::2, :30].any()  # p[0]'s zero rows are never drawn
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1)).to(device)
+    assert torch.equal(mvm_cuda.sample_rows(x[perm], p[perm % 2], c, keys=keys[perm]), full[perm])
+    even = torch.arange(0, n, 2, device=device)
+    assert torch.equal(mvm_cuda.sample_rows(x[even], p[:1], c, keys=keys[even]), full[even])
+    assert torch.equal(mvm_cuda.sample_rows(x[5:6], p[1:], c, keys=keys[5:6]), full[5:6])
+    x2, _, keys2 = _keyed_inputs(device, seed=30)
+    more = mvm_cuda.sample_rows(torch.cat([x, x2]), p, c, keys=torch.cat([keys, keys2]))
+    assert torch.equal(more[:n], full)
+    strided = torch.stack([keys, keys.flip(0)], 1)[:, 0]  # keys with stride 2, read in place
+    assert torch.equal(mvm_cuda.sample_rows(x, p, c, keys=strided), full)
+    # Other keys draw afresh.
+    assert not torch.equal(_kept(mvm_cuda.sample_rows(x, p, c, keys=keys + 1).cpu()), kept)
+
+
+@pytest.mark.parametrize("c", KEYED_C.values(), ids=KEYED_C.keys())
+def test_keys_independent_of_thread_count(c):
+    x, p, keys = _keyed_inputs("cpu", n=64)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            results.append(mvm_cuda.sample_rows(x, p, c, keys=keys))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+
+
+def _rng_state(device):
+    return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+
+
+def test_keys_leave_the_generator_alone(device):
+    x, p, keys = _keyed_inputs(device, n=8)
+    g = torch.Generator(device=device).manual_seed(3)
+    before, default_before = g.get_state(), _rng_state(device)
+    for c in KEYED_C.values():
+        mvm_cuda.sample_rows(x, p, c, keys=keys)
+    assert torch.equal(_rng_state(device), default_before)
+    with pytest.raises(RuntimeError, match=r"mvm::sample_rows: pass keys or generator, not both"):
+        mvm_cuda.sample_rows(x, p, 3, keys=keys, generator=g)
+    assert torch.equal(g.get_state(), before)
+    # Keyed draws repeat (no hidden state), and the empty batch takes keys of shape (0,).
+    assert torch.equal(mvm_cuda.sample_rows(x, p, 40, keys=keys), mvm_cuda.sample_rows(x, p, 40, keys=keys))
+    assert mvm_cuda.sample_rows(x[:0], p, 3, keys=keys[:0]).shape == (0, 300, 3)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared_p", "p_per_sample"])
+def test_keyed_inclusion_frequency_matches_pi(device, per_sample):
+    # test_inclusion_frequency_matches_pi with keys 0..N-1 (neighbouring keys):
+    # row i's keep count is Binomial(N, pi_i) if the samples' streams are
+    # independent; and neighbours keep row pairs at the rate of independent
+    # samples (sum_i pi_i^2 rows in common, a z-test over the N - 1 pairs).
+    m, c, n = 40, 20, 20_000
+    p = _probs(m, seed=1)
+    p[0, :5] = torch.tensor([1e-6, 1e-4, 1e-3, 1e-2, 0.2])
+    p[0, 5:] *= (1 - p[0, :5].sum()) / p[0, 5:].sum()
+    x = torch.ones(n, m, 2, device=device)
+    pp = p.expand(n, m) if per_sample else p
+    kept = _kept(mvm_cuda.sample_rows(x, pp.to(device), c, keys=torch.arange(n, device=device)).cpu()).double()
+    counts = kept.sum(0)
+    pi = ref.inclusion_prob(p[0], c)
+    z = (counts - n * pi) / torch.sqrt(n * pi * (1 - pi))
+    bound = stats.norm.isf(0.001 / (2 * m))
+    assert z.abs().max().item() < bound
+    wrong = torch.clamp(c * p[0], max=1)
+    z_wrong = (counts - n * wrong) / torch.sqrt(n * wrong * (1 - wrong) + 1e-12)
+    assert z_wrong.abs().max().item() > bound  # the power to see a wrong pi
+    common = (kept[:-1] * kept[1:]).sum(1)
+    z_pairs = (common.mean() - (pi**2).sum()) / (common.std() / math.sqrt(n - 1))
+    assert abs(z_pairs.item()) < stats.norm.isf(0.0005)
+
+
+def test_keyed_exact_path_inclusion_frequency(device):
+    # The exact set path (c > 64 M) with keys 0..N-1: keep counts Binomial(N, pi_i).
+    m, c, n = 8, 600, 20_000
+    p = torch.tensor([[0, 0.35, 0.3, 0.2, 0.002, 0.07, 0, 0.078]], dtype=torch.float64)
+    x = torch.ones(n, m, 1, device=device)
+    counts = _kept(mvm_cuda.sample_rows(x, p.to(device), c, keys=torch.arange(n, device=device)).cpu()).sum(0)
+    assert counts[0] == 0 and counts[6] == 0
+    pi = ref.inclusion_prob(p[0], c).numpy()
+    k = counts.double().numpy()
+    tail = 2 * np.minimum(stats.binom.cdf(k, n, pi), stats.binom.sf(k - 1, n, pi))
+    assert tail[[1, 2, 3, 4, 5, 7]].min() > 0.001 / 6
+    assert 0.6 < k[4] / n < 0.8  # pi = 0.70 for p = 0.002: a row the law decides
+
+
+def test_keyed_matches_reference_statistically(device):
+    # As test_matches_reference_statistically, both keyed by 0..N-1 (the reference
+    # with a torch generator per sample): the numbers of distinct kept rows agree.
+    m, c, n = 30, 15, 5000
+    p = _probs(m, seed=12)
+    x = torch.ones(n, m, 1)
+    keys = torch.arange(n)
+    k_kernel = _kept(mvm_cuda.sample_rows(x.to(device), p.to(device), c, keys=keys.to(device)).cpu()).sum(1)
+    k_ref = _kept(ref.sample_rows(x, p, c, keys=keys)).sum(1)
+    assert torch.equal(_kept(ref.sample_rows(x[:7], p, c, keys=keys[:7])).sum(1), k_ref[:7])  # keyed oracle too
+    table = torch.stack([torch.bincount(k_kernel, minlength=c + 1), torch.bincount(k_ref, minlength=c + 1)])
+    table = table[:, table.sum(0) >= 10].numpy()
+    assert stats.chi2_contingency(table).pvalue > 0.001

@@ -167,3 +167,86 @@ def test_sap_scale_is_the_scale_of_sap_sample(device, layout):
     assert ((scale == 0) | (h != 0)).all() and (scale[scale != 0] > 1).all()
     if layout != "strided":  # read in place: the output keeps h's strides
         assert out.stride() == h.stride() and scale.stride() == h.stride()
+
+
+# ---------------------------------------------------------------- per-sample keys
+
+# r = 0.3 K (one-by-one draws; at K = 9000 over three CUDA slices) or 65 K (the
+# exact set path, r > 64 K).
+KEYED_FRAC = {"draws": 0.3, "exact": 65.0}
+
+
+@pytest.mark.parametrize("k", [60, 9000])
+@pytest.mark.parametrize("frac", KEYED_FRAC.values(), ids=KEYED_FRAC.keys())
+def test_keys_make_a_sample_independent_of_its_batch(device, frac, k):
+    # Sample n's kept entries are a function of (keys[n], h[n], r) alone: the same
+    # permuted, as a subset, alone and at the head of a larger batch; and
+    # sap_scale with the same keys is the scale sap_sample used.
+    n = 12
+    g = torch.Generator().manual_seed(5)
+    h = torch.relu(torch.randn(n, k, generator=g, dtype=torch.float64)).float().to(device)
+    h[:, :40] = 1e-3 * h[:, :40]  # entries with r p near 1 on the exact path: its sets vary
+    keys = torch.randint(-2**63, 2**63 - 1, (n,), generator=g, dtype=torch.int64).to(device)
+    full = mvm_cuda.sap_sample(h, frac, keys=keys)
+    assert torch.equal(full, h * mvm_cuda.sap_scale(h, frac, keys=keys))
+    perm = torch.randperm(n, generator=g).to(device)
+    assert torch.equal(mvm_cuda.sap_sample(h[perm], frac, keys=keys[perm]), full[perm])
+    assert torch.equal(mvm_cuda.sap_sample(h[3:4], frac, keys=keys[3:4]), full[3:4])
+    more = mvm_cuda.sap_sample(torch.cat([h, h]), frac, keys=torch.cat([keys, keys + 1]))
+    assert torch.equal(more[:n], full)
+    assert not torch.equal(more[n:] != 0, full != 0)  # other keys, other draws
+
+
+def test_keys_independent_of_thread_count():
+    x = torch.rand(64, 26, 26, 8)
+    keys = torch.arange(64) * 1_000_003
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            results.append(mvm_cuda.sap_sample(x, 0.3, keys=keys))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+
+
+def test_keys_leave_the_generator_alone(device):
+    h = torch.rand(4, 50, device=device)
+    keys = torch.arange(4, device=device)
+    g = torch.Generator(device=device).manual_seed(1)
+    before = g.get_state()
+    default_before = torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+    a = mvm_cuda.sap_sample(h, 0.5, keys=keys)
+    mvm_cuda.sap_scale(h, 80.0, keys=keys)  # the exact path too
+    assert torch.equal(torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state(), default_before)
+    assert torch.equal(mvm_cuda.sap_sample(h, 0.5, keys=keys), a)  # keyed draws repeat
+    with pytest.raises(RuntimeError, match=r"mvm::sap_sample: pass keys or generator, not both"):
+        mvm_cuda.sap_sample(h, 0.5, g, keys=keys)
+    assert torch.equal(g.get_state(), before)
+
+
+def test_by_rows_composition_passes_keys():
+    # The fallback for other devices (here on the CPU's sample_rows) draws from the keys too.
+    h = _sap_h(6, 60, seed=8, dtype=torch.float32)
+    keys = torch.arange(6)
+    a = ops._sap_by_rows(h, 12, None, scale_only=False, keys=keys)
+    assert torch.equal(ops._sap_by_rows(h[2:4], 12, None, scale_only=False, keys=keys[2:4]), a[2:4])
+    assert torch.equal(a, h * ops._sap_by_rows(h, 12, None, scale_only=True, keys=keys))
+
+
+def test_keyed_sap_inclusion_frequency(device):
+    # test_sap_inclusion_frequency with keys 0..n-1: entry j's keep count is Binomial(n, pi_j).
+    n, k = 2000, 3000
+    h = _sap_h(n, k, seed=11)
+    r = round(0.2 * k)
+    kept = (mvm_cuda.sap_sample(h.to(device), 0.2, keys=torch.arange(n, device=device)).cpu() != 0).double()
+    counts = kept.sum(0)
+    p = h[0].abs() / h[0].abs().sum()
+    assert (counts[p == 0] == 0).all()
+    pi = ref.inclusion_prob(p, r).numpy()
+    c = counts.numpy()
+    tail = 2 * np.minimum(stats.binom.cdf(c, n, pi), stats.binom.sf(c - 1, n, pi))
+    assert tail.min() > 0.001 / k
+    ref_kept = (ref.sap_sample(h[:200], 0.2, keys=torch.arange(200)) != 0).sum(1).double()
+    assert stats.ttest_ind(kept[:200].sum(1).numpy(), ref_kept.numpy()).pvalue > 0.001

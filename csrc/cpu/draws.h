@@ -55,6 +55,12 @@ class SampleStream {
     s_[3] = rotl(s_[3], 45);
     return result;
   }
+  // The stream of a sample keyed by its own key (a call with keys): the key is
+  // hashed first, so that keys a few golden steps apart share no seed word.
+  static SampleStream keyed(uint64_t key) {
+    uint64_t z = key;
+    return SampleStream(splitmix64(z), 0);
+  }
   // Uniform in [0, 1) with 53 random bits, so rows with p down to 1e-9 and
   // below are drawn at their rate.
   double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
@@ -71,6 +77,27 @@ class SampleStream {
   uint64_t s_[4];
 };
 
+// Sample n's stream: from keys[n] alone when the call has keys (the same
+// draws whatever batch, position or thread the sample gets), else from the
+// call's key and n. The generator is neither read nor advanced with keys.
+class SampleStreams {
+ public:
+  SampleStreams(const std::optional<at::Tensor>& keys, const std::optional<at::Generator>& generator)
+      : keys_(keys.has_value() ? keys->const_data_ptr<int64_t>() : nullptr),
+        stride_(keys.has_value() ? keys->stride(0) : 0),
+        call_(keys.has_value() ? 0 : call_key(generator)) {}
+  bool keyed() const { return keys_ != nullptr; }
+  SampleStream operator()(int64_t n) const {
+    return keys_ != nullptr ? SampleStream::keyed(static_cast<uint64_t>(keys_[n * stride_]))
+                            : SampleStream(call_, static_cast<uint64_t>(n));
+  }
+
+ private:
+  const int64_t* keys_;
+  int64_t stride_;
+  uint64_t call_;
+};
+
 // One row of p as a table for drawing by inversion: the running sums of p
 // (cdf, in float64) and a guide of G buckets of equal mass (G = M, or more
 // for weights spread unevenly), guide[g] <= the first row whose cdf passes
@@ -78,8 +105,8 @@ class SampleStream {
 // steps forward while cdf <= u * total: most draws take no step, the rest
 // one or two. The table is built in two branch-free passes, which is what
 // counts where a table serves one sample (SAP); rows of p shared by many
-// samples get a Walker alias table instead (sample_rows.cpp), whose draws
-// take no steps but whose build is a serial pairing pass.
+// samples get a Walker alias table instead (sample_rows.cpp; not in calls
+// with keys), whose draws take no steps but whose build is a serial pairing pass.
 struct Table {
   const double* cdf;
   const int64_t* guide;

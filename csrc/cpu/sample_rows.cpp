@@ -289,7 +289,7 @@ struct Call {
   RowLayout in, o;
   int64_t N, M, P, c, grain;
   bool shared;
-  uint64_t key;
+  const SampleStreams& streams;
 };
 
 template <typename scalar_t>
@@ -302,8 +302,11 @@ void sample_all(const Call& k) {
   const ProbRows rows{k.p.const_data_ptr(), M, k.p.scalar_type() == at::kDouble};
   // Shared rows: each row checked (its total and count), then the alias
   // table the draws use. The running sums are not needed: q, the alias
-  // build's scratch, takes them and is then overwritten.
-  const int64_t tables = k.shared ? P : 0;
+  // build's scratch, takes them and is then overwritten. With keys, a
+  // sample's draws must not depend on its batch, so shared rows get the
+  // guided table a row per sample gets (built once here all the same).
+  const bool keyed = k.streams.keyed();
+  const int64_t tables = k.shared && !keyed ? P : 0;
   std::vector<int64_t> aliases(tables * M);
   std::vector<uint64_t> keeps(tables * M);
   std::vector<Alias> alias(tables);
@@ -317,6 +320,16 @@ void sample_all(const Call& k) {
       });
     }
   });
+  const int64_t guided = k.shared && keyed ? P : 0;
+  std::vector<double> shared_cdf(guided * M);
+  std::vector<int64_t> shared_guide(guided * (M + 1));
+  std::vector<Table> shared_table(guided);
+  at::parallel_for(0, guided, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      shared_table[j] = rows.with_row(
+          j, [&](auto prow) { return build_table(prow, M, j, shared_cdf.data() + j * M, shared_guide.data() + j * (M + 1)); });
+    }
+  });
 
   at::parallel_for(0, k.N, k.grain, [&](int64_t begin, int64_t end) {
     std::vector<double> own_cdf(k.shared ? 0 : M);
@@ -327,14 +340,16 @@ void sample_all(const Call& k) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t j = n % P;
       std::fill(drawn.begin(), drawn.end(), uint8_t(0));
-      const SampleStream rng(k.key, static_cast<uint64_t>(n));
+      const SampleStream rng = k.streams(n);
       if (use_exact_draws(k.c, M)) {  // c large against M: the drawn set at once (exact_draws.h)
         rows.with_row(j, [&](auto prow) {
           if (!k.shared) build_table(prow, M, j, own_cdf.data(), own_guide.data());  // checks the row
           draw_exact(rng, [prow](int64_t i) { return static_cast<double>(prow[i]); }, M, k.c, exact, drawn.data());
         });
-      } else if (k.shared) {
+      } else if (k.shared && !keyed) {
         draw(rng, alias[j], M, k.c, Marks{drawn.data(), alias[j].positive});
+      } else if (k.shared) {
+        draw(rng, shared_table[j], k.c, counts, Marks{drawn.data(), shared_table[j].positive});
       } else {
         const Table t =
             rows.with_row(j, [&](auto prow) { return build_table(prow, M, j, own_cdf.data(), own_guide.data()); });
@@ -345,16 +360,16 @@ void sample_all(const Call& k) {
   });
 }
 
-at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
+at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c, const std::optional<at::Tensor>& keys,
                        std::optional<at::Generator> generator) {
-  const SampleShape shape = check_sample_rows(x, p, c, /*check_values=*/false);
+  const SampleShape shape = check_sample_rows(x, p, c, keys, generator.has_value(), /*check_values=*/false);
   auto out = at::empty_like(x);
   if (x.numel() == 0) {  // nothing to draw, but p is checked as for any x
     check_probabilities("sample_rows", "p", p);
     return out;
   }
 
-  const uint64_t key = call_key(generator);  // draws.h
+  const SampleStreams streams(keys, generator);  // draws.h
 
   // When every row of p serves several samples (R copies of a batch), its
   // table is built once, up front; otherwise (a row of p per sample) each
@@ -369,7 +384,7 @@ at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
   const auto scales = inverse_inclusion_(work, c).to(acc_dtype);
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(shape.M * shape.C, 1));
   const Call call{x, pc, scales, out, shape.layout(x), shape.layout(out), shape.N, shape.M, shape.P, c, grain,
-                  shared, key};
+                  shared, streams};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sample_rows",
                                   [&] { sample_all<scalar_t>(call); });

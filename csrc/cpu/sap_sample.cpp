@@ -25,14 +25,15 @@ constexpr int64_t kGuidePerEntry = 2;
 // materialising p or 1/pi over all N*K entries, and with the table over the
 // nonzero entries only: a ReLU output is about half zeros, and each run of
 // zeros would cost the guided search a step.
-at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, bool scale_only, std::optional<at::Generator> generator) {
-  const at::Tensor h = check_sap_sample(h_in, r);
+at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, const std::optional<at::Tensor>& keys, bool scale_only,
+                      std::optional<at::Generator> generator) {
+  const at::Tensor h = check_sap_sample(h_in, r, keys, generator.has_value());
   const int64_t N = h.size(0);
   const int64_t K = N == 0 ? 0 : h.numel() / N;
   auto out = at::empty_like(h);  // h's strides: entry j of a sample sits where it sits in h
   if (h.numel() == 0) return out;
 
-  const uint64_t key = call_key(generator);
+  const SampleStreams streams(keys, generator);  // draws.h
   const auto acc_dtype = at::toOpMathType(h.scalar_type());
   const int64_t grain = std::max<int64_t>(1, 65536 / K);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "sap_sample", [&] {
@@ -69,10 +70,10 @@ at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, bool scale_only, std::o
         const Table t{cdf.data(), build_guide(cdf.data(), m, sum, G, guide.data()), sum, m - 1, m, G};
         std::fill_n(drawn.data(), m, uint8_t(0));
         if (use_exact_draws(r, m)) {  // r large against m: the drawn set at once (exact_draws.h)
-          draw_exact(SampleStream(key, static_cast<uint64_t>(n)),
+          draw_exact(streams(n),
                      [&](int64_t q) { return std::abs(static_cast<double>(hs[entry[q]])); }, m, r, exact, drawn.data());
         } else {
-          draw(SampleStream(key, static_cast<uint64_t>(n)), t, r, counts, Marks{drawn.data(), m});
+          draw(streams(n), t, r, counts, Marks{drawn.data(), m});
         }
 
         // The drawn entries, packed in place, and their p as sample_rows gets

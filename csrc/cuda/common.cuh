@@ -172,6 +172,37 @@ __device__ __forceinline__ PhiloxStart philox_start(const at::PhiloxCudaState& s
   return {std::get<0>(seeds), (std::get<1>(seeds) + 3) / 4};
 }
 
+// A call's per-sample keys (keys[n * stride] seeds sample n's stream), or
+// none (data == nullptr): the samples then share the launch's Philox state.
+struct SampleKeys {
+  const int64_t* data = nullptr;
+  int64_t stride = 0;
+};
+
+inline SampleKeys sample_keys(const std::optional<at::Tensor>& keys) {
+  if (!keys.has_value()) return {};
+  return {keys->const_data_ptr<int64_t>(), keys->stride(0)};
+}
+
+// Where sample n's uniforms start: with keys, Philox seeded by keys[n],
+// subsequence 0, block 0 (a function of the key alone, so the draws do not
+// depend on the batch the sample is in); else subsequence n of the launch's
+// state from its first block.
+struct PhiloxStream {
+  uint64_t seed, sub, block;
+};
+
+// The launch's start, read once per thread; not read with keys (the state
+// is then the default one: no generator was touched).
+__device__ __forceinline__ PhiloxStart launch_start(const SampleKeys& keys, const at::PhiloxCudaState& state) {
+  return keys.data != nullptr ? PhiloxStart{0, 0} : philox_start(state);
+}
+
+__device__ __forceinline__ PhiloxStream sample_stream(const SampleKeys& keys, const PhiloxStart& launch, int64_t n) {
+  if (keys.data != nullptr) return {static_cast<uint64_t>(keys.data[n * keys.stride]), 0, 0};
+  return {launch.seed, static_cast<uint64_t>(n), launch.block};
+}
+
 // `count` uniforms in [0, 1) of Philox subsequence `sub`, two to a block
 // from block `first` on (uniform k from the four outputs of block
 // first + k / 2, the CPU kernels' order of outputs), handed to f(u, valid)
@@ -245,6 +276,13 @@ inline at::PhiloxCudaState philox_state(const std::optional<at::Generator>& gene
       generator, at::cuda::detail::getDefaultCUDAGenerator());
   std::lock_guard<std::mutex> lock(gen->mutex_);
   return gen->philox_cuda_state(outputs);
+}
+
+// A sampler's launch state: philox_state without keys; with keys none (the
+// default state, never read): the generator is neither read nor advanced.
+inline at::PhiloxCudaState sampler_state(const SampleKeys& keys, const std::optional<at::Generator>& generator,
+                                         uint64_t outputs) {
+  return keys.data != nullptr ? at::PhiloxCudaState() : philox_state(generator, outputs);
 }
 
 // The dynamic shared memory one block of `kernel` may use on the current

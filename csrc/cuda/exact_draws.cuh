@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/PhiloxUtils.cuh>
 
+#include "common.cuh"
+
 #include <cstdint>
 
 namespace mvm::gpu {
@@ -18,9 +20,10 @@ inline uint64_t exact_draws_outputs(int64_t M) { return 8 * static_cast<uint64_t
 // weights (N, M), float64, contiguous, >= 0: the rows of sample n are drawn
 // in proportion to weights[n]. Returns (N, M) uint8, 1 for the rows that c
 // draws hit. Sample n reads Philox subsequence n of `rng` (which must cover
-// exact_draws_outputs(M) outputs), so its draws do not depend on the other
+// exact_draws_outputs(M) outputs), or with keys the stream of keys[n]
+// (common.cuh's sample_stream), so its draws do not depend on the other
 // samples. No host sync.
-at::Tensor exact_drawn(const at::Tensor& weights, int64_t c, const at::PhiloxCudaState& rng);
+at::Tensor exact_drawn(const at::Tensor& weights, int64_t c, const at::PhiloxCudaState& rng, const SampleKeys& keys);
 
 // The block's threads write keep[0, ceil(len / 32)), the bitmask of the rows
 // i < len with drawn[i] != 0 (a row of exact_drawn's result).

@@ -1,8 +1,9 @@
 // sample_rows on CUDA (the paper's Alg. 1), one fused kernel with one block
 // per sample:
 //   1. the CDF of the sample's row of p, in float64, by a block scan;
-//   2. c draws (Philox from the torch generator, sample n on subsequence n),
-//      each a binary search of the CDF, marking rows in a keep bitmask;
+//   2. c draws (Philox from the torch generator, sample n on subsequence n;
+//      or, with keys, from keys[n] alone), each a binary search of the CDF,
+//      marking rows in a keep bitmask;
 //   3. the scale 1/pi_i of every kept row (0 marks an undrawn row: a kept
 //      row's scale is >= 1, so 0 never means "kept");
 //   4. the output, line by line along x's contiguous dimension (C for NHWC,
@@ -190,6 +191,7 @@ struct SampleArgs {
   Lines lines;
   int64_t c;
   at::PhiloxCudaState rng;
+  SampleKeys keys;       // per-sample keys, or none (then rng)
   const uint8_t* drawn;  // (N, M) from exact_drawn when c is large against M, else null
   // The big-M path only (cdf == nullptr on the shared-memory path).
   const double* cdf;     // (P, M)
@@ -211,7 +213,7 @@ sample_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, c
   __shared__ BlockScan::TempStorage scan_tmp;
   __shared__ int64_t scratch[kWarp];
 
-  const PhiloxStart rng = philox_start(a.rng);
+  const PhiloxStart rng = launch_start(a.keys, a.rng);
   const int64_t M = a.M;
   const double cd = static_cast<double>(a.c);
   const bool big = a.cdf != nullptr;
@@ -249,12 +251,14 @@ sample_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, c
       __syncthreads();
     }
 
-    // Step 2: c draws from subsequence n, from the launch's first block on;
-    // or, for c large against M, the rows exact_drawn found.
+    // Step 2: c draws from sample n's stream (subsequence n from the launch's
+    // first block on, or keys[n]'s); or, for c large against M, the rows
+    // exact_drawn found.
     if (a.drawn != nullptr) {
       drawn_to_bits(a.drawn + n * M, M, keep);
     } else {
-      for_each_uniform(rng.seed, static_cast<uint64_t>(n), rng.block, a.c, [&](double u, bool valid) {
+      const PhiloxStream st = sample_stream(a.keys, rng, n);
+      for_each_uniform(st.seed, st.sub, st.block, a.c, [&](double u, bool valid) {
         int64_t i = 0;
         if (valid) {
           const double t = u * total;
@@ -368,9 +372,9 @@ Lines plan_lines(const SampleShape& s, const RowLayout& in, const RowLayout& o, 
   return L;
 }
 
-at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
+at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c, const std::optional<at::Tensor>& keys,
                        std::optional<at::Generator> generator) {
-  const SampleShape shape = check_sample_rows(x, p, c, /*check_values=*/false);
+  const SampleShape shape = check_sample_rows(x, p, c, keys, generator.has_value(), /*check_values=*/false);
   check_cuda("sample_rows", "x", x);  // p is on x's device
   check_bitmask_rows("sample_rows", shape.M);
   if (should_check_values(p)) check_probabilities("sample_rows", "p", p);
@@ -390,12 +394,15 @@ at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
   a.lines = plan_lines(shape, in, o, x.const_data_ptr(), out.const_data_ptr(), x.element_size());
 
   // Each sample reads ceil(c / 2) Philox blocks of its own subsequence, i.e.
-  // 4 ceil(c / 2) 32-bit outputs; with c large against M, what exact_drawn reads.
+  // 4 ceil(c / 2) 32-bit outputs; with c large against M, what exact_drawn
+  // reads. With keys, none: each sample's stream is its key's.
   const bool exact = use_exact_draws(c, shape.M);
-  a.rng = philox_state(generator, exact ? exact_draws_outputs(shape.M) : 4 * static_cast<uint64_t>((c + 1) / 2));
+  a.keys = sample_keys(keys);
+  a.rng = sampler_state(a.keys, generator,
+                        exact ? exact_draws_outputs(shape.M) : 4 * static_cast<uint64_t>((c + 1) / 2));
   at::Tensor drawn;
   if (exact) {  // the drawn rows of every sample, in work independent of c
-    drawn = exact_drawn(p.to(at::kDouble).repeat({shape.N / shape.P, 1}), c, a.rng);
+    drawn = exact_drawn(p.to(at::kDouble).repeat({shape.N / shape.P, 1}), c, a.rng, a.keys);
     a.drawn = drawn.const_data_ptr<uint8_t>();
   }
 

@@ -52,6 +52,7 @@ struct SapArgs {
   int64_t r;
   bool scale_only;
   at::PhiloxCudaState rng;
+  SampleKeys keys;        // per-sample keys, or none (then rng)
   uint64_t slice_blocks;  // Philox blocks of step 2 (0 when S == 1)
   const uint8_t* drawn;   // (N, K) from exact_drawn when r is large against K, else null
 };
@@ -79,7 +80,7 @@ sap_sample_kernel(const scalar_t* __restrict__ h, scalar_t* __restrict__ out, co
   __shared__ int64_t iscratch[kWarp];
   __shared__ int64_t last_slice;
 
-  const PhiloxStart rng = philox_start(a.rng);
+  const PhiloxStart rng = launch_start(a.keys, a.rng);
   const int64_t K = a.K, S = a.S, L = a.L;
   const double rd = static_cast<double>(a.r);
 
@@ -125,10 +126,11 @@ sap_sample_kernel(const scalar_t* __restrict__ h, scalar_t* __restrict__ out, co
       continue;  // no barrier needed: nothing in shared memory was written since the last one
     }
 
-    // Step 2: each of the r draws picks its slice, with uniforms of
-    // subsequence n from the launch's first block on.
+    // Step 2: each of the r draws picks its slice, with uniforms of sample
+    // n's stream (subsequence n from the launch's first block on, or keys[n]'s).
+    const PhiloxStream st = sample_stream(a.keys, rng, n);
     if (S > 1 && a.drawn == nullptr) {
-      for_each_uniform(rng.seed, static_cast<uint64_t>(n), rng.block, a.r, [&](double u, bool valid) {
+      for_each_uniform(st.seed, st.sub, st.block, a.r, [&](double u, bool valid) {
         const int64_t s = valid ? search_cdf(mass, S, u * total, last_slice) : 0;
         warp_count(count, static_cast<unsigned>(s), valid);
       });
@@ -163,8 +165,8 @@ sap_sample_kernel(const scalar_t* __restrict__ h, scalar_t* __restrict__ out, co
             [&](int64_t i) { return ::fabs(static_cast<double>(hs[begin + i])); }, len, cdf, nullptr, scan_tmp,
             iscratch);
         const double slice_total = cdf[len - 1];
-        const uint64_t first = rng.block + a.slice_blocks + start[s] / 2;
-        for_each_uniform(rng.seed, static_cast<uint64_t>(n), first, draws, [&](double u, bool valid) {
+        const uint64_t first = st.block + a.slice_blocks + start[s] / 2;
+        for_each_uniform(st.seed, st.sub, first, draws, [&](double u, bool valid) {
           warp_mark(keep, valid ? search_cdf(cdf, len, u * slice_total, last) : 0, valid);
         });
       }
@@ -190,9 +192,10 @@ sap_sample_kernel(const scalar_t* __restrict__ h, scalar_t* __restrict__ out, co
   }
 }
 
-at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, bool scale_only, std::optional<at::Generator> generator) {
-  check_cuda("sap_sample", "h", h_in);
-  const at::Tensor h = check_sap_sample(h_in, r);
+at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, const std::optional<at::Tensor>& keys, bool scale_only,
+                      std::optional<at::Generator> generator) {
+  const at::Tensor h = check_sap_sample(h_in, r, keys, generator.has_value());
+  check_cuda("sap_sample", "h", h);
   const c10::cuda::CUDAGuard guard(h.device());
   auto out = at::empty_like(h);  // h's strides: entry j of a sample sits where it sits in h
   if (h.numel() == 0) return out;
@@ -221,12 +224,14 @@ at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, bool scale_only, std::o
     // slices' draws (each slice's start rounded up to even), 4 outputs each;
     // with r large against K, only what exact_drawn reads. Reserved after the
     // checks: a call that raises leaves the generator as it was.
+    // With keys, nothing is reserved: each sample's stream is its key's.
     const bool exact = use_exact_draws(r, a.K);
-    a.rng = philox_state(generator, exact ? exact_draws_outputs(a.K)
-                                          : 4 * (a.slice_blocks + pairs + static_cast<uint64_t>(a.S)));
+    a.keys = sample_keys(keys);
+    a.rng = sampler_state(a.keys, generator, exact ? exact_draws_outputs(a.K)
+                                                   : 4 * (a.slice_blocks + pairs + static_cast<uint64_t>(a.S)));
     at::Tensor drawn;
     if (exact) {  // the drawn entries of every sample, in work independent of r
-      drawn = exact_drawn(h.reshape({a.N, a.K}).to(at::kDouble).abs(), r, a.rng);
+      drawn = exact_drawn(h.reshape({a.N, a.K}).to(at::kDouble).abs(), r, a.rng, a.keys);
       a.drawn = drawn.const_data_ptr<uint8_t>();
     }
     const int64_t grid = std::min<int64_t>(a.N, (int64_t(1) << 31) - 1);

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..detector import Detector, roc_report, threshold_for_fpr
+from .._progress import hide_bar
 from ..nn import MVMUnit, set_differentiable, set_mode
 from .attacks import _project
 
@@ -102,9 +103,7 @@ class _AttackMode:
         self.det.lock.acquire()
         for unit in self.det.units:
             unit.generator = self.generator
-            if isinstance(unit, MVMUnit):
-                # As the detector does: c = c_rel * the input's pixels, not the unit's rows.
-                unit.ref_pixels = self.pixels
+        self.det.set_ref_pixels(self.pixels)  # c as the detector's c_ref gives it
         set_differentiable(self.det.net, True)
         return self
 
@@ -171,7 +170,7 @@ def eot_bim(
     K: int = ADAPTIVE["K"],
     target: Tensor | None = None,
     generator: torch.Generator | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> Tensor:
     """Adaptive L-inf BIM against a detector: n_iter steps of eps_iter * sign of the
     EOT gradient of the target cross-entropy (see the module docstring), each projected
@@ -203,7 +202,7 @@ def eot_bim(
     batches = _batches(x.shape[0], det, K)
     with _AttackMode(det, generator, x.shape[2] * x.shape[3]), \
             tqdm(total=n_iter * len(batches), desc=f"EOT-BIM vs {det.name} (K={K})", unit="step",
-                 disable=not progress, leave=False) as bar:
+                 disable=hide_bar(progress), leave=False) as bar:
         for s, e in batches:
             xb = x0[s:e].to(det.device, det.dtype)
             tb = target[s:e].to(det.device)
@@ -260,7 +259,7 @@ def evaluate_adaptive(
     max_batch: int = 1024,
     seed: int = 0,
     n_boot: int = 1000,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict:
     """The adaptive evaluation: for every detector in `detectors` ((method, kwargs) pairs),
     fit the threshold at `fpr` on the clean images x, attack the first n_images of them

@@ -32,7 +32,7 @@ from .. import __version__
 from .._files import write_atomically
 from ..detector import Detector, roc_report
 from . import adaptive, attacks, data, exact, models
-from .malloc import keep_freed_memory
+from ..malloc import keep_freed_memory
 
 __all__ = ["DETECTORS", "PAPER", "DEFAULTS", "FULL", "build_parser", "run", "main"]
 

@@ -11,9 +11,10 @@ def keep_freed_memory() -> bool:
     By default glibc serves every block over its mmap threshold with a fresh mmap and
     unmaps it on free, so a loop that allocates and frees activation-sized tensors pays a
     page fault per 4 KiB on every iteration (docs/performance.md gives the cost). The
-    price is that the process keeps its peak heap. Process-wide: call it from programs (the
-    `mvm-cuda` command, the benchmarks), not from a library. Returns whether it applied
-    (False where libc is not glibc)."""
+    price is that the process keeps its peak heap. Process-wide, so the library never
+    calls it itself: a program that scores many batches on the CPU (a script around a
+    Detector, the `mvm-cuda` command, the benchmarks) calls it once at its start. Returns
+    whether it applied (False where libc is not glibc)."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:

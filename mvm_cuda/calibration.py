@@ -1,0 +1,201 @@
+"""Choosing a detector's setting and threshold from a user's own validation images.
+
+`DetectorSearch` is a grid search in the style of scikit-learn's GridSearchCV: it
+builds one `Detector` per candidate setting (for MVM the number of draws c, for SAP the
+fraction drawn, for dropout the drop probability), scores validation images with each,
+keeps the best by a documented criterion, and fits the winner's threshold on the clean
+validation images. The images it is given are the only ones it sees: keep them apart
+from the images the detector is later evaluated on.
+
+The criterion:
+- with `attacks` (a mapping of names to functions `attack(model, x, y) -> x_adv`, such
+  as the package's own FGSM, BIM-A and JSMA in `mvm_cuda.eval.attacks`): the attacks
+  are crafted once on the correctly classified validation images, and a setting scores
+  the mean ROC-AUC, over the attacks, of the clean validation images (negatives)
+  against the successful adversarial ones (positives, as in Feinman et al.);
+- without: nothing tells detection apart, so the search picks the most randomness that
+  clean images tolerate, the setting whose R votes agree with the clean prediction least
+  often while still at least `agreement` of the time on average.
+Ties go to the earlier candidate in the grid's order.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ._progress import hide_bar
+from .detector import Detector, histogram_entropy, roc_report, threshold_for_fpr
+
+__all__ = ["DEFAULT_GRIDS", "DetectorSearch"]
+
+# Settings from little to much randomness are not ordered the same way for every
+# method; each grid is a product of these lists.
+DEFAULT_GRIDS = {
+    "mvm": {"c_ref": ["unit"], "c_rel": [0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0]},
+    "sap": {"frac": [0.05, 0.1, 0.2, 0.35, 0.5, 0.8, 1.0]},
+    "dropout": {"p_drop": [0.05, 0.1, 0.2, 0.3, 0.5, 0.7]},
+}
+
+
+def _as_tensor(value, name: str, dtype_kind: str) -> Tensor:
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, Tensor):
+        raise TypeError(f"DetectorSearch.fit: {name} must be a tensor or numpy array, got {type(value).__name__}")
+    if dtype_kind == "f" and not value.is_floating_point() or dtype_kind == "i" and (
+            value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        what = "floating point images" if dtype_kind == "f" else "integer class labels"
+        raise ValueError(f"DetectorSearch.fit: {name} must hold {what}, got dtype {value.dtype}")
+    return value
+
+
+class DetectorSearch:
+    """Grid search for a detector's setting and threshold on validation images.
+
+    model: the trained CNN (as for `Detector`). method: "mvm", "sap" or "dropout". grid:
+    a dict of Detector arguments to lists of values, searched over their product
+    (default `DEFAULT_GRIDS[method]`: for MVM, c relative to each unit's own rows).
+    per_unit (MVM with c_rel only): after the grid, each unit's c_rel is searched in
+    turn over the grid's values with the others held, so every unit may end with its
+    own. attacks: None, or {name: attack(model, x, y) -> x_adv} (see the module
+    docstring for the criterion either way). fpr: the false-positive rate of the fitted
+    threshold. agreement: the criterion without attacks. seed: every candidate's
+    detector seed (so the search is deterministic) and the seed of the winner. Other
+    keyword arguments (R, max_batch, solver, channels_last, backend, ...) go to every
+    Detector. progress: a bar over candidates (None: where stderr is a terminal).
+
+    After `fit(x_val, y_val)`: best_params_ (dict), best_score_ (float), best_detector_
+    (a Detector with those settings and its threshold fitted on the clean validation
+    images), results_ (one dict per candidate tried: params, score, aucs, agreement,
+    seconds), criterion_ ("auc" or "agreement").
+    """
+
+    def __init__(self, model: nn.Module, method: str = "mvm", grid: Mapping[str, list] | None = None, *,
+                 per_unit: bool = False, attacks: Mapping[str, Callable] | None = None, fpr: float = 0.05,
+                 agreement: float = 0.9, seed: int = 0, progress: bool | None = None, **detector_kwargs):
+        if method not in DEFAULT_GRIDS:
+            raise ValueError(f"DetectorSearch: method must be one of {tuple(DEFAULT_GRIDS)}, got {method!r}")
+        grid = dict(DEFAULT_GRIDS[method] if grid is None else grid)
+        if not grid or any(not isinstance(v, (list, tuple)) or not v for v in grid.values()):
+            raise ValueError(f"DetectorSearch: grid must map Detector arguments to non-empty lists, got {grid!r}")
+        if per_unit and (method != "mvm" or "c_rel" not in grid):
+            raise ValueError("DetectorSearch: per_unit needs method='mvm' and c_rel in the grid")
+        if attacks is not None and (not isinstance(attacks, Mapping) or not attacks
+                                    or not all(callable(a) for a in attacks.values())):
+            raise ValueError("DetectorSearch: attacks must be None or a non-empty mapping of names to "
+                             "functions attack(model, x, y) -> x_adv")
+        if not 0 < fpr < 1:
+            raise ValueError(f"DetectorSearch: fpr must be in (0, 1), got {fpr}")
+        if not 0 < agreement <= 1:
+            raise ValueError(f"DetectorSearch: agreement must be in (0, 1], got {agreement}")
+        if seed is None:
+            raise ValueError("DetectorSearch: seed must be an integer: a search compares settings on the same noise")
+        self.model, self.method, self.grid, self.per_unit = model, method, grid, per_unit
+        self.attacks, self.fpr, self.agreement, self.seed = attacks, fpr, agreement, seed
+        self.progress, self.detector_kwargs = progress, detector_kwargs
+
+    def _detector(self, params: dict) -> Detector:
+        kwargs = {**self.detector_kwargs, **params, "seed": self.seed, "progress": False}
+        return Detector(self.model, self.method, **kwargs)
+
+    def _evaluate(self, params: dict, x: Tensor, clean_pred: Tensor, adversarial: dict) -> dict:
+        t = time.perf_counter()
+        det = self._detector(params)
+        votes = det.votes(x)
+        clean = histogram_entropy(votes)
+        agreement = float((votes == clean_pred[:, None]).double().mean())
+        aucs = {name: roc_report(clean, det.scores(adv), n_boot=1).auc for name, adv in adversarial.items()}
+        score = float(np.mean(list(aucs.values()))) if aucs else agreement
+        return {"params": params, "score": score, "aucs": aucs, "agreement": agreement,
+                "clean_scores": clean, "seconds": time.perf_counter() - t}
+
+    def _best(self, results: list[dict]) -> dict:
+        if self.criterion_ == "auc":
+            return max(results, key=lambda r: r["score"])  # max keeps the first of equals
+        stable = [r for r in results if r["agreement"] >= self.agreement]
+        if stable:
+            return min(stable, key=lambda r: r["agreement"])
+        return max(results, key=lambda r: r["agreement"])
+
+    def fit(self, x_val, y_val=None) -> "DetectorSearch":
+        """Search the grid on validation images x_val (N, C, H, W) in [0, 1] and, with
+        attacks, their labels y_val (N,) (tensors or numpy arrays); returns self. Raises
+        ValueError if N cannot resolve fpr (N < ceil(1/fpr)), if attacks are given
+        without y_val, or if the model classifies none of the images correctly or no
+        attack succeeds on any (nothing to calibrate against)."""
+        x = _as_tensor(x_val, "x_val", "f")
+        need = math.ceil(1 / self.fpr - 1e-9)
+        if x.dim() != 4 or x.shape[0] < need:
+            raise ValueError(f"DetectorSearch.fit: x_val must be images (N, C, H, W) with N >= {need} to resolve "
+                             f"fpr={self.fpr}, got shape {tuple(x.shape)}")
+        self.criterion_ = "auc" if self.attacks else "agreement"
+        probe = self._detector(dict(next(iter(self._candidates()))))
+        with torch.inference_mode():
+            clean_pred = torch.cat([probe.net(x[s:s + 256].to(probe.device, probe.dtype)).argmax(1).cpu()
+                                    for s in range(0, x.shape[0], 256)])
+        adversarial = {}
+        if self.attacks:
+            if y_val is None:
+                raise ValueError("DetectorSearch.fit: attacks need the labels y_val")
+            y = _as_tensor(y_val, "y_val", "i").to(torch.int64).cpu()
+            if y.shape != (x.shape[0],):
+                raise ValueError(f"DetectorSearch.fit: y_val must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+            right = clean_pred == y
+            if not bool(right.any()):
+                raise ValueError("DetectorSearch.fit: the model classifies none of x_val correctly; nothing to attack")
+            xr, yr = x[right.to(x.device)], y[right]
+            for name, attack in self.attacks.items():
+                adv = attack(self.model, xr, yr).detach()
+                with torch.inference_mode():
+                    pred = torch.cat([probe.net(adv[s:s + 256].to(probe.device, probe.dtype)).argmax(1).cpu()
+                                      for s in range(0, adv.shape[0], 256)])
+                if bool((pred != yr).any()):
+                    adversarial[name] = adv[(pred != yr).to(adv.device)]
+            if not adversarial:
+                raise ValueError("DetectorSearch.fit: no attack succeeded on any validation image")
+        self.adversarial_counts_ = {name: int(a.shape[0]) for name, a in adversarial.items()}
+
+        candidates = [dict(c) for c in self._candidates()]
+        units = len(probe.units)
+        extra = len(self.grid["c_rel"]) * units if self.per_unit else 0
+        results = []
+        with tqdm(total=len(candidates) + extra, desc=f"calibrate {self.method}", unit="setting",
+                  disable=hide_bar(self.progress)) as bar:
+            for params in candidates:
+                results.append(self._evaluate(params, x, clean_pred, adversarial))
+                bar.update(1)
+            best = self._best(results)
+            if self.per_unit:  # one unit at a time, the others held at the best so far
+                for u in range(units):
+                    current = best["params"]["c_rel"]
+                    current = list(current) if isinstance(current, tuple) else [current] * units
+                    for value in self.grid["c_rel"]:
+                        bar.update(1)
+                        if value == current[u]:  # that setting was scored already
+                            continue
+                        trial = current.copy()
+                        trial[u] = value
+                        params = {**best["params"], "c_rel": tuple(trial)}
+                        results.append(self._evaluate(params, x, clean_pred, adversarial))
+                    best = self._best(results)
+        self.best_params_ = best["params"]
+        self.best_score_ = best["score"]
+        det = self._detector(best["params"])
+        det.progress = self.progress
+        det.threshold = threshold_for_fpr(best["clean_scores"], self.fpr)
+        det.fpr = self.fpr
+        self.best_detector_ = det
+        self.results_ = [{k: v for k, v in r.items() if k != "clean_scores"} for r in results]
+        return self
+
+    def _candidates(self):
+        names = list(self.grid)
+        for values in itertools.product(*(self.grid[n] for n in names)):
+            yield dict(zip(names, values))

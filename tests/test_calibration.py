@@ -1,0 +1,127 @@
+"""DetectorSearch: choosing a detector's setting and threshold on validation images."""
+import numpy as np
+import pytest
+import torch
+
+from mvm_cuda import Detector, DetectorSearch
+from mvm_cuda.eval import attacks, data, models
+
+GRID = {"c_ref": ["unit"], "c_rel": [0.05, 0.3, 2.0]}
+SEEN = []  # every image batch the spied model's first layer sees
+
+
+@pytest.fixture(scope="module")
+def split():
+    """A digits CNN, validation images (for the search) and evaluation images (never
+    shown to it), from disjoint parts of the test split."""
+    d = data.load_digits(seed=0)
+    model = models.train(models.build_model("digits", seed=0), d.x_train, d.y_train, epochs=6, progress=False)
+    return model, (d.x_test[:80], d.y_test[:80]), (d.x_test[80:], d.y_test[80:])
+
+
+def fgsm(model, x, y):
+    return attacks.fgsm(model, x, y, eps=0.3)
+
+
+def bim_a(model, x, y):
+    return attacks.bim_a(model, x, y, eps=0.3, eps_iter=0.05)
+
+
+def search(model, **kw):
+    kw = {"grid": GRID, "attacks": {"fgsm": fgsm, "bim-a": bim_a}, "R": 8, "fpr": 0.1, "seed": 1,
+          "progress": False, **kw}
+    return DetectorSearch(model, "mvm", **kw)
+
+
+def test_picks_the_best_mean_auc_and_fits_the_threshold(split):
+    model, (xv, yv), _ = split
+    s = search(model).fit(xv, yv)
+    assert s.criterion_ == "auc" and len(s.results_) == 3
+    scores = [r["score"] for r in s.results_]
+    assert s.best_score_ == max(scores) and len(set(scores)) > 1  # the settings differ
+    best = next(r for r in s.results_ if r["score"] == s.best_score_)
+    assert s.best_params_ == best["params"]
+    assert s.best_score_ == pytest.approx(np.mean(list(best["aucs"].values())))
+    det = s.best_detector_
+    assert isinstance(det, Detector) and det.c_rel == s.best_params_["c_rel"] and det.c_ref == "unit"
+    assert det.fpr == 0.1 and (det.scores(xv) > det.threshold).double().mean() <= 0.1
+    assert s.adversarial_counts_["bim-a"] > 40
+
+
+def test_deterministic_under_a_seed_and_numpy_input(split):
+    model, (xv, yv), _ = split
+    a = search(model).fit(xv, yv)
+    b = search(model).fit(xv.numpy(), yv.numpy())
+    assert a.results_ == [{**r, "seconds": a.results_[i]["seconds"]} for i, r in enumerate(b.results_)]
+    assert a.best_params_ == b.best_params_ and a.best_detector_.threshold == b.best_detector_.threshold
+
+
+def test_never_sees_the_evaluation_images(split):
+    """A hook on the model's first layer (kept by the detectors' copies) records every
+    image batch: none holds an evaluation image."""
+    model, (xv, yv), (xe, ye) = split
+    spied = models.build_model("digits")
+    spied.load_state_dict(model.state_dict())
+    spied.eval()
+    SEEN.clear()
+    spied[0].register_forward_pre_hook(lambda module, args: SEEN.append(args[0].detach().flatten(1).cpu()))
+    search(spied, attacks={"fgsm": fgsm}).fit(xv, yv)
+    seen = torch.cat(SEEN)
+    assert seen.shape[0] > xv.shape[0]  # the hook did fire for the search's passes
+    distance = torch.cdist(xe.flatten(1).double(), seen.double())
+    assert distance.min() > 0
+    assert torch.cdist(xv.flatten(1).double(), seen.double()).min() == 0  # a check that can fail
+
+
+def test_without_attacks_most_randomness_clean_images_tolerate(split):
+    model, (xv, yv), _ = split
+    s = search(model, attacks=None, agreement=0.9).fit(xv)
+    assert s.criterion_ == "agreement"
+    agreements = {r["params"]["c_rel"]: r["agreement"] for r in s.results_}
+    assert agreements[0.05] < agreements[2.0]  # fewer draws, noisier votes
+    tolerated = [a for a in agreements.values() if a >= 0.9]
+    assert tolerated and s.best_score_ == min(tolerated)
+
+
+def test_per_unit_search(split):
+    model, (xv, yv), _ = split
+    s = search(model, per_unit=True, attacks={"bim-a": bim_a}).fit(xv, yv)
+    tuples = [r["params"]["c_rel"] for r in s.results_ if isinstance(r["params"]["c_rel"], tuple)]
+    assert tuples and all(len(t) == 2 for t in tuples)
+    assert s.best_score_ == max(r["score"] for r in s.results_)
+    assert len(s.best_detector_.units) == 2
+
+
+def test_sap_and_dropout_grids(split):
+    model, (xv, yv), _ = split
+    for method, grid in (("sap", {"frac": [0.2, 1.0]}), ("dropout", {"p_drop": [0.1, 0.5]})):
+        s = DetectorSearch(model, method, grid, attacks={"fgsm": fgsm}, R=6, fpr=0.1, progress=False).fit(xv, yv)
+        assert s.best_detector_.method == method and len(s.results_) == 2
+
+
+@pytest.mark.parametrize("kwargs,fit,match", [
+    (dict(method="svm"), None, "method must be one of"),
+    (dict(grid={"c_rel": []}), None, "grid must map Detector arguments to non-empty lists"),
+    (dict(method="sap", per_unit=True), None, "per_unit needs method='mvm'"),
+    (dict(attacks={"fgsm": 3}), None, "attacks must be None or a non-empty mapping"),
+    (dict(fpr=1.5), None, r"fpr must be in \(0, 1\)"),
+    (dict(seed=None), None, "seed must be an integer"),
+    (dict(), dict(y=False), "attacks need the labels y_val"),
+    (dict(), dict(n=5), r"N >= 10 to resolve fpr=0.1"),
+])
+def test_bad_settings(split, kwargs, fit, match):
+    model, (xv, yv), _ = split
+    with pytest.raises(ValueError, match=match):
+        s = DetectorSearch(model, **{"method": "mvm", "attacks": {"fgsm": fgsm}, "fpr": 0.1, "progress": False,
+                                     **kwargs})
+        fit = fit or {}
+        n = fit.get("n", 40)
+        s.fit(xv[:n], yv[:n] if fit.get("y", True) else None)
+
+
+def test_the_search_uses_the_same_noise_for_every_candidate(split):
+    """Candidates differ only by their setting: their detectors share the search's seed."""
+    model, (xv, yv), _ = split
+    s = search(model, attacks=None)
+    made = [s._detector(p) for p in s._candidates()]
+    assert [(d.seed, d.R, d.c_rel) for d in made] == [(1, 8, c) for c in GRID["c_rel"]]
