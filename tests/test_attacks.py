@@ -108,8 +108,9 @@ def test_bim_a_stops_each_image_at_its_first_misclassification(trained):
             assert (predict(model, x_adv[sel]) != y[sel]).all()
 
 
-def brute_force_jsma(model, x, y, target, theta, gamma):
-    """JSMA one image at a time, every pair scored in a Python loop (float64)."""
+def brute_force_jsma(model, x, y, target, theta, gamma, use_logits):
+    """JSMA one image at a time, every pair scored in a Python loop (float64), on the
+    derivatives of the logits or of torch's softmax."""
     out = []
     n_features = x[0].numel()
     for xi, ti in zip(x, target):
@@ -120,8 +121,9 @@ def brute_force_jsma(model, x, y, target, theta, gamma):
             logits = model(img)
             if logits.argmax() == ti or len(domain) < 2:
                 break
-            jac = torch.stack([torch.autograd.grad(logits[0, k], img, retain_graph=True)[0].reshape(-1)
-                               for k in range(logits.shape[1])])
+            f = logits if use_logits else logits.softmax(dim=1)
+            jac = torch.stack([torch.autograd.grad(f[0, k], img, retain_graph=True)[0].reshape(-1)
+                               for k in range(f.shape[1])])
             a, b = jac[ti].tolist(), (jac.sum(0) - jac[ti]).tolist()
             best, pair = 0.0, None
             cand = sorted(domain)
@@ -139,13 +141,15 @@ def brute_force_jsma(model, x, y, target, theta, gamma):
     return torch.stack(out)
 
 
-def test_jsma_matches_per_image_brute_force(trained):
+@pytest.mark.parametrize("use_logits", [False, True], ids=["softmax", "logits"])
+def test_jsma_matches_per_image_brute_force(trained, use_logits):
     model, x, y = trained
     model, x, y = copy.deepcopy(model).double(), x[:12].double(), y[:12]
     target = attacks.random_targets(y, 10, torch.Generator().manual_seed(1))
     for theta in (1.0, 0.4):
-        got = attacks.jsma(model, x, y, theta=theta, gamma=0.3, target=target)
-        torch.testing.assert_close(got, brute_force_jsma(model, x, y, target, theta, 0.3), rtol=0, atol=1e-12)
+        got = attacks.jsma(model, x, y, theta=theta, gamma=0.3, target=target, use_logits=use_logits)
+        want = brute_force_jsma(model, x, y, target, theta, 0.3, use_logits)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
 def test_jsma_changes_at_most_gamma_of_the_pixels_and_only_increases(trained):
@@ -172,6 +176,8 @@ def test_jsma_stops_at_the_target(trained):
     hit = predict(model, x_adv) == target
     assert hit.float().mean() > 0.5
     assert steps.max() <= math.floor(0.3 * 64 / 2) and len(steps[hit].unique()) > 2
+    # Images that all reach their targets within the budget: the loop ends when the last does.
+    assert torch.equal(attacks.jsma(model, x[hit], y[hit], gamma=0.3, target=target[hit]), x_adv[hit])
     for k in steps[hit].unique().tolist():
         sel = hit & (steps == k)
         # A budget of exactly k steps gives the same images; of k - 1, not yet the target.

@@ -148,6 +148,9 @@ BAD_ARGUMENTS = {
     "device-cuda-absent": (["--device", "cuda"], r"argument --device: 'cuda': this torch .* has no usable CUDA "
                                                  r"device .*; use --device cpu"),
     "out-empty": (["--out", ""], r"argument --out: must be a path, got ''"),
+    "model-other-shape": (["--dataset", "digits", "--model", "mnist-pool"],
+                          r"argument --model: mnist-pool takes \(1, 28, 28\) images, digits has \(1, 8, 8\)"),
+    "model-unknown": (["--model", "resnet"], r"argument --model: invalid choice: 'resnet'"),
 }
 
 
@@ -206,7 +209,7 @@ def test_bad_input_failing_plot_is_a_warning_after_tables_and_json(tmp_path, cac
 
     monkeypatch.setattr(reproduce, "_plot_roc", broken)
     out = tmp_path / "out"
-    tiny = ["--dataset", "digits", "--n-test", "10", "--R", "2", "--epochs", "1", "--n-boot", "10",
+    tiny = ["--dataset", "digits", "--n-test", "10", "--R", "2", "--epochs", "2", "--n-boot", "10",
             "--no-progress", "--attacks", "fgsm"]
     with pytest.warns(UserWarning, match=r"could not write the ROC plot .*roc_digits_fgsm.png: OSError"):
         assert reproduce.main(["reproduce", *tiny, "--out", str(out)]) == 0

@@ -1,16 +1,20 @@
 """Tests for mvm_cuda.eval.models: architectures, deterministic training, the cache."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
 from mvm_cuda.eval import data, models
+from conftest import installed_package_env
 
 # (C, H, W) after every ReLU of the conv part, as documented in build_model.
 CONV_RELU_SHAPES = {
     "mnist": [(64, 26, 26), (64, 24, 24)],
+    "mnist-pool": [(32, 24, 24), (64, 8, 8)],
     "svhn": [(64, 30, 30), (64, 28, 28)],
     "cifar10": [(32, 32, 32), (32, 32, 32), (64, 16, 16), (64, 16, 16), (128, 8, 8), (128, 8, 8)],
     "digits": [(32, 8, 8), (32, 8, 8)],
@@ -63,12 +67,40 @@ def test_build_model_seed():
 def test_training_is_deterministic_and_leaves_the_rng_alone(digits):
     x, y = digits.x_train[:300], digits.y_train[:300]
     state = torch.get_rng_state()
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     runs = [models.train(models.build_model("digits", seed=0), x, y, epochs=2, batch_size=32, seed=s,
                          progress=False) for s in (0, 0, 1)]
     assert torch.equal(state, torch.get_rng_state())
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)
     assert same_weights(runs[0], runs[1])
     assert not same_weights(runs[0], runs[2])
     assert not runs[0].training and all(p.grad is None for p in runs[0].parameters())
+
+
+# Trains digits in a fresh process and prints the SHA-256 of the trained weights and the
+# thread count after training (the caller's, restored).
+_TRAIN_AND_HASH = """
+import torch
+from mvm_cuda.eval import data, models
+torch.set_num_threads({threads})
+d = data.load_digits(seed=0)
+model = models.train(models.build_model("digits", seed=0), d.x_train[:300], d.y_train[:300], epochs=2,
+                     batch_size=32, progress=False)
+print(models._checksum(model.state_dict()), torch.get_num_threads())
+"""
+
+
+def test_training_bits_do_not_depend_on_threads_or_cpu_capability(tmp_path):
+    got = {}
+    for threads, capability in ((1, "default"), (2, "avx2")):
+        env = {**installed_package_env(), "ATEN_CPU_CAPABILITY": capability}
+        done = subprocess.run([sys.executable, "-c", _TRAIN_AND_HASH.format(threads=threads)], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        weights, after = done.stdout.split()
+        assert int(after) == threads
+        got[(threads, capability)] = weights
+    assert len(set(got.values())) == 1, got
 
 
 def test_digits_reach_a_sensible_accuracy(digits):

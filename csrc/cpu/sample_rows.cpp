@@ -4,6 +4,8 @@
 #include <torch/library.h>
 
 #include <bit>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <utility>
@@ -36,14 +38,25 @@ __attribute__((target("avx,f16c"))) void scale_half_row(const c10::Half* src, c1
   }
   for (; ch < C; ++ch) dst[ch] = static_cast<c10::Half>(static_cast<float>(src[ch]) * s);
 }
-const bool kHasF16c = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+#endif
+
+// MVM_CPU_ISA=default forces the plain loops below, read once at load: a check that the
+// AVX2/F16C paths give the same bits as the plain ones can then run both on one CPU.
+const bool kPlainIsa = [] {
+  const char* v = std::getenv("MVM_CPU_ISA");
+  return v != nullptr && std::strcmp(v, "default") == 0;
+}();
+#ifdef MVM_F16C
+const bool kHasF16c = !kPlainIsa && __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+const bool kHasAvx2 = !kPlainIsa && __builtin_cpu_supports("avx2");
 #endif
 
 // W dense float32 rows of C (row strides sx, so): drawn rows times their
 // scale, the others 0, without a branch per row (mispredicted up to half the
 // time when about half the rows are drawn) and in AVX2 where the CPU has it.
 // The select is on the product's bits, so NaN in an undrawn row stays out.
-__attribute__((target_clones("avx2", "default"))) void scale_float_rows(
+// One body compiled twice (a plain product, so both give the same bits), picked by kHasAvx2.
+__attribute__((always_inline)) inline void scale_float_rows_body(
     const float* __restrict__ x, float* __restrict__ out, int64_t W, int64_t C, int64_t sx, int64_t so,
     const uint8_t* drawn, const float* scale) {
   for (int64_t w = 0; w < W; ++w) {
@@ -53,6 +66,20 @@ __attribute__((target_clones("avx2", "default"))) void scale_float_rows(
     float* o = out + w * so;
     for (int64_t ch = 0; ch < C; ++ch) o[ch] = std::bit_cast<float>(std::bit_cast<uint32_t>(xr[ch] * s) & keep);
   }
+}
+#ifdef MVM_F16C
+__attribute__((target("avx2"))) void scale_float_rows_avx2(const float* x, float* out, int64_t W, int64_t C,
+                                                           int64_t sx, int64_t so, const uint8_t* drawn,
+                                                           const float* scale) {
+  scale_float_rows_body(x, out, W, C, sx, so, drawn, scale);
+}
+#endif
+void scale_float_rows(const float* x, float* out, int64_t W, int64_t C, int64_t sx, int64_t so,
+                      const uint8_t* drawn, const float* scale) {
+#ifdef MVM_F16C
+  if (kHasAvx2) return scale_float_rows_avx2(x, out, W, C, sx, so, drawn, scale);
+#endif
+  scale_float_rows_body(x, out, W, C, sx, so, drawn, scale);
 }
 
 // Writes one sample: out[h, w, :] = x[h, w, :] * scale[i] for a drawn row i

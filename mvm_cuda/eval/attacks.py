@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import exact
+
 __all__ = [
     "SETTINGS",
     "ATTACKS",
@@ -31,7 +33,8 @@ __all__ = [
     "craft",
 ]
 
-# Feinman et al.'s attack parameters per dataset (pixel values in [0, 1]).
+# Feinman et al.'s attack parameters per dataset (pixel values in [0, 1]). JSMA's are its
+# defaults (theta 1, gamma 0.1, derivatives of the softmax), the same for every dataset.
 SETTINGS = {
     "mnist": dict(eps=0.3, eps_iter=0.01),
     "cifar10": dict(eps=0.05, eps_iter=0.005),
@@ -58,13 +61,15 @@ def _check_inputs(fn: str, model: nn.Module, x: Tensor, y: Tensor) -> None:
 
 
 def _loss_grad(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradient of the cross-entropy w.r.t. x, (N, C, H, W), and the logits, (N, K)."""
+    """Gradient of the summed cross-entropy w.r.t. x, (N, C, H, W), and the logits, (N, K).
+
+    A sum, not a mean, so each image's gradient does not depend on the batch size; its
+    gradient w.r.t. the logits comes from `exact`, so the bits do not depend on the CPU."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         logits = model(x)
-        # A sum, not a mean, so each image's gradient does not depend on the batch size.
-        loss = F.cross_entropy(logits, y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x)
+        dlogits = exact.cross_entropy_grad(logits.detach(), y).to(logits.dtype)
+        (grad,) = torch.autograd.grad(logits, x, dlogits)
     return grad, logits.detach()
 
 
@@ -202,7 +207,7 @@ def jsma(
     gamma: float = 0.1,
     target: Tensor | None = None,
     generator: torch.Generator | None = None,
-    use_logits: bool = True,
+    use_logits: bool = False,
 ) -> Tensor:
     """Jacobian-based saliency map attack (Papernot et al. 2016), pairs of pixels per step.
 
@@ -216,8 +221,8 @@ def jsma(
     a fraction gamma of its F = C*H*W features change (channels count separately), each
     only in the direction of theta (up for theta > 0). Unlike cleverhans, an image with
     no admissible pair stops instead of modifying feature 0. Derivatives are of the
-    logits (cleverhans >= 2); use_logits=False takes them of the softmax probabilities,
-    as cleverhans 1 did for Feinman et al. The loop runs over iterations, batched over
+    softmax probabilities, as cleverhans 1 took them for Feinman et al. (the default);
+    use_logits=True takes them of the logits (cleverhans >= 2). The loop runs over iterations, batched over
     images; only running images go through the model. x: (N, C, H, W), y: (N,), target:
     (N,) or None; returns (N, C, H, W).
     """
@@ -245,7 +250,7 @@ def jsma(
         with torch.enable_grad():
             x_run = x_adv[running].reshape(-1, *shape).requires_grad_(True)
             logits = model(x_run)
-            out = logits if use_logits else logits.softmax(dim=1)
+            out = logits if use_logits else exact.softmax(logits)
             t_run = target[running]
             keep = (logits.argmax(dim=1) != t_run) & (domain[running].sum(dim=1) >= 2)
             # Two backward passes instead of one per class: the others' derivative is
@@ -259,6 +264,8 @@ def jsma(
             # Decreasing a feature flips the sign of its effect: same search, mirrored.
             g_target, g_other = -g_target, -g_other
         running = running[keep]
+        if running.numel() == 0:  # the last ones reached their targets
+            break
         p, q, found = _best_pairs(g_target, g_other, domain[running])
         running, p, q = running[found], p[found], q[found]
         for feature in (p, q):

@@ -2,7 +2,8 @@
 
 Every model is an nn.Sequential of plain layers: a conv part (Conv2d, nn.ReLU without
 inplace, MaxPool2d, Dropout), one nn.Flatten, then a dense part, ending in logits
-(N, 10). Training is deterministic for a given seed on a given device. Trained weights
+(N, 10). Training gives the same bits for a given seed whatever the caller's thread count
+and ATen's CPU capability (see `train`). Trained weights
 and crafted tensors are cached under `cache_dir()`, written atomically and checked on
 load, so an interrupted run never leaves a file that is later loaded as garbage.
 
@@ -11,8 +12,8 @@ This module knows nothing of the defense.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import math
 import os
 import re
 import warnings
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._files import first_os_error, write_atomically
+from .exact import cross_entropy_grad
 
 __all__ = [
     "MODELS",
@@ -39,13 +41,21 @@ __all__ = [
     "cached_tensors",
     "load_cached",
     "save_cached",
+    "TRAIN_THREADS",
 ]
 
-INPUT_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "svhn": (3, 32, 32), "digits": (1, 8, 8)}
+INPUT_SHAPES = {"mnist": (1, 28, 28), "mnist-pool": (1, 28, 28), "cifar10": (3, 32, 32),
+                "svhn": (3, 32, 32), "digits": (1, 8, 8)}
 MODELS = tuple(INPUT_SHAPES)
-DEFAULT_EPOCHS = {"mnist": 10, "cifar10": 20, "svhn": 10, "digits": 30}
+DEFAULT_EPOCHS = {"mnist": 10, "mnist-pool": 10, "cifar10": 20, "svhn": 10, "digits": 30}
+
+# The threads `train` uses, whatever the caller's: oneDNN's and MKL's weight-gradient
+# reductions split by thread, so another count gives other bits.
+TRAIN_THREADS = 1
 
 _FORMAT = "mvm_cuda-cache-v1"
+# In every model cache key: bump when initialisation or training changes the trained bits.
+_TRAINING = "train2"
 
 
 def _mnist_conv(in_channels: int) -> list[nn.Module]:
@@ -70,6 +80,20 @@ def _cifar_block(in_channels: int, channels: int) -> list[nn.Module]:
     ]
 
 
+def _init_uniform(model: nn.Module, generator: torch.Generator | None) -> None:
+    """PyTorch's default initialisation of Conv2d and Linear, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    for weight and bias, drawn so that the bits do not depend on the CPU: torch.rand in
+    float64 and single-rounding ops (ATen's own uniform_ fuses its affine map into an FMA in
+    its AVX2 build only)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                bound = 1.0 / math.sqrt(module.weight[0].numel())
+                for param in (module.weight, module.bias):
+                    u = torch.rand(param.shape, generator=generator, dtype=torch.float64)
+                    param.copy_(u.mul(2.0).sub(1.0).mul(bound))
+
+
 def build_model(name: str, seed: int | None = None) -> nn.Sequential:
     """One of Feinman et al.'s CNNs, or a small one for 8x8 digits, as an nn.Sequential.
 
@@ -77,24 +101,41 @@ def build_model(name: str, seed: int | None = None) -> nn.Sequential:
     part output (C, H, W):
     - "mnist" (1x28x28): 64x26x26, 64x24x24; then MaxPool2-Dropout(0.5)-Flatten (9216)-
       Dense128-ReLU-Dropout(0.5)-Dense10.
+    - "mnist-pool" (1x28x28), a second MNIST network with pooling between its convolutions:
+      Conv5 32x24x24, MaxPool2, Conv5 64x8x8, MaxPool2-Flatten (1024)-Dense128-ReLU-
+      Dropout(0.5)-Dense10.
     - "cifar10" (3x32x32): 32x32x32 twice, 64x16x16 twice, 128x8x8 twice (MaxPool2 after
       each pair); then Flatten (2048)-Dense1024-ReLU-Dropout-Dense512-ReLU-Dropout-Dense10.
     - "svhn" (3x32x32): the MNIST conv part, 64x30x30, 64x28x28; then MaxPool2-Dropout-
       Flatten (12544)-Dense512-ReLU-Dropout-Dense128-ReLU-Dropout-Dense10.
     - "digits" (1x8x8): 32x8x8 twice (padding 1); then MaxPool2-Dropout(0.5)-Flatten
       (512)-Dense64-ReLU-Dropout(0.5)-Dense10. Trains in seconds on a CPU; for tests.
-    With a seed, the initial weights come from torch.manual_seed(seed) in a forked RNG
-    (the caller's random state is left alone); without, from the global RNG.
+    Every Conv2d and Linear starts from PyTorch's default distribution, U(+-1/sqrt(fan_in)),
+    drawn with the same bits on every CPU: with a seed, from a torch.Generator seeded with
+    it (the caller's random state is left alone); without, from the global RNG.
     """
     if name not in INPUT_SHAPES:
         raise ValueError(f"build_model: unknown model {name!r}; expected one of {MODELS}")
-    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
-    with rng:
-        if seed is not None:
-            torch.manual_seed(seed)
+    # The layers' own initialisation is overwritten below: it runs in a forked RNG so that
+    # it does not move the caller's.
+    with torch.random.fork_rng(devices=[]):
         if name == "mnist":
             layers = _mnist_conv(1) + [
                 nn.Linear(64 * 12 * 12, 128),
+                nn.ReLU(),
+                nn.Dropout(0.5),
+                nn.Linear(128, 10),
+            ]
+        elif name == "mnist-pool":
+            layers = [
+                nn.Conv2d(1, 32, 5),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(32, 64, 5),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(64 * 4 * 4, 128),
                 nn.ReLU(),
                 nn.Dropout(0.5),
                 nn.Linear(128, 10),
@@ -135,12 +176,29 @@ def build_model(name: str, seed: int | None = None) -> nn.Sequential:
                 nn.Dropout(0.5),
                 nn.Linear(64, 10),
             ]
-    return nn.Sequential(*layers)
+    model = nn.Sequential(*layers)
+    _init_uniform(model, torch.Generator().manual_seed(seed) if seed is not None else None)
+    return model
 
 
 def _device_of(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+def _adam_step(params, grads, exp_avgs, exp_avg_sqs, step: int, lr: float, betas=(0.9, 0.999),
+               eps: float = 1e-8) -> None:
+    """One step of Adam (torch.optim.Adam's defaults) from single-rounding tensor ops:
+    torch.optim.Adam's lerp_, addcmul_ and addcdiv_ fuse into FMAs in ATen's AVX2 build
+    only, so its bits depend on the CPU capability."""
+    beta1, beta2 = betas
+    step_size = lr / (1 - beta1**step)
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        m.mul_(beta1).add_(g * (1 - beta1))
+        v.mul_(beta2).add_((g * g) * (1 - beta2))
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        p.sub_((m / denom) * step_size)
 
 
 def train(
@@ -154,14 +212,20 @@ def train(
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> nn.Module:
-    """Train with Adam on the cross-entropy; deterministic for a given seed and device.
+    """Train with Adam on the cross-entropy; the same bits for a given seed on a given CPU,
+    whatever the caller's thread count and ATen's CPU capability.
 
     x: (N, C, H, W) float, y: (N,) int64, both may stay on the CPU (each batch moves to
     `device`, default the model's). The shuffling comes from a torch.Generator seeded
     with `seed` and the Dropout masks from torch.manual_seed(seed) inside a forked RNG,
-    so the caller's random state is untouched and two runs from the same initial weights
-    give bitwise equal weights on the CPU (on CUDA, only with deterministic algorithms
-    enabled). Shows a tqdm bar over epochs. Returns the model, on `device`, in eval mode.
+    so the caller's random state is untouched. Training runs on TRAIN_THREADS CPU threads
+    with torch.use_deterministic_algorithms(True) (both restored afterwards; on CUDA only
+    where CUBLAS_WORKSPACE_CONFIG is set, which cuBLAS needs for it), and the parts whose
+    ATen kernels differ between CPU capabilities (the softmax in the loss's gradient,
+    Adam's fused updates) use single-rounding ops instead: see `exact.cross_entropy_grad`
+    and `_adam_step`. The convolutions and matrix products are oneDNN's and MKL's, which
+    pick their kernels by the CPU itself (docs/reliability.md, Reproducibility). Shows a
+    tqdm bar over epochs. Returns the model, on `device`, in eval mode.
     """
     device = torch.device(device) if device is not None else _device_of(model)
     model.to(device)
@@ -169,21 +233,40 @@ def train(
     cuda = []
     if device.type == "cuda":
         cuda = [device.index if device.index is not None else torch.cuda.current_device()]
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        model.train()
-        bar = tqdm(range(epochs), desc="train", disable=not progress)
-        for _ in bar:
-            total = torch.zeros((), device=device)
-            for idx in torch.randperm(x.shape[0], generator=gen).split(batch_size):
-                loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.detach() * idx.numel()  # no per-batch host sync
-            bar.set_postfix(loss=f"{total.item() / max(x.shape[0], 1):.4f}")
-    opt.zero_grad(set_to_none=True)  # a trained model carries no stale gradients
+    params = [p for p in model.parameters() if p.requires_grad]
+    exp_avgs = [torch.zeros_like(p) for p in params]
+    exp_avg_sqs = [torch.zeros_like(p) for p in params]
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    step = 0
+    try:
+        torch.set_num_threads(TRAIN_THREADS)
+        if device.type == "cpu" or os.environ.get("CUBLAS_WORKSPACE_CONFIG"):
+            torch.use_deterministic_algorithms(True)
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            model.train()
+            bar = tqdm(range(epochs), desc="train", disable=not progress)
+            for _ in bar:
+                total = torch.zeros((), device=device)
+                for idx in torch.randperm(x.shape[0], generator=gen).split(batch_size):
+                    xb, yb = x[idx].to(device), y[idx].to(device)
+                    logits = model(xb)
+                    # The mean cross-entropy's gradient w.r.t. the logits.
+                    grad = cross_entropy_grad(logits.detach(), yb) / yb.shape[0]
+                    grads = torch.autograd.grad(logits, params, grad.to(logits.dtype))
+                    step += 1
+                    with torch.no_grad():
+                        _adam_step(params, grads, exp_avgs, exp_avg_sqs, step, lr)
+                        # Shown only: its bits may differ between CPUs, the weights' do not.
+                        total += F.cross_entropy(logits.detach(), yb, reduction="sum")  # no per-batch host sync
+                bar.set_postfix(loss=f"{total.item() / max(x.shape[0], 1):.4f}")
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    for p in model.parameters():
+        p.grad = None  # a trained model carries no stale gradients
     return model.eval()
 
 
@@ -333,7 +416,8 @@ def load_or_train(
 
     data: a `data.Dataset` or a tuple whose first two items are x_train (N, C, H, W) and
     y_train (N,). epochs defaults to DEFAULT_EPOCHS[name]. The cache key names the
-    model, epochs, seed, batch size, learning rate, N and a hash of the training data;
+    model, epochs, seed, batch size, learning rate, N, a hash of the training data and a
+    tag of the training code's version;
     a valid cache file (see `cached_tensors`) is loaded into build_model(name), else
     the model is built with `seed`, trained with `train` and saved atomically; a corrupt
     file is reported with a warning and rebuilt. Returns the model on `device` (default
@@ -342,7 +426,7 @@ def load_or_train(
     x, y = (data.x_train, data.y_train) if hasattr(data, "x_train") else (data[0], data[1])
     epochs = DEFAULT_EPOCHS[name] if epochs is None else epochs
     device = torch.device(device) if device is not None else torch.device("cpu")
-    key = f"{name}-e{epochs}-s{seed}-b{batch_size}-lr{lr:g}-n{x.shape[0]}-{_fingerprint(x, y)}"
+    key = f"{name}-e{epochs}-s{seed}-b{batch_size}-lr{lr:g}-n{x.shape[0]}-{_fingerprint(x, y)}-{_TRAINING}"
     path = _file_for("models", key)
     model = build_model(name, seed=seed)
     state = _load(path, key)

@@ -8,8 +8,9 @@ R stochastic passes each; report the ROC-AUC with a bootstrap 95% interval, with
 successful adversarial images as positives (the headline, as in Feinman et al.) and
 with all attacked images. Prints both tables beside the paper's numbers and writes
 results_<dataset>.json (every number, the ROC curves, the settings and timings) and
-roc_<dataset>_<attack>.png to --out. With --adaptive it also attacks the detectors with an
-attack that knows them (`eval.adaptive`: BIM with expectation over transformation).
+roc_<dataset>_<attack>.png to --out (named after the model with another --model). With
+--adaptive it also attacks the detectors with an attack that knows them (`eval.adaptive`:
+BIM with expectation over transformation).
 
 Several processes: `torchrun --nproc-per-node K -m mvm_cuda reproduce ...` shares the
 attacks and the scoring among K processes (gloo on the CPU; NCCL on CUDA, one GPU per
@@ -41,7 +42,7 @@ from .. import __version__, distributed
 from .._files import write_atomically
 from .._progress import hide_bar
 from ..detector import Detector, roc_report
-from . import adaptive, attacks, calibrated, data, models
+from . import adaptive, attacks, calibrated, data, exact, models
 from ..malloc import keep_freed_memory
 
 __all__ = ["DETECTORS", "PAPER", "DEFAULTS", "FULL", "CHUNK", "build_parser", "run", "main"]
@@ -183,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--dataset", default="mnist", choices=data.DATASETS,
                      help="mnist (5,000 bundled images), digits (8x8, fast), cifar10, svhn (need --data-root)")
+    rep.add_argument("--model", default=None, choices=models.MODELS,
+                     help="network (default: the dataset's own, e.g. mnist; mnist-pool is a second MNIST network)")
     rep.add_argument("--data-root", type=_path, default=None,
                      help="folder with the CIFAR-10 or SVHN files (default: $MVM_CUDA_DATA)")
     rep.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
@@ -403,15 +406,17 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
     # Rank 0 trains (or loads) the model and writes its cache file; the others get its
     # weights, so no two processes write one file and all score the same network.
     t = time.perf_counter()
-    epochs = args.epochs if args.epochs is not None else models.DEFAULT_EPOCHS[args.dataset]
+    model_name = _model_name(args)
+    tag = args.dataset if model_name == args.dataset else model_name  # names the output files
+    epochs = args.epochs if args.epochs is not None else models.DEFAULT_EPOCHS[model_name]
     with distributed.agree("loading the data and the model"):
         dataset = data.load_dataset(args.dataset, args.data_root, seed=args.seed)
-        model = models.load_or_train(args.dataset, dataset, epochs=epochs, seed=args.seed, device=device,
+        model = models.load_or_train(model_name, dataset, epochs=epochs, seed=args.seed, device=device,
                                      progress=progress) if lead else None
     state = distributed.broadcast({k: v.cpu() for k, v in model.state_dict().items()} if lead else None)
     with distributed.agree("loading the model's weights from rank 0"):
         if not lead:
-            model = models.build_model(args.dataset, seed=args.seed)
+            model = models.build_model(model_name, seed=args.seed)
             model.load_state_dict(state)
             model = model.to(device).eval()
         clean_accuracy = models.accuracy(model, dataset.x_test, dataset.y_test) if lead else None
@@ -437,15 +442,15 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
     attack_setting = args.dataset if args.dataset in attacks.SETTINGS else dict(settings)
     # The key names everything the crafted images depend on, the attack code included
     # (its defaults, e.g. BIM's step count, live there), so no stale set is ever reused.
-    code = hashlib.sha256(Path(attacks.__file__).read_bytes()).hexdigest()[:8]
+    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (attacks, exact))).hexdigest()[:8]
     t = time.perf_counter()
     adversarial, success, table2 = {}, {}, {}
 
     def crafted(name, xs=None, ys=None):
         """Attack `name` on images xs, labels ys (default: the attacked set x, y)."""
         xs, ys = (x, y) if xs is None else (xs, ys)
-        key = (f"adv-{args.dataset}-{name}-{json.dumps(settings, sort_keys=True)}-code{code}-model{model_hash}"
-               f"-x{_hash([xs, ys])}-s{args.seed}-chunk{CHUNK}")
+        key = (f"adv-{args.dataset}-{model_name}-{name}-{json.dumps(settings, sort_keys=True)}-code{code}"
+               f"-model{model_hash}-x{_hash([xs, ys])}-s{args.seed}-chunk{CHUNK}")
         with distributed.agree(f"reading the {name} attack from the cache"):
             found = models.load_cached(key) if lead else None
         found = distributed.broadcast(found)
@@ -577,7 +582,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
 
         timings["total"] = time.perf_counter() - t_start
 
-        paper = PAPER.get(args.dataset, {})
+        paper = PAPER.get(tag, {})  # the paper has no numbers for another network
         acc_paper = paper.get("accuracy", {})
         rows = [["clean (all test images)", _pct(clean_accuracy), "", "", "", "",
                  _pct(acc_paper["clean"]) if "clean" in acc_paper else "-"]]
@@ -585,7 +590,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
             s = table2[name]
             rows.append([name, _pct(1 - s["success_rate"]), _pct(s["success_rate"], 1), _num(s["l2"]),
                          _num(s["linf"]), _pct(s["l0_frac"], 1), _pct(acc_paper[name]) if name in acc_paper else "-"])
-        _print_table(f"Table 2 ({args.dataset}): accuracy on clean and adversarial images; attack success and "
+        _print_table(f"Table 2 ({tag}): accuracy on clean and adversarial images; attack success and "
                      f"mean distortion of the successful ones ({x.shape[0]} attacked images)",
                      ["images", "accuracy", "success", "L2", "Linf", "L0", "paper accuracy"], rows)
 
@@ -600,7 +605,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
                     ref = auc_paper.get(det_name, {}).get(name)
                     row.append(_fmt_auc(rep["auc"], rep["ci"]) + (f" ({ref:.3f})" if ref is not None else ""))
                 rows.append(row)
-            _print_table(f"Table 3 ({args.dataset}): ROC-AUC [bootstrap 95% CI] (paper), {title}, R = {R}",
+            _print_table(f"Table 3 ({tag}): ROC-AUC [bootstrap 95% CI] (paper), {title}, R = {R}",
                          ["detector"] + list(attack_names), rows)
 
         if adaptive_results is not None:
@@ -613,7 +618,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
                                  _pct(rec["success_at_fpr"], 0), _fmt_auc(rec["auc_successful"]["auc"],
                                                                           rec["auc_successful"]["ci"]),
                                  _fmt_auc(rec["auc_all"]["auc"], rec["auc_all"]["ci"])])
-            _print_table(f"Adaptive attack ({args.dataset}): {st['n_images']} images, eps {st['eps']}, step "
+            _print_table(f"Adaptive attack ({tag}): {st['n_images']} images, eps {st['eps']}, step "
                          f"{st['eps_iter']}, {st['n_iter']} steps, K = {st['K']} EOT passes; R = {R}; threshold at "
                          f"FPR {st['fpr']:.0%} on {st['n_clean']} clean images",
                          ["detector", "attack", "misclassified", "flagged", "success at FPR",
@@ -622,11 +627,13 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
         record = {
             "version": __version__,
             "args": vars(args),
-            "config": {"dataset": args.dataset, "device": str(device), "n_test": n_test, "n_attacked": int(x.shape[0]),
+            "config": {"dataset": args.dataset, "model": model_name, "device": str(device), "n_test": n_test,
+                       "n_attacked": int(x.shape[0]),
                        "R": R, "attacks": list(attack_names), "seed": args.seed, "epochs": epochs,
                        "max_batch": args.max_batch, "n_boot": args.n_boot, "n_pixel": n_pixel, "full": args.full,
                        "attack_settings": settings, "torch": torch.__version__,
-                       "threads": torch.get_num_threads()},
+                       "threads": torch.get_num_threads(), "train_threads": models.TRAIN_THREADS,
+                       "kernel_pins": {k: os.environ.get(k) for k in _KERNEL_PINS}},
             "table2": {"clean_accuracy": clean_accuracy, "n_test_total": int(dataset.x_test.shape[0]), **table2},
             "table3": results,
             "paper": paper,
@@ -637,10 +644,10 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
             record["adaptive"] = adaptive_results
         # The tables are printed and the numbers written before the plots, so a plot that
         # fails costs only itself; the record is rewritten with the plots that were written.
-        path = out / f"results_{args.dataset}.json"
+        path = out / f"results_{tag}.json"
         _write_json(path, record)
         t = time.perf_counter()
-        figures = _plot_rocs(results, attack_names, args.dataset, out)
+        figures = _plot_rocs(results, attack_names, tag, out)
         timings["plots"] = time.perf_counter() - t
         if figures:
             record["figures"] = figures
@@ -651,6 +658,17 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
         return record
 
 
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    """The network of a run: --model, else the dataset's own."""
+    return getattr(args, "model", None) or args.dataset
+
+
+# oneDNN and MKL pick their kernels by the CPU (not by ATEN_CPU_CAPABILITY), and other
+# kernels give other bits: pinned to AVX2 so that a run repeats bit for bit on any CPU
+# with AVX2. Both are read at their library's first use, so main() can still set them.
+_KERNEL_PINS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2,STRICT"}
 
 
 def _with_default_command(argv: list[str]) -> list[str]:
@@ -665,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     options) it runs `reproduce`. Every argument, and that --out can be written, is
     checked before any work: a bad one exits with status 2 and a message naming it.
     Returns the exit status."""
-    if argv is None:  # run as a program (not called from Python): see keep_freed_memory
+    program = argv is None  # run as a program, not called from Python
+    if program:  # see keep_freed_memory
         keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
@@ -673,6 +692,12 @@ def main(argv: list[str] | None = None) -> int:
         problem = _out_problem(args.out)
         if problem is not None:
             parser.error(problem)  # exit status 2, like every other bad argument
+        if models.INPUT_SHAPES[_model_name(args)] != models.INPUT_SHAPES[args.dataset]:
+            parser.error(f"argument --model: {args.model} takes {models.INPUT_SHAPES[args.model]} images, "
+                         f"{args.dataset} has {models.INPUT_SHAPES[args.dataset]}")
+        if program:  # a caller's process and its settings are its own
+            for name, value in _KERNEL_PINS.items():
+                os.environ.setdefault(name, value)  # a value the user set wins
         run(args)
     return 0
 
