@@ -45,7 +45,7 @@ class Images(torch.utils.data.Dataset):
 
 
 results = {}
-for method, kwargs in (("mvm", dict(c_rel=1.0)), ("sap", dict(frac=0.5)), ("dropout", dict(p_drop=0.5))):
+for method, kwargs in (("mvm", dict(c_rel=0.25)), ("sap", dict(frac=0.1)), ("dropout", dict(p_drop=0.5))):
     det = Detector(model, method, R=7, max_batch=40, seed=3, progress=False, **kwargs)
     results[method] = distributed.score_dataset(det, Images(), chunk_size=8)
     results[method + " votes"] = distributed.vote_dataset(det, x, chunk_size=8)
@@ -109,7 +109,8 @@ def test_single_process_scores_chunk_by_chunk_with_global_indices():
     assert distributed.vote_dataset(det, x[:0]).shape == (0, 9)
 
 
-@pytest.mark.parametrize("method,kwargs", [("mvm", dict(c_rel=1.0)), ("sap", dict(frac=0.5)),
+# Few draws: on this untrained network MVM c = N and SAP 50% keep almost every vote.
+@pytest.mark.parametrize("method,kwargs", [("mvm", dict(c_rel=0.25)), ("sap", dict(frac=0.1)),
                                            ("dropout", dict(p_drop=0.5))])
 def test_seeded_scores_do_not_depend_on_max_batch_nor_chunk_size(method, kwargs):
     model = models.build_model("digits", seed=0).eval()
