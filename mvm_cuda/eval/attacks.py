@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .._progress import hide_bar
 from . import exact
 
 __all__ = [
@@ -342,7 +343,7 @@ def craft(
     dataset: str | dict,
     generator: torch.Generator | None = None,
     batch_size: int = 128,
-    progress: bool = True,
+    progress: bool | None = None,
     target: Tensor | None = None,
     **params,
 ) -> Tensor:
@@ -390,7 +391,7 @@ def craft(
         targets = random_targets(y, num_classes, generator)
     attack = {"fgsm": fgsm, "bim-a": bim_a, "bim-b": bim_b, "jsma": jsma}[key]
     out = []
-    for s in tqdm(range(0, x.shape[0], batch_size), desc=f"{key} ({label})", disable=not progress):
+    for s in tqdm(range(0, x.shape[0], batch_size), desc=f"{key} ({label})", disable=hide_bar(progress)):
         xb, yb = x[s : s + batch_size].to(device), y[s : s + batch_size].to(device)
         if targets is not None:
             kwargs["target"] = targets[s : s + batch_size].to(device)

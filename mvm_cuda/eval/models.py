@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._files import first_os_error, write_atomically
+from .._progress import hide_bar
 from .exact import cross_entropy_grad
 
 __all__ = [
@@ -210,7 +211,7 @@ def train(
     lr: float = 1e-3,
     seed: int = 0,
     device: str | torch.device | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> nn.Module:
     """Train with Adam on the cross-entropy; the same bits for a given seed on a given CPU,
     whatever the caller's thread count and ATen's CPU capability.
@@ -247,7 +248,7 @@ def train(
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             model.train()
-            bar = tqdm(range(epochs), desc="train", disable=not progress)
+            bar = tqdm(range(epochs), desc="train", disable=hide_bar(progress))
             for _ in bar:
                 total = torch.zeros((), device=device)
                 for idx in torch.randperm(x.shape[0], generator=gen).split(batch_size):
@@ -410,7 +411,7 @@ def load_or_train(
     device: str | torch.device | None = None,
     batch_size: int = 128,
     lr: float = 1e-3,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> nn.Module:
     """The model `name` trained on data's training set, from the cache if possible.
 
