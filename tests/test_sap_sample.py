@@ -99,6 +99,20 @@ def _sap_h(n, k, seed, dtype=torch.float64):
     return h.to(dtype).expand(n, k).contiguous()
 
 
+def _assert_binomial_keep_counts(kept, h, r):
+    """Entry j of the n samples of h (all equal) is kept Binomial(n, pi_j) times; returns
+    (p, pi), each (k,)."""
+    n, k = kept.shape
+    counts = kept.sum(0)
+    p = h[0].abs() / h[0].abs().sum()
+    assert (counts[p == 0] == 0).all()
+    pi = ref.inclusion_prob(p, r).numpy()
+    c = counts.numpy()
+    tail = 2 * np.minimum(stats.binom.cdf(c, n, pi), stats.binom.sf(c - 1, n, pi))
+    assert tail.min() > 0.001 / k  # Bonferroni over entries, 0.1% overall
+    return p, pi
+
+
 @pytest.mark.parametrize("k", [3000, 9000])
 def test_sap_inclusion_frequency(device, k):
     # SAP's tables span several of the CPU kernel's bins (1,500 or 4,500 nonzero
@@ -109,13 +123,7 @@ def test_sap_inclusion_frequency(device, k):
     r = round(0.2 * k)
     torch.manual_seed(2)
     kept = (mvm_cuda.sap_sample(h.to(device), 0.2).cpu() != 0).double()
-    counts = kept.sum(0)
-    p = h[0].abs() / h[0].abs().sum()
-    assert (counts[p == 0] == 0).all()
-    pi = ref.inclusion_prob(p, r).numpy()
-    c = counts.numpy()
-    tail = 2 * np.minimum(stats.binom.cdf(c, n, pi), stats.binom.sf(c - 1, n, pi))
-    assert tail.min() > 0.001 / k  # Bonferroni over entries, 0.1% overall
+    p, pi = _assert_binomial_keep_counts(kept, h, r)
     # The power to see 2% too much mass in one bin's third of the entries.
     se = kept[:, : k // 3].sum(1).std().item() / math.sqrt(n)
     assert abs(ref.inclusion_prob(p[: k // 3] * 1.02, r).sum() - pi[: k // 3].sum()) / se > 2 * stats.norm.isf(0.001)
@@ -241,12 +249,6 @@ def test_keyed_sap_inclusion_frequency(device):
     h = _sap_h(n, k, seed=11)
     r = round(0.2 * k)
     kept = (mvm_cuda.sap_sample(h.to(device), 0.2, keys=torch.arange(n, device=device)).cpu() != 0).double()
-    counts = kept.sum(0)
-    p = h[0].abs() / h[0].abs().sum()
-    assert (counts[p == 0] == 0).all()
-    pi = ref.inclusion_prob(p, r).numpy()
-    c = counts.numpy()
-    tail = 2 * np.minimum(stats.binom.cdf(c, n, pi), stats.binom.sf(c - 1, n, pi))
-    assert tail.min() > 0.001 / k
+    _assert_binomial_keep_counts(kept, h, r)
     ref_kept = (ref.sap_sample(h[:200], 0.2, keys=torch.arange(200)) != 0).sum(1).double()
     assert stats.ttest_ind(kept[:200].sum(1).numpy(), ref_kept.numpy()).pvalue > 0.001
