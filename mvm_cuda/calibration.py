@@ -39,8 +39,8 @@ __all__ = ["DEFAULT_GRIDS", "DetectorSearch"]
 # method; each grid is a product of these lists.
 DEFAULT_GRIDS = {
     "mvm": {"c_ref": ["unit"], "c_rel": [0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0]},
-    "sap": {"frac": [0.05, 0.1, 0.2, 0.35, 0.5, 0.8, 1.0]},
-    "dropout": {"p_drop": [0.05, 0.1, 0.2, 0.3, 0.5, 0.7]},
+    "sap": {"frac": [0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.8, 1.0]},
+    "dropout": {"p_drop": [0.1, 0.2, 0.3, 0.5, 0.7, 0.85, 0.9, 0.95]},
 }
 
 

@@ -3,8 +3,9 @@
 
 The validation images are the test images after the evaluated ones (the first --n-test),
 so the model never trained on them and the evaluation never scores them; the search
-crafts the run's attacks on them and picks, per method, the setting with the best mean
-ROC-AUC (`mvm_cuda.calibration`).
+crafts the run's attacks on them and picks, per method, the setting of its default grid
+(`mvm_cuda.calibration.DEFAULT_GRIDS`; for MVM, c relative to each unit's rows) with the
+best mean ROC-AUC.
 """
 from __future__ import annotations
 
@@ -12,18 +13,11 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from ..calibration import DetectorSearch
+from ..calibration import DEFAULT_GRIDS, DetectorSearch
 from ..detector import Detector
 
-__all__ = ["GRIDS", "N_VAL", "calibrated_detectors"]
+__all__ = ["N_VAL", "calibrated_detectors"]
 
-# Per method, the candidates of the search: MVM's c relative to each unit's rows (the
-# paper's input-relative c is a fixed row already), SAP's fraction, dropout's rate.
-GRIDS = {
-    "mvm": {"c_ref": ["unit"], "c_rel": [0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0]},
-    "sap": {"frac": [0.05, 0.1, 0.2, 0.35, 0.5, 0.8, 1.0]},
-    "dropout": {"p_drop": [0.1, 0.2, 0.3, 0.5, 0.7, 0.85]},
-}
 N_VAL = 200  # validation images (before keeping the correctly classified ones)
 
 
@@ -47,7 +41,7 @@ def calibrated_detectors(
     from the cache) attack `name` on validation images."""
     attacks = {name: (lambda m, x, y, name=name: craft(name, x, y)) for name in attack_names}
     out = []
-    for method, grid in GRIDS.items():
+    for method, grid in DEFAULT_GRIDS.items():
         search = DetectorSearch(model, method, grid, attacks=attacks, fpr=fpr, seed=seed, R=R,
                                 max_batch=max_batch, progress=progress).fit(x_val, y_val)
         det = search.best_detector_
