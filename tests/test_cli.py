@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mvm_cuda.eval import reproduce
+from mvm_cuda.eval import report, reproduce
 
 TINY = ["--dataset", "digits", "--n-test", "20", "--R", "10", "--epochs", "2", "--n-boot", "100", "--no-progress"]
 
@@ -79,6 +79,14 @@ def test_calibrate_adds_a_searched_row_per_method(tmp_path, cache, capsys):
         assert row["config"]["threshold"] is not None and 0 <= row["fgsm"]["all"]["auc"] <= 1
     mvm = searched[next(n for n in searched if n.startswith("MVM"))]
     assert mvm["config"]["c_ref"] == "unit" and mvm["config"]["c_rel"] == mvm["calibration"]["best_params"]["c_rel"]
+
+    # The README's and docs' tables come from the file.
+    capsys.readouterr()
+    assert report.main([str(out / "results_digits.json")]) == 0
+    printed = capsys.readouterr().out
+    name = next(iter(searched))
+    assert f"| {name} | {searched[name]['fgsm']['successful']['auc']:.3f} |" in printed
+    assert "| MVM c=0.5N | " in printed and "searched on test images 20..219" in printed
 
 
 def test_reproduce_is_the_default_command():
