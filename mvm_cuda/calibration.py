@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._progress import hide_bar
-from .detector import Detector, histogram_entropy, roc_report, threshold_for_fpr
+from .detector import Detector, from_numpy, histogram_entropy, roc_report, threshold_for_fpr
 
 __all__ = ["DEFAULT_GRIDS", "DetectorSearch"]
 
@@ -46,7 +46,7 @@ DEFAULT_GRIDS = {
 
 def _as_tensor(value, name: str, dtype_kind: str) -> Tensor:
     if isinstance(value, np.ndarray):
-        value = torch.from_numpy(np.ascontiguousarray(value))
+        value = from_numpy(value)
     if not isinstance(value, Tensor):
         raise TypeError(f"DetectorSearch.fit: {name} must be a tensor or numpy array, got {type(value).__name__}")
     if dtype_kind == "f" and not value.is_floating_point() or dtype_kind == "i" and (

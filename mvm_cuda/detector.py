@@ -282,6 +282,14 @@ def _check_saved(path, cfg: dict) -> None:
                          f"got c={cfg['c']!r}, c_rel={cfg['c_rel']!r}")
 
 
+def from_numpy(x: np.ndarray) -> Tensor:
+    """x as a tensor, sharing its memory where torch can read it (native byte order,
+    non-negative strides, writable), else from a contiguous copy."""
+    if not x.dtype.isnative or any(st < 0 for st in x.strides) or not x.flags.writeable:
+        x = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
+    return torch.from_numpy(x)
+
+
 def _draw_count(value) -> int | None:
     f = _real(value)
     if f is None or not math.isfinite(f) or f != int(f) or not 1 <= f <= _INT64_MAX:
@@ -448,7 +456,7 @@ class Detector:
             if x.dtype.kind != "f":
                 hint = " (for 0..255 images pass x.astype(np.float32) / 255)" if x.dtype == np.uint8 else ""
                 raise ValueError(f"{where}, got a numpy array of dtype {x.dtype}{hint}")
-            x = torch.from_numpy(np.ascontiguousarray(x) if x.dtype.byteorder not in "=|" else x)
+            x = from_numpy(x)
         if not isinstance(x, Tensor):
             raise TypeError(f"{where}, got {type(x).__name__}")
         if x.dim() != 4:

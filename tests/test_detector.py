@@ -125,6 +125,9 @@ def test_numpy_images(digits):
     det = Detector(model, "sap", R=8, seed=1, progress=False)
     assert torch.equal(det.scores(adv[:20].numpy()), det.scores(adv[:20]))
     assert torch.equal(det.scores(adv[:20].double().numpy()), det.scores(adv[:20].double()))
+    odd = adv[:20].numpy().astype(">f4")[::-1]  # negative strides, big-endian, read-only
+    odd.flags.writeable = False
+    assert torch.equal(det.scores(odd, index=np.arange(19, -1, -1)), det.scores(adv[:20]).flip(0))
     det.fit_threshold(x[:40].numpy(), fpr=0.25)
     assert torch.equal(det.predict(adv[:20].numpy()), det.predict(adv[:20]))
     with pytest.raises(ValueError, match=r"Detector\.scores: x must be .* numpy array of dtype uint8 .*astype"):
