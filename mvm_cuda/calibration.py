@@ -137,9 +137,13 @@ class DetectorSearch:
                              f"fpr={self.fpr}, got shape {tuple(x.shape)}")
         self.criterion_ = "auc" if self.attacks else "agreement"
         probe = self._detector(dict(next(iter(self._candidates()))))
-        with torch.inference_mode():
-            clean_pred = torch.cat([probe.net(x[s:s + 256].to(probe.device, probe.dtype)).argmax(1).cpu()
-                                    for s in range(0, x.shape[0], 256)])
+
+        @torch.inference_mode()
+        def predict(images: Tensor) -> Tensor:  # the plain network's classes (units off), on the CPU
+            return torch.cat([probe.net(images[s:s + 256].to(probe.device, probe.dtype)).argmax(1).cpu()
+                              for s in range(0, images.shape[0], 256)])
+
+        clean_pred = predict(x)
         adversarial = {}
         if self.attacks:
             if y_val is None:
@@ -153,9 +157,7 @@ class DetectorSearch:
             xr, yr = x[right.to(x.device)], y[right]
             for name, attack in self.attacks.items():
                 adv = attack(self.model, xr, yr).detach()
-                with torch.inference_mode():
-                    pred = torch.cat([probe.net(adv[s:s + 256].to(probe.device, probe.dtype)).argmax(1).cpu()
-                                      for s in range(0, adv.shape[0], 256)])
+                pred = predict(adv)
                 if bool((pred != yr).any()):
                     adversarial[name] = adv[(pred != yr).to(adv.device)]
             if not adversarial:
