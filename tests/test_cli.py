@@ -88,6 +88,18 @@ def test_calibrate_adds_a_searched_row_per_method(tmp_path, cache, capsys):
     assert f"| {name} | {searched[name]['fgsm']['successful']['auc']:.3f} |" in printed
     assert "| MVM c=0.5N | " in printed and "searched on test images 20..219" in printed
 
+    # --per-unit adds MVM searched unit by unit after the grid: it tries every candidate
+    # of the grid search and more, on the same noise, so it scores at least as well.
+    again = tmp_path / "per-unit"
+    assert reproduce.main([*argv[:-1], str(again), "--per-unit"]) == 0
+    rows = json.loads((again / "results_digits.json").read_text())["table3"]
+    unit = [row for name, row in rows.items() if name.endswith("(calibrated per unit)")]
+    assert len(unit) == 1 and unit[0]["calibration"]["per_unit"]
+    assert unit[0]["calibration"]["best_val_auc"] >= mvm["calibration"]["best_val_auc"]
+    assert rows[next(iter(searched))]["calibration"] == mvm["calibration"]  # the grid row is unchanged
+    tried = [c["params"]["c_rel"] for c in unit[0]["calibration"]["candidates"]]
+    assert any(isinstance(c, list) and len(set(c)) > 1 for c in tried)  # some units differ
+
 
 def test_reproduce_is_the_default_command():
     assert reproduce._with_default_command([]) == ["reproduce"]
@@ -159,6 +171,7 @@ BAD_ARGUMENTS = {
     "model-other-shape": (["--dataset", "digits", "--model", "mnist-pool"],
                           r"argument --model: mnist-pool takes \(1, 28, 28\) images, digits has \(1, 8, 8\)"),
     "model-unknown": (["--model", "resnet"], r"argument --model: invalid choice: 'resnet'"),
+    "per-unit-alone": (["--per-unit"], r"argument --per-unit: only with --calibrate"),
 }
 
 

@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"also choose each method's setting with DetectorSearch on {calibrated.N_VAL} validation "
                           "images (the test images after --n-test) and score the calibrated detectors beside the "
                           "fixed ones")
+    rep.add_argument("--per-unit", action="store_true",
+                     help="with --calibrate: also search MVM's c_rel unit by unit (DetectorSearch(per_unit=True))")
     rep.add_argument("--adaptive", action="store_true",
                      help="also run the adaptive attack (EOT-BIM, eval.adaptive) against MVM c=0.5N, SAP 50%% "
                           "and dropout 0.5, next to BIM-A on the same images, at FPR 5%%")
@@ -504,7 +506,8 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
             raise SystemExit(f"mvm-cuda: --calibrate needs at least 20 correctly classified test images after the "
                              f"first --n-test {n_test}; the test split has {dataset.x_test.shape[0]}")
         found = calibrated.calibrated_detectors(model, xv, yv, crafted, attack_names, R=R, seed=args.seed,
-                                                max_batch=args.max_batch, progress=progress)
+                                                max_batch=args.max_batch, per_unit=args.per_unit,
+                                                progress=progress)
         val_range = [n_test, min(n_test + calibrated.N_VAL, dataset.x_test.shape[0])]
         rows += [(row, det, {**search, "val_test_images": val_range}) for row, det, search in found]
         timings["calibration"] = time.perf_counter() - t
@@ -692,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
         problem = _out_problem(args.out)
         if problem is not None:
             parser.error(problem)  # exit status 2, like every other bad argument
+        if args.per_unit and not args.calibrate:
+            parser.error("argument --per-unit: only with --calibrate")
         if models.INPUT_SHAPES[_model_name(args)] != models.INPUT_SHAPES[args.dataset]:
             parser.error(f"argument --model: {args.model} takes {models.INPUT_SHAPES[args.model]} images, "
                          f"{args.dataset} has {models.INPUT_SHAPES[args.dataset]}")
