@@ -433,7 +433,6 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
         raise SystemExit(f"mvm-cuda: the model classifies none of the first {n_test} test images correctly; "
                          "nothing to attack")
     n_pixel = x.shape[2] * x.shape[3]
-    chunks = distributed.chunk_ranges(x.shape[0], CHUNK)
     if lead:
         print(f"{args.dataset}: clean test accuracy {clean_accuracy:.4f} on {dataset.x_test.shape[0]} images; "
               f"attacking the {x.shape[0]} of the first {min(n_test, dataset.x_test.shape[0])} classified "
@@ -659,8 +658,6 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
               f"(model {timings['model']:.0f}, attacks {timings['attacks']:.0f}, detectors {timings['detectors']:.0f}"
               + "".join(f", {k} {timings[k]:.0f}" for k in ("calibration", "adaptive") if k in timings) + ")")
         return record
-
-
 
 
 def _model_name(args: argparse.Namespace) -> str:
