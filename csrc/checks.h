@@ -11,11 +11,13 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <vector>
 
 namespace mvm {
 
@@ -62,6 +64,13 @@ inline void check_same_device(const char* op, const char* name_a, const at::Tens
                               const char* name_b, const at::Tensor& b) {
   TORCH_CHECK(a.device() == b.device(), "mvm::", op, ": ", name_a, " and ", name_b,
               " must be on the same device, got ", a.device(), " and ", b.device());
+}
+
+// copies >= 1 stacked copies of a batch of N samples, copies * N in int64.
+inline void check_copies(const char* op, int64_t copies, int64_t N) {
+  TORCH_CHECK(copies >= 1, "mvm::", op, ": copies must be >= 1, got ", copies);
+  TORCH_CHECK(N == 0 || copies <= std::numeric_limits<int64_t>::max() / N, "mvm::", op, ": copies * N = ", copies,
+              " * ", N, " overflows int64");
 }
 
 inline void check_draws(const char* op, int64_t c) {
@@ -164,6 +173,7 @@ struct RowLayout {
 
 struct SampleShape {
   int64_t N, H, W, C, M, P;
+  int64_t copies;  // the output holds copies * N samples, sample n reading x[n % N]
   RowLayout layout(const at::Tensor& t) const {
     if (t.dim() == 3) return {1, W, C, t.stride(0), 0, t.stride(1), t.stride(2)};
     return {H, W, C, t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
@@ -175,7 +185,7 @@ struct SampleShape {
 // check_values = false and checks each row of p as it builds its CDF, which
 // costs no extra pass over p (SAP's p is as large as x).
 inline SampleShape check_sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c,
-                                     const std::optional<at::Tensor>& keys, bool has_generator,
+                                     const std::optional<at::Tensor>& keys, int64_t copies, bool has_generator,
                                      bool check_values = true) {
   constexpr const char* op = "sample_rows";
   TORCH_CHECK(x.dim() == 4 || x.dim() == 3, "mvm::", op,
@@ -198,7 +208,9 @@ inline SampleShape check_sample_rows(const at::Tensor& x, const at::Tensor& p, i
   s.P = p.size(0);
   TORCH_CHECK(s.N % s.P == 0, "mvm::", op, ": x's batch N = ", s.N,
               " must be a multiple of p's rows P = ", s.P, " (sample n uses p[n % P])");
-  check_keys(op, keys, has_generator, "x", x, s.N);
+  check_copies(op, copies, s.N);
+  s.copies = copies;
+  check_keys(op, keys, has_generator, copies == 1 ? "x" : "the output", x, copies * s.N);
   if (check_values && should_check_values(p)) check_probabilities(op, "p", p);
   return s;
 }
@@ -253,12 +265,13 @@ inline void check_sap_values(bool finite, double sum_abs, int64_t sample) {
 // float64 are value checks: the CPU kernel finds them as it packs h, the CUDA
 // kernel checks here when value checks are on.
 inline at::Tensor check_sap_sample(const at::Tensor& h, int64_t r, const std::optional<at::Tensor>& keys,
-                                   bool has_generator) {
+                                   int64_t copies, bool has_generator) {
   constexpr const char* op = "sap_sample";
   TORCH_CHECK(h.dim() >= 1, "mvm::", op, ": h must have a batch dimension (N, ...), got a 0-d tensor");
   check_float_dtype(op, "h", h, /*allow_half=*/true);
   TORCH_CHECK(r >= 1, "mvm::", op, ": r (the number of draws) must be >= 1, got ", r);
-  check_keys(op, keys, has_generator, "h", h, h.size(0));
+  check_copies(op, copies, h.size(0));
+  check_keys(op, keys, has_generator, copies == 1 ? "h" : "the output", h, copies * h.size(0));
   if (!h.device().is_cpu() && should_check_values(h) && h.numel() > 0) {
     const auto flat = h.reshape({h.size(0), -1});
     const auto finite = at::isfinite(flat).all(1);
@@ -271,6 +284,36 @@ inline at::Tensor check_sap_sample(const at::Tensor& h, int64_t r, const std::op
   }
   const bool in_place = h.is_contiguous() || h.is_contiguous(at::MemoryFormat::ChannelsLast);
   return in_place ? h : h.contiguous();
+}
+
+// keyed_dropout's checks; returns the tensor the kernels read: x itself when
+// contiguous or channels_last, else a contiguous copy (documented).
+inline at::Tensor check_keyed_dropout(const at::Tensor& x, const at::Tensor& keys, double p_drop, int64_t copies) {
+  constexpr const char* op = "keyed_dropout";
+  TORCH_CHECK(x.dim() >= 1, "mvm::", op, ": x must have a batch dimension (N, ...), got a 0-d tensor");
+  check_float_dtype(op, "x", x, /*allow_half=*/true);
+  TORCH_CHECK(p_drop >= 0.0 && p_drop < 1.0, "mvm::", op, ": p_drop must lie in [0, 1), got ", p_drop);
+  check_copies(op, copies, x.size(0));
+  check_keys(op, keys, false, copies == 1 ? "x" : "the output", x, copies * x.size(0));
+  const bool in_place = x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return in_place ? x : x.contiguous();
+}
+
+// An uninitialised tensor shaped like t but with copies * t.size(0) samples,
+// its dimensions in the memory order of empty_like(t), so that each sample of
+// the output has the strides a sample of empty_like(t) has.
+inline at::Tensor empty_copies(const at::Tensor& t, int64_t copies) {
+  const at::Tensor like = at::empty_like(t);
+  if (copies == 1) return like;
+  std::vector<int64_t> order(t.dim());
+  for (int64_t d = 0; d < t.dim(); ++d) order[d] = d;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return like.stride(a) > like.stride(b); });
+  std::vector<int64_t> sizes, inverse(t.dim());
+  for (int64_t k = 0; k < t.dim(); ++k) {
+    sizes.push_back(order[k] == 0 ? copies * t.size(0) : t.size(order[k]));
+    inverse[order[k]] = k;
+  }
+  return at::empty(sizes, t.options()).permute(inverse);
 }
 
 // Returns true for method "kkt", false for "pgd".

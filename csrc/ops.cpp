@@ -40,11 +40,17 @@ TORCH_LIBRARY(mvm, m) {
   m.def("solve_mvm(Tensor alpha, int c, str method=\"kkt\", int max_iter=1000, float tol=1e-6) -> Tensor");
   // keys (N,) int64: sample n draws from keys[n] alone (then no generator).
   // keys may be passed by position: torch.library.register_autograd (ops.py's
-  // inference-only registration) refuses keyword-only tensors.
-  m.def("sample_rows(Tensor x, Tensor p, int c, Tensor? keys=None, *, Generator? generator=None) -> Tensor");
+  // inference-only registration) refuses keyword-only tensors. relu: the
+  // input is a pre-activation, max(x, 0) is sampled (a unit that replaces
+  // its ReLU). copies: the output stacks that many copies of the batch,
+  // sample n from x[n % N] (R passes over one read of the batch).
+  m.def("sample_rows(Tensor x, Tensor p, int c, Tensor? keys=None, *, bool relu=False, int copies=1, "
+        "Generator? generator=None) -> Tensor");
   // SAP fused: what sample_rows(h.reshape(N, K, 1), abs(h) / sum abs(h), r) draws, without p.
-  m.def("sap_sample(Tensor h, int r, Tensor? keys=None, *, bool scale_only=False, Generator? generator=None) -> "
-        "Tensor");
+  m.def("sap_sample(Tensor h, int r, Tensor? keys=None, *, bool scale_only=False, bool relu=False, int copies=1, "
+        "Generator? generator=None) -> Tensor");
+  // Test-time dropout, fused: relu?(x) * (keyed_uniform(keys, K) >= p_drop) / (1 - p_drop).
+  m.def("keyed_dropout(Tensor x, Tensor keys, float p_drop, *, bool relu=False, int copies=1) -> Tensor");
   // (N, K) uniforms in [0, 1), row n a function of keys[n] alone, prefix-stable in K.
   m.def("keyed_uniform(Tensor keys, int K, *, ScalarType? dtype=None) -> Tensor");
   // Not a tensor op: switches the device-syncing value checks of non-CPU

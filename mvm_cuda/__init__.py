@@ -15,6 +15,7 @@ except ImportError as e:  # pragma: no cover - only on a broken install
     ) from e
 
 from .ops import (  # noqa: E402
+    keyed_dropout,
     keyed_uniform,
     project_simplex,
     mvm_step,
@@ -34,6 +35,7 @@ __all__ = [
     "sap_sample",
     "sap_scale",
     "keyed_uniform",
+    "keyed_dropout",
     "row_alpha",
     "set_value_checks",
 ]

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import ops
 from ._files import write_atomically
 from ._progress import hide_bar
-from .nn import DropoutUnit, MVMUnit, SAPUnit, insert_units, sampling_units, set_mode
+from .nn import DropoutUnit, MVMUnit, SAPUnit, first_unit_dominates, insert_units, sampling_units, set_mode
 
 __all__ = ["METHODS", "SOLVERS", "Detector", "RocReport", "histogram_entropy", "threshold_for_fpr", "roc_report"]
 
@@ -425,6 +425,9 @@ class Detector:
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.units = sampling_units(self.net)
+        # Where the first unit sees the input alone, the layers before it run once per
+        # image and the unit stacks the R copies itself.
+        self.stack_at_first_unit = first_unit_dominates(self.net)
         param = _first_param(self.net)
         self.device = param.device if param is not None else torch.device("cpu")
         self.dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -540,7 +543,12 @@ class Detector:
                 unit.keys = sample_keys(base, index, u, range(start, start + r)).to(self.device)
             # Copy-major stacking: sample n is image n % P, which is the row of p
             # that sample_rows uses for it, so the recorded p is never repeated.
-            votes.append(self.net(xb.repeat(r, 1, 1, 1)).argmax(1).view(r, p))
+            if self.stack_at_first_unit:
+                self.units[0].copies = r
+                logits = self.net(xb)
+            else:
+                logits = self.net(xb.repeat(r, 1, 1, 1))
+            votes.append(logits.argmax(1).view(r, p))
         return torch.cat(votes)
 
     def _votes(self, x, index, fn: str) -> Tensor:
@@ -567,6 +575,7 @@ class Detector:
                 set_mode(self.net, "off")
                 for unit in self.units:  # drop the keys and the recorded alpha and p of the last batch
                     unit.keys = None
+                    unit.copies = 1
                     if isinstance(unit, MVMUnit):
                         unit.alpha = unit.p = None
             return torch.cat(out)

@@ -8,6 +8,12 @@ Every unit has a `mode`, which the detector switches for all units at once:
 - "sample": the stochastic passes (s2). The input is R copies of the recorded batch of
   P images stacked copy-major (`x.repeat(R, 1, 1, 1)`), so sample n belongs to image
   n % P, which is exactly how `sample_rows` pairs samples with rows of p.
+A unit that `insert_units` puts in place of a ReLU (`unit.relu = True`) takes the
+ReLU's input and applies the ReLU itself, fused with its sampling (one pass over the
+activation); it is the identity on relu(h) instead of h. In "sample" mode a unit with
+`copies = k > 1` takes a batch of P images and returns k * P samples stacked copy-major,
+as if its input had been `h.repeat(k, 1, 1, 1)` (the detector sets it on the first unit,
+so that the layers before it run once per image, not once per pass).
 Only inserted units are random: the model's own Dropout layers are left in eval mode
 by the detector. Units have no parameters or buffers, so a model with units has the
 state_dict of the model without them.
@@ -46,6 +52,7 @@ __all__ = [
     "SAPUnit",
     "DropoutUnit",
     "insert_units",
+    "first_unit_dominates",
     "sampling_units",
     "set_mode",
     "set_differentiable",
@@ -71,6 +78,8 @@ class SamplingUnit(nn.Module):
         super().__init__()
         self.mode = "off"
         self.differentiable = False
+        self.relu = False
+        self.copies = 1
         self.generator = generator
         self.keys: Tensor | None = None
         self.backend = backend if backend is not None else ops
@@ -101,10 +110,26 @@ class SamplingUnit(nn.Module):
             raise ValueError(f"{type(self).__name__}: mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
 
+    @property
+    def fused(self) -> dict:
+        """The ops' relu and copies arguments (see the module docstring)."""
+        # getattr: a unit pickled before these existed has neither.
+        return {"relu": getattr(self, "relu", False), "copies": getattr(self, "copies", 1)}
+
+    def activation(self, h: Tensor) -> Tensor:
+        """What the unit samples, in torch ops (autograd flows): relu(h) for a unit in
+        place of a ReLU, h otherwise; stacked `copies` times in "sample" mode."""
+        fused = self.fused
+        h = h.relu() if fused["relu"] else h
+        if self.mode == "sample" and fused["copies"] != 1:
+            h = h.repeat(fused["copies"], 1, 1, 1)
+        return h
+
     def forward(self, h: Tensor) -> Tensor:
         if self.mode == "sample":
             # getattr: a unit pickled before the flag existed has no such attribute.
             return self.sample_differentiable(h) if getattr(self, "differentiable", False) else self.sample(h)
+        h = self.activation(h)
         if self.mode == "record":
             self.record(h)
         return h
@@ -116,10 +141,11 @@ class SamplingUnit(nn.Module):
         raise NotImplementedError
 
     def sample_differentiable(self, h: Tensor) -> Tensor:
-        """`sample(h)` with a gradient: h (N, C, H, W) times `sample_scale(h)`, the random
-        scale drawn exactly as `sample` draws it (same generator use, same values), held
-        fixed. Returns (N, C, H, W); the gradient w.r.t. h is that scale, so exactly zero
-        on the entries that were not drawn."""
+        """`sample(h)` with a gradient: a = `activation(h)` (N, C, H, W) times
+        `sample_scale(a)`, the random scale drawn exactly as `sample` draws it (same
+        generator use, same values), held fixed. Returns (N, C, H, W); the gradient
+        w.r.t. a is that scale, so exactly zero on the entries that were not drawn."""
+        h = self.activation(h)
         scale = self.sample_scale(h)
         # A select, like the op: an undrawn entry is 0 even where h is inf or NaN. The
         # product is taken in the scale's dtype (float32 for half h) and rounded once.
@@ -223,7 +249,7 @@ class MVMUnit(SamplingUnit):
         # sample_rows writes its output with the strides of its input, so permuting the
         # result back gives h's own layout, again without a copy.
         out = self.backend.sample_rows(h.permute(0, 2, 3, 1), self.p, self.draws(self.p.shape[1]),
-                                       **self._random())
+                                       **self.fused, **self._random())
         return out.permute(0, 3, 1, 2)
 
     def sample_scale(self, h: Tensor) -> Tensor:
@@ -277,7 +303,7 @@ class SAPUnit(SamplingUnit):
     def sample(self, h: Tensor) -> Tensor:
         _check_nchw("SAPUnit", h)
         order = _dense_order(h) or (0, 1, 2, 3)  # a strided h is copied by the reshape
-        out = self.backend.sap_sample(h.permute(order), self.frac, **self._random())
+        out = self.backend.sap_sample(h.permute(order), self.frac, **self.fused, **self._random())
         return out.permute(tuple(order.index(d) for d in range(4)))
 
     def sample_scale(self, h: Tensor) -> Tensor:
@@ -324,12 +350,17 @@ class DropoutUnit(SamplingUnit):
         return keep if keep.dtype == h.dtype else keep.to(h.dtype)
 
     def sample(self, h: Tensor) -> Tensor:
+        keys = getattr(self, "keys", None)
+        if keys is not None:  # one fused pass: the ReLU, the keyed mask and the scale
+            return self.backend.keyed_dropout(h, keys, self.p_drop, **self.fused)
+        h = self.activation(h)
         keep = self._keep(h)
         return keep.mul_(h).div_(1.0 - self.p_drop)  # in place: one activation-sized buffer
 
     def sample_differentiable(self, h: Tensor) -> Tensor:
         # The same operations as `sample`, out of place, so that the values stay equal
         # bit for bit (h / q and h * (1/q) can differ in the last bit).
+        h = self.activation(h)
         keep = self._keep(h)
         return (keep * h) / (1.0 - self.p_drop)
 
@@ -392,7 +423,10 @@ def insert_units(model: nn.Module, make_unit: Callable[[], nn.Module]) -> torch.
     and a ReLU module called several times gets a unit per call), F.relu, torch.relu and
     Tensor.relu. "The conv part" is everything before the first flatten in execution
     order: an nn.Flatten module, torch.flatten, or a Tensor.flatten / .view / .reshape
-    call. Returns a torch.fx.GraphModule whose state_dict equals the model's (units have
+    call. A `SamplingUnit` takes the ReLU's place and applies the ReLU itself, fused with
+    its sampling (`unit.relu = True`), where nothing else reads the ReLU's input; any
+    other module from make_unit (and a unit where something else does) goes right after
+    the ReLU. Returns a torch.fx.GraphModule whose state_dict equals the model's (units have
     no state); its units are `sampling_units(result)`, in execution order. Raises
     TypeError if the model cannot be traced symbolically (e.g. control flow that depends
     on tensor values), and ValueError if it has no flatten or no ReLU before it.
@@ -426,11 +460,43 @@ def insert_units(model: nn.Module, make_unit: Callable[[], nn.Module]) -> torch.
         )
     for k, node in enumerate(relus):
         name = f"sampling_unit_{k}"
-        graph_module.add_submodule(name, make_unit())
+        unit = make_unit()
+        graph_module.add_submodule(name, unit)
+        pre = node.args[0] if node.args else None
+        # A sampling unit takes the ReLU's place (and applies it, fused) when nothing
+        # else reads the ReLU's input, which an in-place ReLU would have changed.
+        if isinstance(unit, SamplingUnit) and isinstance(pre, torch.fx.Node) and len(pre.users) == 1:
+            unit.relu = True
+            with graph.inserting_after(node):
+                unit_node = graph.call_module(name, (pre,))
+            node.replace_all_uses_with(unit_node)
+            graph.erase_node(node)
+            continue
         with graph.inserting_after(node):
             unit_node = graph.call_module(name, (node,))
         node.replace_all_uses_with(unit_node, delete_user_cb=lambda user: user is not unit_node)
     graph.lint()
     graph_module.recompile()
     return graph_module
+
+
+def first_unit_dominates(model: torch.fx.GraphModule) -> bool:
+    """Whether every path from the model's inputs to its output passes through its first
+    sampling unit (in graph order), so that the layers before it see only the input and
+    the unit may stack the batch's copies itself (`copies`): False for a model whose
+    later layers also read the input, or anything computed from it, around that unit."""
+    units = [n for n in model.graph.nodes
+             if n.op == "call_module" and isinstance(model.get_submodule(n.target), SamplingUnit)]
+    if not units:
+        return False
+    seen, stack = set(), [n for n in model.graph.nodes if n.op == "placeholder"]
+    while stack:
+        node = stack.pop()
+        if node is units[0] or node in seen:
+            continue
+        if node.op == "output":
+            return False
+        seen.add(node)
+        stack.extend(node.users)
+    return True
 

@@ -116,7 +116,8 @@ def _(alpha, c, method="kkt", max_iter=1000, tol=1e-6):
 
 
 def sample_rows(x: torch.Tensor, p: torch.Tensor, c: int, *,
-                generator: torch.Generator | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, keys: torch.Tensor | None = None,
+                relu: bool = False, copies: int = 1) -> torch.Tensor:
     """The paper's Alg. 1, fused. x is (N, H, W, C) or (N, M, C) in any float
     dtype, with any strides (the NHWC view of an NCHW tensor is read in place);
     p is (P, M), float32/float64, with N % P == 0. Sample n draws c rows with
@@ -126,18 +127,38 @@ def sample_rows(x: torch.Tensor, p: torch.Tensor, c: int, *,
     keys, an (N,) int64 tensor on x's device (any strides), keys each sample's
     draws: sample n's rows are then a function of (keys[n], p[n % P], c, M)
     alone, whatever the batch, and the generator is neither read nor advanced
-    (passing both is an error)."""
-    return _lib.sample_rows(x, p, _int_arg("sample_rows", "c", c), generator=generator, keys=keys)
+    (passing both is an error). relu=True samples max(x, 0) (x is a
+    pre-activation: one pass for the ReLU and the sampling). copies >= 1: the
+    output holds copies * N samples, sample n drawn from x[n % N] and p[n % P]
+    (keys then has copies * N entries): R passes over one read of a batch."""
+    return _lib.sample_rows(x, p, _int_arg("sample_rows", "c", c), generator=generator, keys=keys,
+                            relu=relu, copies=_int_arg("sample_rows", "copies", copies))
 
 
-def _check_keys(op: str, keys, name: str, t: torch.Tensor, generator) -> None:
+def _empty_copies(t: torch.Tensor, copies: int) -> torch.Tensor:
+    """csrc/checks.h's empty_copies: like empty_like(t) with copies * N samples, in
+    empty_like(t)'s memory order."""
+    like = torch.empty_like(t)
+    if copies == 1:
+        return like
+    order = sorted(range(t.dim()), key=lambda d: -like.stride(d))
+    sizes = [copies * t.shape[0] if d == 0 else t.shape[d] for d in order]
+    return t.new_empty(sizes).permute([order.index(d) for d in range(t.dim())])
+
+
+def _check_copies(op: str, copies: int, n: int) -> None:
+    torch._check(copies >= 1, lambda: f"mvm::{op}: copies must be >= 1, got {copies}")
+
+
+def _check_keys(op: str, keys, name: str, t: torch.Tensor, generator, copies: int = 1) -> None:
     # The kernels' check_keys (csrc/checks.h), for the fake kernels.
     if keys is None:
         return
     torch._check(generator is None, lambda: f"mvm::{op}: pass keys or generator, not both")
     _same_device(op, name, t, "keys", keys)
     torch._check(keys.dtype == torch.int64, lambda: f"mvm::{op}: keys must be int64, got {_scalar_name(keys.dtype)}")
-    n = t.shape[0]
+    n = copies * t.shape[0]
+    name = name if copies == 1 else "the output"
     torch._check(keys.dim() == 1 and keys.shape[0] == n, lambda: f"mvm::{op}: keys must have shape (N,) = ({n},), "
                  f"one key per sample of {name}, got {_shape_str(keys.shape)}")
 
@@ -156,14 +177,15 @@ def _shape_str(shape) -> str:
 
 
 @torch.library.register_fake("mvm::sample_rows")
-def _(x, p, c, keys=None, *, generator=None):
+def _(x, p, c, keys=None, *, relu=False, copies=1, generator=None):
     _same_device("sample_rows", "x", x, "p", p)
-    _check_keys("sample_rows", keys, "x", x, generator)
-    return torch.empty_like(x)
+    _check_copies("sample_rows", copies, x.shape[0])
+    _check_keys("sample_rows", keys, "x", x, generator, copies)
+    return _empty_copies(x, copies)
 
 
 def sap_sample(h: torch.Tensor, frac: float, generator: torch.Generator | None = None, *,
-               keys: torch.Tensor | None = None) -> torch.Tensor:
+               keys: torch.Tensor | None = None, relu: bool = False, copies: int = 1) -> torch.Tensor:
     """Stochastic activation pruning on h (N, ...): each sample's K entries are
     rows of width 1 with p = |h| / sum |h| (recomputed from h), drawn
     r = max(1, round(frac * K)) times; kept entries are scaled by 1/pi, the
@@ -171,8 +193,9 @@ def sap_sample(h: torch.Tensor, frac: float, generator: torch.Generator | None =
     reads a contiguous or channels_last h in place (entries in memory order)
     and copies other layouts; on other devices sample_rows on (N, K, 1).
     keys (N,) int64 on h's device: sample n's draws from keys[n] alone, the
-    generator untouched (as in sample_rows)."""
-    return _sap(h, frac, generator, keys, scale_only=False)
+    generator untouched (as in sample_rows). relu and copies as in sample_rows:
+    max(h, 0) is pruned, and the output holds copies * N samples."""
+    return _sap(h, frac, generator, keys, scale_only=False, relu=relu, copies=copies)
 
 
 def sap_scale(h: torch.Tensor, frac: float, generator: torch.Generator | None = None, *,
@@ -192,14 +215,20 @@ def sap_draws(h: torch.Tensor, frac: float) -> int:
     return max(1, round(frac * math.prod(h.shape[1:])))
 
 
-def _sap(h, frac, generator, keys, scale_only):
+def _sap(h, frac, generator, keys, scale_only, relu=False, copies=1):
     frac = _float_arg(frac)
+    copies = _int_arg("sap_sample", "copies", copies)
     if scale_only and h.dtype in (torch.float16, torch.bfloat16):
         # The same p and draws (the kernels read |h| in float32 or wider), a float32 scale.
         h = h.float()
     r = sap_draws(h, frac)
     if h.device.type in ("cpu", "cuda"):
-        return _lib.sap_sample(h, r, scale_only=scale_only, generator=generator, keys=keys)
+        return _lib.sap_sample(h, r, scale_only=scale_only, relu=relu, copies=copies, generator=generator,
+                               keys=keys)
+    if relu:
+        h = h.relu()
+    if copies != 1:
+        h = h.repeat(copies, *[1] * (h.dim() - 1))
     return _sap_by_rows(h, r, generator, scale_only, keys)
 
 
@@ -221,14 +250,39 @@ def _sap_by_rows(h, r, generator, scale_only, keys=None):
     return sample_rows(x, p, r, generator=generator, keys=keys).reshape(h.shape)
 
 
+def _dense_or_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """What the kernels that read a contiguous or channels_last tensor in place read:
+    t itself, or (any other layout) a contiguous copy."""
+    in_place = t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+    return t if in_place else t.contiguous()
+
+
 @torch.library.register_fake("mvm::sap_sample")
-def _(h, r, keys=None, *, scale_only=False, generator=None):
+def _(h, r, keys=None, *, scale_only=False, relu=False, copies=1, generator=None):
     torch._check(h.dim() >= 1, lambda: "mvm::sap_sample: h must have a batch dimension (N, ...), got a 0-d tensor")
-    _check_keys("sap_sample", keys, "h", h, generator)
-    # The kernel reads a contiguous or channels_last h in place and copies any
-    # other layout (contiguous); its output takes that tensor's strides.
-    in_place = h.is_contiguous() or (h.dim() == 4 and h.is_contiguous(memory_format=torch.channels_last))
-    return torch.empty_like(h if in_place else h.contiguous())
+    _check_copies("sap_sample", copies, h.shape[0])
+    _check_keys("sap_sample", keys, "h", h, generator, copies)
+    return _empty_copies(_dense_or_contiguous(h), copies)
+
+
+def keyed_dropout(x: torch.Tensor, keys: torch.Tensor, p_drop: float, *, relu: bool = False,
+                  copies: int = 1) -> torch.Tensor:
+    """Test-time inverted dropout, fused: x (N, ...) float (contiguous or channels_last
+    read in place, other layouts copied), keys (copies * N,) int64 on x's device.
+    Output sample n is (keep * x[n % N]) / (1 - p_drop), with max(x, 0) for x when relu,
+    keep = keyed_uniform(keys[n:n+1], K, dtype) >= p_drop over x's K entries in their
+    logical (C-contiguous) order, dtype float64 for a float64 x and float32 otherwise:
+    the mask is a function of keys[n] alone. The output has x's layout."""
+    return _lib.keyed_dropout(x, keys, _float_arg(p_drop), relu=relu,
+                              copies=_int_arg("keyed_dropout", "copies", copies))
+
+
+@torch.library.register_fake("mvm::keyed_dropout")
+def _(x, keys, p_drop, *, relu=False, copies=1):
+    torch._check(x.dim() >= 1, lambda: "mvm::keyed_dropout: x must have a batch dimension (N, ...), got a 0-d tensor")
+    _check_copies("keyed_dropout", copies, x.shape[0])
+    _check_keys("keyed_dropout", keys, "x", x, None, copies)
+    return _empty_copies(_dense_or_contiguous(x), copies)
 
 
 def keyed_uniform(keys: torch.Tensor, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -266,5 +320,6 @@ def set_value_checks(enabled: bool) -> bool:
     return _lib.set_value_checks(enabled)
 
 
-for _name in ("project_simplex", "mvm_step", "solve_mvm", "sample_rows", "sap_sample", "keyed_uniform"):
+for _name in ("project_simplex", "mvm_step", "solve_mvm", "sample_rows", "sap_sample", "keyed_uniform",
+              "keyed_dropout"):
     _inference_only(_name)

@@ -214,14 +214,23 @@ def _key_generator(key: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(key) % 2**64)
 
 
+def _relu_copies(x: torch.Tensor, relu: bool, copies: int) -> torch.Tensor:
+    """max(x, 0) when relu, stacked copies times along the batch."""
+    x = x.relu() if relu else x
+    return x.repeat(copies, *[1] * (x.dim() - 1)) if copies != 1 else x
+
+
 def sample_rows(x: torch.Tensor, p: torch.Tensor, c: int, *,
-                generator: torch.Generator | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, keys: torch.Tensor | None = None,
+                relu: bool = False, copies: int = 1) -> torch.Tensor:
     """The paper's Alg. 1: x (N, H, W, C) or (N, M, C), p (P, M) with N % P == 0;
     sample n draws c rows with replacement from p[n % P] and keeps them scaled
     by 1/pi_i, the other rows are set to 0. With keys (N,) int64, sample n
-    draws from a generator of its own seeded by keys[n] (one sample at a time)."""
+    draws from a generator of its own seeded by keys[n] (one sample at a time).
+    relu: sample max(x, 0); copies: sample x stacked that many times."""
     if keys is not None and generator is not None:
         raise ValueError("sample_rows: pass keys or generator, not both")
+    x = _relu_copies(x, relu, copies)
     n = x.shape[0]
     rows = x.reshape(n, -1, x.shape[-1])  # a copy for non-viewable strides: fine here
     m = rows.shape[1]
@@ -303,12 +312,13 @@ def sap_inputs(h: torch.Tensor, frac: float):
 
 
 def sap_sample(h: torch.Tensor, frac: float, generator: torch.Generator | None = None, *,
-               keys: torch.Tensor | None = None) -> torch.Tensor:
+               keys: torch.Tensor | None = None, relu: bool = False, copies: int = 1) -> torch.Tensor:
     """Stochastic activation pruning (Dhillon et al. 2018) on h (N, ...): each
     sample's entries are rows of width 1, drawn r = max(1, round(frac * K))
     times with p proportional to |h|, kept entries scaled by 1/pi; with keys
-    (N,), sample n's draws from keys[n] alone (as sample_rows)."""
-    return sap_by_rows(sample_rows, h, frac, generator, scale_only=False, keys=keys)
+    (N,), sample n's draws from keys[n] alone (as sample_rows). relu and
+    copies as in sample_rows."""
+    return sap_by_rows(sample_rows, _relu_copies(h, relu, copies), frac, generator, scale_only=False, keys=keys)
 
 
 def sap_scale(h: torch.Tensor, frac: float, generator: torch.Generator | None = None, *,
@@ -375,6 +385,17 @@ def keyed_uniform(keys: torch.Tensor, K: int, dtype: torch.dtype = torch.float32
     else:
         u = ((out[..., 0::2] >> 5).double() * 2.0**26 + (out[..., 1::2] >> 6).double()) * 2.0**-53
     return u.reshape(keys.shape[0], -1)[:, :K].to(dtype)
+
+
+def keyed_dropout(x: torch.Tensor, keys: torch.Tensor, p_drop: float, *, relu: bool = False,
+                  copies: int = 1) -> torch.Tensor:
+    """Test-time inverted dropout: (keep * x) / (1 - p_drop) with keep = keyed_uniform(keys,
+    K) >= p_drop over the entries of each sample in logical order (uniforms in float64 for
+    a float64 x, else float32); relu and copies as in sample_rows."""
+    x = _relu_copies(x, relu, copies)
+    u = keyed_uniform(keys, math.prod(x.shape[1:]), torch.promote_types(x.dtype, torch.float32))
+    keep = (u >= p_drop).to(x.dtype).view(x.shape)
+    return (keep * x) / (1.0 - p_drop)
 
 
 def row_alpha(x: torch.Tensor) -> torch.Tensor:

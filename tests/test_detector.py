@@ -239,3 +239,25 @@ def test_roc_report():
     assert report.fpr[0] == 0.0 and report.tpr[-1] == 1.0
     json.dumps(report.to_dict())
     assert np.isnan(roc_report(neg, [], n_boot=10).auc)
+
+
+@pytest.mark.parametrize("method,kwargs", [("mvm", {"c_rel": 0.5}), ("sap", {"frac": 0.5}),
+                                           ("dropout", {"p_drop": 0.5})])
+def test_layers_before_the_first_unit_run_once_per_image(digits, method, kwargs):
+    """The digits CNN's first unit sees the input alone, so the detector runs its first
+    conv on the P images once and the unit stacks the R copies: the same votes as
+    running the conv on the R stacked copies (float64, whose CPU convs round alike at
+    every batch size)."""
+    model, x, _ = digits
+    model = copy.deepcopy(model).double()
+    x = x[:24].double()
+    stacked = Detector(model, method, **kwargs, R=10, max_batch=120, seed=3, progress=False)
+    repeated = Detector(model, method, **kwargs, R=10, max_batch=120, seed=3, progress=False)
+    assert stacked.stack_at_first_unit
+    repeated.stack_at_first_unit = False
+    calls = []
+    first = next(m for m in stacked.net.modules() if isinstance(m, torch.nn.Conv2d))
+    first.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    assert torch.equal(stacked.votes(x), repeated.votes(x))
+    # After the one-image check of the input shape: P = 120 // 10 images, never R * P.
+    assert calls[0] == 1 and len(calls) > 2 and all(n == 12 for n in calls[1:])

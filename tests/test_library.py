@@ -39,10 +39,18 @@ def _samples(device):
          {"scale_only": True, "keys": torch.tensor([7, -1, 2**62, 0], device=device)}),
         (torch.ops.mvm.keyed_uniform.default, (torch.arange(5, device=device), 7), {}),
         (torch.ops.mvm.keyed_uniform.default, (torch.arange(5, device=device), 3), {"dtype": torch.float64}),
+        # fused ReLU and stacked copies (keys for every output sample)
+        (torch.ops.mvm.sample_rows.default, (torch.randn(4, 5, 3, 4, device=device).permute(0, 2, 3, 1), p, 4),
+         {"keys": torch.arange(12, device=device), "relu": True, "copies": 3}),
+        (torch.ops.mvm.sap_sample.default,
+         (torch.randn(2, 3, 4, 5, device=device).contiguous(memory_format=torch.channels_last), 30),
+         {"keys": torch.arange(6, device=device), "relu": True, "copies": 3}),
+        (torch.ops.mvm.keyed_dropout.default, (torch.randn(2, 3, 4, 5, device=device), torch.arange(4, device=device),
+                                               0.5), {"relu": True, "copies": 2}),
     ]
 
 
-@pytest.mark.parametrize("case", range(14))
+@pytest.mark.parametrize("case", range(17))
 def test_opcheck(device, case):
     op, args, kwargs = _samples(device)[case]
     utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mvm_cuda import ops, reference
-from mvm_cuda.nn import DropoutUnit, MVMUnit, SAPUnit, insert_units, sampling_units, set_mode
+from mvm_cuda.nn import (DropoutUnit, MVMUnit, SAPUnit, first_unit_dominates, insert_units, sampling_units,
+                         set_mode)
 
 
 def small_cnn():
@@ -123,13 +124,13 @@ class Spy(types.SimpleNamespace):
     def solve_mvm(self, alpha, c, method="kkt", max_iter=1000, tol=1e-6):
         return ops.solve_mvm(alpha, c, method, max_iter, tol)
 
-    def sample_rows(self, x, p, c, *, generator=None):
+    def sample_rows(self, x, p, c, *, generator=None, **fused):
         self._note("sample_rows", x)
-        return ops.sample_rows(x, p, c, generator=generator)
+        return ops.sample_rows(x, p, c, generator=generator, **fused)
 
-    def sap_sample(self, h, frac, generator=None):
+    def sap_sample(self, h, frac, generator=None, **fused):
         self._note("sap_sample", h)
-        return ops.sap_sample(h, frac, generator)
+        return ops.sap_sample(h, frac, generator, **fused)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -354,3 +355,57 @@ def test_sap_scale_half_draws_what_sap_sample_draws(device, half):
     assert scale.dtype == torch.float32 and scale.shape == h.shape
     assert torch.equal(scale != 0, sample != 0)
     assert torch.equal((h.float() * scale).to(half), sample)
+
+
+class SkipFromInput(nn.Module):
+    """A ReLU whose input is read again (the residual add), and a path from the input
+    that passes the first unit by."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        a = self.conv1(x)
+        h = F.relu(a) + a  # a is read after its ReLU: that unit cannot take the ReLU's place
+        return self.fc(torch.flatten(h + F.relu(self.conv2(x)), 1))
+
+
+@pytest.mark.parametrize("unit", [lambda: MVMUnit(5), lambda: SAPUnit(0.5), lambda: DropoutUnit(0.5)],
+                         ids=["mvm", "sap", "dropout"])
+def test_units_take_the_relus_place_where_they_can(unit):
+    # In Sequential, nested and functional models every unit replaces its ReLU and
+    # applies it: with the units off, the network is the original, bit for bit.
+    for model, x in ((small_cnn(), torch.randn(2, 1, 8, 8)), (Nested().eval(), torch.randn(2, 1, 6, 6)),
+                     (Functional().eval(), torch.randn(2, 1, 8, 8))):
+        new = insert_units(model, unit)
+        assert all(u.relu for u in sampling_units(new))
+        assert torch.equal(new(x), model(x))
+        assert first_unit_dominates(new)
+    model = SkipFromInput().eval()
+    new = insert_units(model, unit)
+    assert [u.relu for u in sampling_units(new)] == [False, True]
+    x = torch.randn(2, 1, 6, 6)
+    assert torch.equal(new(x), model(x))
+    assert not first_unit_dominates(new)  # conv2 reads the input around the first unit
+
+
+def test_copies_stack_the_batch_in_sample_mode():
+    # A unit with copies = k turns P images into k * P samples, sample n from image n % P,
+    # as if its input had been repeated; only in "sample" mode.
+    h = torch.randn(3, 4, 5, 5)
+    keys = torch.arange(6)
+    for make in (lambda: MVMUnit(7), lambda: SAPUnit(0.5), lambda: DropoutUnit(0.5)):
+        unit, stacked = make(), make()
+        unit.relu = stacked.relu = True
+        for u in (unit, stacked):
+            u.set_mode("record")
+            u(h)
+            u.set_mode("sample")
+        unit.copies, unit.keys, stacked.keys = 2, keys, keys
+        assert torch.equal(unit(h), stacked(h.repeat(2, 1, 1, 1)))
+        unit.differentiable = stacked.differentiable = True
+        assert torch.equal(unit(h), stacked(h.repeat(2, 1, 1, 1)))
+        unit.set_mode("off")
+        assert torch.equal(unit(h), h.relu())

@@ -474,3 +474,32 @@ def test_keyed_matches_reference_statistically(device):
     table = torch.stack([torch.bincount(k_kernel, minlength=c + 1), torch.bincount(k_ref, minlength=c + 1)])
     table = table[:, table.sum(0) >= 10].numpy()
     assert stats.chi2_contingency(table).pvalue > 0.001
+
+
+@pytest.mark.parametrize("c", KEYED_C.values(), ids=KEYED_C.keys())
+@pytest.mark.parametrize("layout", ["nhwc", "nchw_view"])
+def test_relu_and_copies_are_the_relu_and_the_stack(device, c, layout):
+    # relu=True samples max(x, 0) (the unit in place of its ReLU); copies=k samples x
+    # stacked k times, sample n from x[n % N]: bit-equal to doing either first, with
+    # keys (one per output sample) and with a generator in the same state.
+    g = torch.Generator().manual_seed(40)
+    x = torch.randn(4, 6, 5, 3, generator=g)
+    x = (x if layout == "nhwc" else x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)).to(device)
+    p = _probs(30, seed=41).repeat(2, 1).to(device)
+    keys = torch.randint(-2**63, 2**63 - 1, (12,), generator=g).to(device)
+    stacked = x.relu().repeat(3, 1, 1, 1)
+    out = mvm_cuda.sample_rows(x, p, c, keys=keys, relu=True, copies=3)
+    assert out.shape == (12, 6, 5, 3)
+    assert out.is_contiguous() if layout == "nhwc" else out.permute(0, 3, 1, 2).is_contiguous()  # x's layout
+    assert torch.equal(out, mvm_cuda.sample_rows(stacked, p, c, keys=keys))
+    assert torch.equal(mvm_cuda.sample_rows(x, p, c, keys=keys[:4], relu=True),
+                       mvm_cuda.sample_rows(x.relu(), p, c, keys=keys[:4]))
+    gen = lambda: torch.Generator(device=device).manual_seed(7)  # noqa: E731
+    assert torch.equal(mvm_cuda.sample_rows(x, p, c, relu=True, copies=3, generator=gen()),
+                       mvm_cuda.sample_rows(stacked, p, c, generator=gen()))
+    # Negative entries of drawn rows are 0, never scaled.
+    assert not (out < 0).any()
+    with pytest.raises(RuntimeError, match="mvm::sample_rows: copies must be >= 1, got 0"):
+        mvm_cuda.sample_rows(x, p, c, copies=0)
+    with pytest.raises(RuntimeError, match=r"keys must have shape \(N,\) = \(12,\), one key per sample of the output"):
+        mvm_cuda.sample_rows(x, p, c, keys=keys[:4], copies=3)

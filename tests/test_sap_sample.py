@@ -252,3 +252,25 @@ def test_keyed_sap_inclusion_frequency(device):
     _assert_binomial_keep_counts(kept, h, r)
     ref_kept = (ref.sap_sample(h[:200], 0.2, keys=torch.arange(200)) != 0).sum(1).double()
     assert stats.ttest_ind(kept[:200].sum(1).numpy(), ref_kept.numpy()).pvalue > 0.001
+
+
+@pytest.mark.parametrize("frac", [0.5, 100.0], ids=["guided", "exact"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_relu_and_copies_are_the_relu_and_the_stack(device, frac, layout):
+    # As for sample_rows: relu=True prunes max(h, 0), copies=k prunes h stacked k times.
+    g = torch.Generator().manual_seed(50)
+    h = torch.randn(3, 4, 5, 6, generator=g).to(device)
+    if layout == "channels_last":
+        h = h.contiguous(memory_format=torch.channels_last)
+    keys = torch.randint(-2**63, 2**63 - 1, (6,), generator=g).to(device)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    stacked = h.relu().repeat(2, 1, 1, 1).contiguous(memory_format=fmt)  # entries in h's memory order
+    out = mvm_cuda.sap_sample(h, frac, keys=keys, relu=True, copies=2)
+    assert torch.equal(out, mvm_cuda.sap_sample(stacked, frac, keys=keys))
+    assert out.is_contiguous(memory_format=fmt)  # h's layout
+    assert torch.equal(mvm_cuda.sap_sample(h, frac, keys=keys[:3], relu=True),
+                       mvm_cuda.sap_sample(h.relu(), frac, keys=keys[:3]))
+    assert (out >= 0).all() and (out[stacked == 0] == 0).all() and (out > 0).any()
+    # The reference takes the same arguments (its draws come from other streams).
+    want = ref.sap_sample(h.cpu(), frac, keys=keys.cpu(), relu=True, copies=2)
+    assert want.shape == out.shape and (want[stacked.cpu() == 0] == 0).all()

@@ -54,42 +54,47 @@ const bool kHasAvx2 = !kPlainIsa && __builtin_cpu_supports("avx2");
 // W dense float32 rows of C (row strides sx, so): drawn rows times their
 // scale, the others 0, without a branch per row (mispredicted up to half the
 // time when about half the rows are drawn) and in AVX2 where the CPU has it.
-// The select is on the product's bits, so NaN in an undrawn row stays out.
+// The select is on the product's bits, so NaN in an undrawn row stays out;
+// with relu, negative entries give 0 as well (NaN passes, as torch.relu's).
 // One body compiled twice (a plain product, so both give the same bits), picked by kHasAvx2.
 __attribute__((always_inline)) inline void scale_float_rows_body(
     const float* __restrict__ x, float* __restrict__ out, int64_t W, int64_t C, int64_t sx, int64_t so,
-    const uint8_t* drawn, const float* scale) {
+    const uint8_t* drawn, const float* scale, bool relu) {
+  const uint32_t relu_bit = relu;
   for (int64_t w = 0; w < W; ++w) {
     const float s = scale[w];
     const uint32_t keep = 0u - static_cast<uint32_t>(drawn[w] != 0);
     const float* xr = x + w * sx;
     float* o = out + w * so;
-    for (int64_t ch = 0; ch < C; ++ch) o[ch] = std::bit_cast<float>(std::bit_cast<uint32_t>(xr[ch] * s) & keep);
+    for (int64_t ch = 0; ch < C; ++ch) {
+      const uint32_t negative = 0u - (relu_bit & static_cast<uint32_t>(xr[ch] < 0.0f));
+      o[ch] = std::bit_cast<float>(std::bit_cast<uint32_t>(xr[ch] * s) & keep & ~negative);
+    }
   }
 }
 #ifdef MVM_F16C
 __attribute__((target("avx2"))) void scale_float_rows_avx2(const float* x, float* out, int64_t W, int64_t C,
                                                            int64_t sx, int64_t so, const uint8_t* drawn,
-                                                           const float* scale) {
-  scale_float_rows_body(x, out, W, C, sx, so, drawn, scale);
+                                                           const float* scale, bool relu) {
+  scale_float_rows_body(x, out, W, C, sx, so, drawn, scale, relu);
 }
 #endif
 void scale_float_rows(const float* x, float* out, int64_t W, int64_t C, int64_t sx, int64_t so,
-                      const uint8_t* drawn, const float* scale) {
+                      const uint8_t* drawn, const float* scale, bool relu) {
 #ifdef MVM_F16C
-  if (kHasAvx2) return scale_float_rows_avx2(x, out, W, C, sx, so, drawn, scale);
+  if (kHasAvx2) return scale_float_rows_avx2(x, out, W, C, sx, so, drawn, scale, relu);
 #endif
-  scale_float_rows_body(x, out, W, C, sx, so, drawn, scale);
+  scale_float_rows_body(x, out, W, C, sx, so, drawn, scale, relu);
 }
 
 // Writes one sample: out[h, w, :] = x[h, w, :] * scale[i] for a drawn row i
 // (drawn[i] = 1, scale[i] = 1/pi_i) and 0 for the others (whatever x and
-// scale hold there), walking whichever of the channel or pixel dimension has the smaller
-// stride in the inner loop (C for NHWC, the pixels for the NHWC view of an
-// NCHW tensor and for rows of width 1).
+// scale hold there; with relu, max(x, 0) for x), walking whichever of the
+// channel or pixel dimension has the smaller stride in the inner loop (C for
+// NHWC, the pixels for the NHWC view of an NCHW tensor and for rows of width 1).
 template <typename scalar_t>
 void write_sample(const scalar_t* x, scalar_t* out, const RowLayout& in, const RowLayout& o,
-                  const uint8_t* drawn, const at::opmath_type<scalar_t>* scale) {
+                  const uint8_t* drawn, const at::opmath_type<scalar_t>* scale, bool relu) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = in.H, W = in.W, C = in.C;
   if (C > 1 && std::abs(in.sC) <= std::abs(in.sW)) {
@@ -97,7 +102,7 @@ void write_sample(const scalar_t* x, scalar_t* out, const RowLayout& in, const R
     for (int64_t h = 0; h < H; ++h) {
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (dense) {  // reads the undrawn rows too: no branch per row
-          scale_float_rows(x + h * in.sH, out + h * o.sH, W, C, in.sW, o.sW, drawn + h * W, scale + h * W);
+          scale_float_rows(x + h * in.sH, out + h * o.sH, W, C, in.sW, o.sW, drawn + h * W, scale + h * W, relu);
           continue;
         }
       }
@@ -108,6 +113,11 @@ void write_sample(const scalar_t* x, scalar_t* out, const RowLayout& in, const R
         if (s == acc_t(0)) {  // undrawn rows are not even read
           if (dense) std::fill_n(orow, C, scalar_t(0));
           else for (int64_t ch = 0; ch < C; ++ch) orow[ch * o.sC] = scalar_t(0);
+        } else if (relu) {
+          for (int64_t ch = 0; ch < C; ++ch) {
+            const acc_t v = acc_t(xr[ch * in.sC]);
+            orow[ch * o.sC] = v < acc_t(0) ? scalar_t(0) : static_cast<scalar_t>(v * s);
+          }
         } else if (dense) {
 #ifdef MVM_F16C
           if constexpr (std::is_same_v<scalar_t, c10::Half>) {
@@ -143,11 +153,13 @@ void write_sample(const scalar_t* x, scalar_t* out, const RowLayout& in, const R
           scalar_t* __restrict__ dst = orow;
           for (int64_t w = 0; w < run; ++w) {
             const acc_t v = acc_t(src[w]) * s[w];
-            dst[w] = static_cast<scalar_t>(d[w] ? v : acc_t(0));
+            dst[w] = static_cast<scalar_t>((d[w] != 0) & !(relu & (src[w] < scalar_t(0))) ? v : acc_t(0));
           }
         } else {
-          for (int64_t w = 0; w < run; ++w)
-            orow[w * o.sW] = d[w] ? static_cast<scalar_t>(acc_t(xr[w * in.sW]) * s[w]) : scalar_t(0);
+          for (int64_t w = 0; w < run; ++w) {
+            const scalar_t v = xr[w * in.sW];
+            orow[w * o.sW] = d[w] && !(relu && v < scalar_t(0)) ? static_cast<scalar_t>(acc_t(v) * s[w]) : scalar_t(0);
+          }
         }
       }
     }
@@ -282,13 +294,14 @@ struct ProbRows {
   }
 };
 
-// What one call draws from and writes to.
+// What one call draws from and writes to: N samples of x, copies * N of out
+// (out's sample n from x's sample n % N).
 struct Call {
   const at::Tensor &x, &p, &scales;
   at::Tensor& out;
   RowLayout in, o;
-  int64_t N, M, P, c, grain;
-  bool shared;
+  int64_t N, copies, M, P, c, grain;
+  bool shared, relu;
   const SampleStreams& streams;
 };
 
@@ -332,7 +345,7 @@ void sample_all(const Call& k) {
     }
   });
 
-  at::parallel_for(0, k.N, k.grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, k.copies * k.N, k.grain, [&](int64_t begin, int64_t end) {
     std::vector<double> own_cdf(k.shared ? 0 : M);
     std::vector<int64_t> own_guide(k.shared ? 0 : M + 1);
     std::vector<uint8_t> drawn(M);  // 1 for the rows drawn at least once
@@ -356,15 +369,15 @@ void sample_all(const Call& k) {
             rows.with_row(j, [&](auto prow) { return build_table(prow, M, j, own_cdf.data(), own_guide.data()); });
         draw(rng, t, k.c, counts, Marks{drawn.data(), t.positive});
       }
-      write_sample(xd + n * k.in.sN, od + n * k.o.sN, k.in, k.o, drawn.data(), sd + j * M);
+      write_sample(xd + (n % k.N) * k.in.sN, od + n * k.o.sN, k.in, k.o, drawn.data(), sd + j * M, k.relu);
     }
   });
 }
 
 at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c, const std::optional<at::Tensor>& keys,
-                       std::optional<at::Generator> generator) {
-  const SampleShape shape = check_sample_rows(x, p, c, keys, generator.has_value(), /*check_values=*/false);
-  auto out = at::empty_like(x);
+                       bool relu, int64_t copies, std::optional<at::Generator> generator) {
+  const SampleShape shape = check_sample_rows(x, p, c, keys, copies, generator.has_value(), /*check_values=*/false);
+  auto out = empty_copies(x, copies);
   if (x.numel() == 0) {  // nothing to draw, but p is checked as for any x
     check_probabilities("sample_rows", "p", p);
     return out;
@@ -375,7 +388,7 @@ at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c, cons
   // When every row of p serves several samples (R copies of a batch), its
   // table is built once, up front; otherwise (a row of p per sample) each
   // sample builds its own.
-  const bool shared = shape.N >= 4 * shape.P;
+  const bool shared = copies * shape.N >= 4 * shape.P;
   const auto pc = p.contiguous();  // (P, M): small next to x, or already contiguous
   // 1/pi for every row of p, in one vectorised pass (only drawn rows are
   // read), in float32 when neither x nor p is float64.
@@ -384,8 +397,8 @@ at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c, cons
   auto work = pc.to(work_dtype, /*non_blocking=*/false, /*copy=*/true);
   const auto scales = inverse_inclusion_(work, c).to(acc_dtype);
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(shape.M * shape.C, 1));
-  const Call call{x, pc, scales, out, shape.layout(x), shape.layout(out), shape.N, shape.M, shape.P, c, grain,
-                  shared, streams};
+  const Call call{x, pc, scales, out, shape.layout(x), shape.layout(out), shape.N, copies, shape.M, shape.P, c,
+                  grain, shared, relu, streams};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sample_rows",
                                   [&] { sample_all<scalar_t>(call); });

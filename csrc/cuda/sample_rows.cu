@@ -111,11 +111,16 @@ __device__ __forceinline__ int64_t draw_row_two_level(const double* coarse, int6
 }
 
 // Step 4: writes lines [begin, end) of one sample. scale_at(i) is 1/pi_i for
-// a kept row i, 0 for an undrawn one.
+// a kept row i, 0 for an undrawn one; with relu, max(x, 0) stands for x.
 template <typename scalar_t, typename ScaleAt>
 __device__ void write_sample(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
-                             const Lines& L, int64_t begin, int64_t end, ScaleAt scale_at) {
+                             const Lines& L, int64_t begin, int64_t end, bool relu, ScaleAt scale_at) {
   using acc_t = at::opmath_type<scalar_t>;
+  // x times s, 0 for a negative x under relu (NaN passes, as torch.relu's).
+  auto scaled = [relu](scalar_t v, acc_t s) {
+    const acc_t a = acc_t(v);
+    return relu && a < acc_t(0) ? scalar_t(0) : static_cast<scalar_t>(a * s);
+  };
   constexpr int kVec = 16 / sizeof(scalar_t);
   using V = Vec<scalar_t, kVec>;
   const int G = L.group;
@@ -138,7 +143,7 @@ __device__ void write_sample(const scalar_t* __restrict__ x, scalar_t* __restric
           if (keep) {
             v = *reinterpret_cast<const V*>(xl + j);
 #pragma unroll
-            for (int k = 0; k < kVec; ++k) v.v[k] = static_cast<scalar_t>(acc_t(v.v[k]) * s);
+            for (int k = 0; k < kVec; ++k) v.v[k] = scaled(v.v[k], s);
           } else {
 #pragma unroll
             for (int k = 0; k < kVec; ++k) v.v[k] = scalar_t(0);
@@ -147,7 +152,7 @@ __device__ void write_sample(const scalar_t* __restrict__ x, scalar_t* __restric
         }
       } else {
         for (int64_t j = lane; j < L.len; j += G) {
-          ol[j * L.out_sj] = keep ? static_cast<scalar_t>(acc_t(xl[j * L.in_sj]) * s) : scalar_t(0);
+          ol[j * L.out_sj] = keep ? scaled(xl[j * L.in_sj], s) : scalar_t(0);
         }
       }
     } else {
@@ -166,7 +171,7 @@ __device__ void write_sample(const scalar_t* __restrict__ x, scalar_t* __restric
             v = *reinterpret_cast<const V*>(xl + j);
 #pragma unroll
             for (int k = 0; k < kVec; ++k)
-              v.v[k] = s[k] != acc_t(0) ? static_cast<scalar_t>(acc_t(v.v[k]) * s[k]) : scalar_t(0);
+              v.v[k] = s[k] != acc_t(0) ? scaled(v.v[k], s[k]) : scalar_t(0);
           } else {
 #pragma unroll
             for (int k = 0; k < kVec; ++k) v.v[k] = scalar_t(0);
@@ -176,8 +181,7 @@ __device__ void write_sample(const scalar_t* __restrict__ x, scalar_t* __restric
       } else {
         for (int64_t j = lane; j < L.len; j += G) {
           const acc_t s = scale_at(row0 + j);
-          ol[j * L.out_sj] =
-              s != acc_t(0) ? static_cast<scalar_t>(acc_t(xl[j * L.in_sj]) * s) : scalar_t(0);
+          ol[j * L.out_sj] = s != acc_t(0) ? scaled(xl[j * L.in_sj], s) : scalar_t(0);
         }
       }
     }
@@ -185,7 +189,9 @@ __device__ void write_sample(const scalar_t* __restrict__ x, scalar_t* __restric
 }
 
 struct SampleArgs {
-  int64_t N, M, P, words;  // words: 32-bit words of a row bitmask
+  int64_t N, M, P, words;  // words: 32-bit words of a row bitmask; N samples of the output
+  int64_t Nx;              // samples of x: output sample n reads x[n % Nx]
+  bool relu;
   int64_t in_sN, out_sN;
   ProbRows prob;
   Lines lines;
@@ -270,7 +276,7 @@ sample_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, c
     }
     __syncthreads();
 
-    const scalar_t* xs = x + n * a.in_sN;
+    const scalar_t* xs = x + (n % a.Nx) * a.in_sN;
     scalar_t* os = out + n * a.out_sN;
     const int64_t begin = blockIdx.y * a.lines_per_block;
     const int64_t end = begin + a.lines_per_block < a.lines.count ? begin + a.lines_per_block : a.lines.count;
@@ -281,12 +287,12 @@ sample_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, c
                                      : acc_t(0);
       }
       __syncthreads();
-      write_sample(xs, os, a.lines, begin, end, [&](int64_t i) { return scale[i]; });
+      write_sample(xs, os, a.lines, begin, end, a.relu, [&](int64_t i) { return scale[i]; });
     } else {
       // No room for M scales: computed where used (once per row for NHWC
       // lines; for rows of width 1, as in SAP, that is once per element
       // anyway). __ldcg: the bits were set by atomics in L2.
-      write_sample(xs, os, a.lines, begin, end, [&](int64_t i) -> acc_t {
+      write_sample(xs, os, a.lines, begin, end, a.relu, [&](int64_t i) -> acc_t {
         return (__ldcg(keep + (i >> 5)) >> (i & 31)) & 1u
                    ? static_cast<acc_t>(1.0 / inclusion_prob(a.prob(pr, i), cd))
                    : acc_t(0);
@@ -362,7 +368,7 @@ Lines plan_lines(const SampleShape& s, const RowLayout& in, const RowLayout& o, 
   // A stride along a dimension of size 1 is never stepped: C = 1 (SAP's
   // rows) and N = 1 must not block the vectors.
   if (C == 1) L.in_s0 = L.out_s0 = 0;
-  const int64_t in_sN = s.N == 1 ? 0 : in.sN, out_sN = s.N == 1 ? 0 : o.sN;
+  const int64_t in_sN = s.N == 1 ? 0 : in.sN, out_sN = s.copies * s.N == 1 ? 0 : o.sN;
   L.vectorized = L.in_sj == 1 && L.out_sj == 1 && L.len % vec == 0 && aligned(L.in_s0) &&
                  aligned(L.in_s1) && aligned(L.out_s0) && aligned(L.out_s1) && aligned(in_sN) &&
                  aligned(out_sN) && reinterpret_cast<uintptr_t>(x_ptr) % 16 == 0 &&
@@ -373,16 +379,18 @@ Lines plan_lines(const SampleShape& s, const RowLayout& in, const RowLayout& o, 
 }
 
 at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c, const std::optional<at::Tensor>& keys,
-                       std::optional<at::Generator> generator) {
-  const SampleShape shape = check_sample_rows(x, p, c, keys, generator.has_value(), /*check_values=*/false);
+                       bool relu, int64_t copies, std::optional<at::Generator> generator) {
+  const SampleShape shape = check_sample_rows(x, p, c, keys, copies, generator.has_value(), /*check_values=*/false);
   check_cuda("sample_rows", "x", x);  // p is on x's device
   check_bitmask_rows("sample_rows", shape.M);
   if (should_check_values(p)) check_probabilities("sample_rows", "p", p);
   const c10::cuda::CUDAGuard guard(x.device());
-  auto out = at::empty_like(x);
+  auto out = empty_copies(x, copies);
   if (x.numel() == 0) return out;
   SampleArgs a{};
-  a.N = shape.N;
+  a.N = copies * shape.N;
+  a.Nx = shape.N;
+  a.relu = relu;
   a.M = shape.M;
   a.P = shape.P;
   a.c = c;
@@ -402,7 +410,7 @@ at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& p, int64_t c, cons
                         exact ? exact_draws_outputs(shape.M) : 4 * static_cast<uint64_t>((c + 1) / 2));
   at::Tensor drawn;
   if (exact) {  // the drawn rows of every sample, in work independent of c
-    drawn = exact_drawn(p.to(at::kDouble).repeat({shape.N / shape.P, 1}), c, a.rng, a.keys);
+    drawn = exact_drawn(p.to(at::kDouble).repeat({a.N / shape.P, 1}), c, a.rng, a.keys);
     a.drawn = drawn.const_data_ptr<uint8_t>();
   }
 
