@@ -319,7 +319,8 @@ def from_numpy(x: np.ndarray) -> Tensor:
     """x as a tensor, sharing its memory where torch can read it (native byte order,
     non-negative strides, writable), else from a contiguous copy."""
     if not x.dtype.isnative or any(st < 0 for st in x.strides) or not x.flags.writeable:
-        x = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
+        # A copy, always: ascontiguousarray returns a one-image array with a negative stride as it is.
+        x = np.array(x, dtype=x.dtype.newbyteorder("="), order="C", copy=True)
     return torch.from_numpy(x)
 
 
@@ -726,7 +727,7 @@ class Detector:
         # RecursionError: deeply nested arrays; ValueError: a number of over 4,300 digits.
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise ValueError(f"Detector.load: {path} is not a saved mvm_cuda detector ({_FORMAT}): "
-                             f"{type(e).__name__}: {_short(str(e), 200)}") from e
+                             f"{type(e).__name__}: {str(e)[:200]}") from e
         if not isinstance(cfg, dict) or cfg.get("format") != _FORMAT:
             raise ValueError(f"Detector.load: {path} is not a saved mvm_cuda detector ({_FORMAT})")
         missing = [k for k in _SAVED_KEYS if k not in cfg]
