@@ -2,6 +2,7 @@
 inference-only autograd, the build's guard against pip's build isolation, and
 the oracle's independence from the library (no imports either way)."""
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,41 @@ def test_reference_and_library_import_neither_way(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=installed_package_env(), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+def _readme_detector_example() -> str:
+    """The python code blocks of the README's "The detector" section, in order."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## The detector\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2, "the README's detector section should hold the Detector and DetectorSearch examples"
+    return "\n".join(blocks)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_readme_detector_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's detector example, as a user copies it: self-contained, no placeholder."""
+    code = _readme_detector_example()
+    assert "..." not in code.replace("# ", "")  # no `model = ...` for the user to fill in
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert (tmp_path / "det.json").is_file() and 0 <= namespace["report"].auc <= 1
+    assert namespace["det"].threshold is not None and namespace["search"].best_params_
+
+
+@pytest.mark.parametrize("module", ["sklearn", "scipy"])
+def test_a_missing_optional_dependency_names_the_extra(module, monkeypatch):
+    for name in list(sys.modules):
+        if name == module or name.startswith(module + "."):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError, as when not installed
+    package = {"sklearn": "scikit-learn", "scipy": "scipy"}[module]
+    with pytest.raises(ImportError, match=rf'roc_report needs {package}, which is not installed: install the eval '
+                                          rf'extra, pip install "\.\[eval\]"'):
+        mvm_cuda.roc_report(torch.zeros(3), torch.ones(3))
+    from mvm_cuda.eval import data
+
+    if module == "sklearn":
+        with pytest.raises(ImportError, match=r'load_digits needs scikit-learn, .* pip install "\.\[eval\]"'):
+            data.load_digits()
