@@ -196,3 +196,35 @@ def test_a_missing_optional_dependency_names_the_extra(module, monkeypatch):
     if module == "sklearn":
         with pytest.raises(ImportError, match=r'load_digits needs scikit-learn, .* pip install "\.\[eval\]"'):
             data.load_digits()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+# Phrases about the machines the project is developed on, which a user's documentation has no use for.
+MACHINE_TALK = re.compile(r"development VM|this VM|2-core VM|noisy VM|loaded VM|lent GPU|GPU machine's|"
+                          r"other sessions|one 240 s call", re.I)
+
+
+def test_user_docs_name_the_cpu_not_the_development_machine():
+    files = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+    found = [f"{path.name}:{n}: {m.group(0)}" for path in files
+             for n, line in enumerate(path.read_text().splitlines(), 1) for m in MACHINE_TALK.finditer(line)]
+    assert not found, found
+    assert "2-core AMD EPYC" in (ROOT / "docs" / "performance.md").read_text()
+    assert "if you set it (optional)" in (ROOT / "README.md").read_text()  # gpu_check.sh's $OUT
+
+
+@pytest.mark.parametrize("index", ["", "https://download.pytorch.org/whl/cpu"])
+def test_make_takes_torch_from_the_index_it_is_given(index, tmp_path):
+    """TORCH_INDEX is empty by default (pip's own index, reachable where the tests run);
+    set, torch and only torch comes from it."""
+    done = subprocess.run(["make", "-n", f"VENV={tmp_path / 'venv'}", f"{tmp_path / 'venv'}/.deps",
+                           *([f"TORCH_INDEX={index}"] if index else [])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if " install " in line and "--upgrade pip" not in line]
+    torch_line = next(line for line in lines if "torch==" in line)
+    if index:
+        assert f'--index-url "{index}"' in torch_line
+        assert all("--index-url" not in line for line in lines if line is not torch_line)
+    else:
+        assert all("--index-url" not in line for line in lines)
