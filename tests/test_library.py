@@ -2,6 +2,7 @@
 inference-only autograd, the build's guard against pip's build isolation, and
 the oracle's independence from the library (no imports either way)."""
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,73 @@ def test_reference_and_library_import_neither_way(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=installed_package_env(), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+def _readme_detector_example() -> str:
+    """The python code blocks of the README's "The detector" section, in order."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## The detector\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2, "the README's detector section should hold the Detector and DetectorSearch examples"
+    return "\n".join(blocks)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_readme_detector_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's detector example, as a user copies it: self-contained, no placeholder."""
+    code = _readme_detector_example()
+    assert "..." not in code.replace("# ", "")  # no `model = ...` for the user to fill in
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert (tmp_path / "det.json").is_file() and 0 <= namespace["report"].auc <= 1
+    assert namespace["det"].threshold is not None and namespace["search"].best_params_
+
+
+@pytest.mark.parametrize("module", ["sklearn", "scipy"])
+def test_a_missing_optional_dependency_names_the_extra(module, monkeypatch):
+    for name in list(sys.modules):
+        if name == module or name.startswith(module + "."):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError, as when not installed
+    package = {"sklearn": "scikit-learn", "scipy": "scipy"}[module]
+    with pytest.raises(ImportError, match=rf'roc_report needs {package}, which is not installed: install the eval '
+                                          rf'extra, pip install "\.\[eval\]"'):
+        mvm_cuda.roc_report(torch.zeros(3), torch.ones(3))
+    from mvm_cuda.eval import data
+
+    if module == "sklearn":
+        with pytest.raises(ImportError, match=r'load_digits needs scikit-learn, .* pip install "\.\[eval\]"'):
+            data.load_digits()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+# Phrases about the machines the project is developed on, which a user's documentation has no use for.
+MACHINE_TALK = re.compile(r"development VM|this VM|2-core VM|noisy VM|loaded VM|lent GPU|GPU machine's|"
+                          r"other sessions|one 240 s call", re.I)
+
+
+def test_user_docs_name_the_cpu_not_the_development_machine():
+    files = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+    found = [f"{path.name}:{n}: {m.group(0)}" for path in files
+             for n, line in enumerate(path.read_text().splitlines(), 1) for m in MACHINE_TALK.finditer(line)]
+    assert not found, found
+    assert "2-core AMD EPYC" in (ROOT / "docs" / "performance.md").read_text()
+    assert "if you set it (optional)" in (ROOT / "README.md").read_text()  # gpu_check.sh's $OUT
+
+
+@pytest.mark.parametrize("index", ["", "https://download.pytorch.org/whl/cpu"])
+def test_make_takes_torch_from_the_index_it_is_given(index, tmp_path):
+    """TORCH_INDEX is empty by default (pip's own index, reachable where the tests run);
+    set, torch and only torch comes from it."""
+    done = subprocess.run(["make", "-n", f"VENV={tmp_path / 'venv'}", f"{tmp_path / 'venv'}/.deps",
+                           *([f"TORCH_INDEX={index}"] if index else [])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if " install " in line and "--upgrade pip" not in line]
+    torch_line = next(line for line in lines if "torch==" in line)
+    if index:
+        assert f'--index-url "{index}"' in torch_line
+        assert all("--index-url" not in line for line in lines if line is not torch_line)
+    else:
+        assert all("--index-url" not in line for line in lines)

