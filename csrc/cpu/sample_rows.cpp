@@ -11,21 +11,18 @@
 #include <utility>
 #include <vector>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#define MVM_F16C 1
-#endif
 
 #include "../checks.h"
 #include "../math.h"
 #include "draws.h"
 #include "exact_draws.h"
+#include "isa.h"
 
 
 namespace mvm::cpu {
 namespace {
 
-#ifdef MVM_F16C
+#ifdef MVM_X86_SIMD
 // A float16 row times s with the F16C conversions, 8 at a time: this build
 // targets plain x86-64, where c10::Half converts in software. Both round to nearest even,
 // so the result is the same.
@@ -40,16 +37,6 @@ __attribute__((target("avx,f16c"))) void scale_half_row(const c10::Half* src, c1
 }
 #endif
 
-// MVM_CPU_ISA=default forces the plain loops below, read once at load: a check that the
-// AVX2/F16C paths give the same bits as the plain ones can then run both on one CPU.
-const bool kPlainIsa = [] {
-  const char* v = std::getenv("MVM_CPU_ISA");
-  return v != nullptr && std::strcmp(v, "default") == 0;
-}();
-#ifdef MVM_F16C
-const bool kHasF16c = !kPlainIsa && __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
-const bool kHasAvx2 = !kPlainIsa && __builtin_cpu_supports("avx2");
-#endif
 
 // W dense float32 rows of C (row strides sx, so): drawn rows times their
 // scale, the others 0, without a branch per row (mispredicted up to half the
@@ -72,7 +59,7 @@ __attribute__((always_inline)) inline void scale_float_rows_body(
     }
   }
 }
-#ifdef MVM_F16C
+#ifdef MVM_X86_SIMD
 __attribute__((target("avx2"))) void scale_float_rows_avx2(const float* x, float* out, int64_t W, int64_t C,
                                                            int64_t sx, int64_t so, const uint8_t* drawn,
                                                            const float* scale, bool relu) {
@@ -81,7 +68,7 @@ __attribute__((target("avx2"))) void scale_float_rows_avx2(const float* x, float
 #endif
 void scale_float_rows(const float* x, float* out, int64_t W, int64_t C, int64_t sx, int64_t so,
                       const uint8_t* drawn, const float* scale, bool relu) {
-#ifdef MVM_F16C
+#ifdef MVM_X86_SIMD
   if (kHasAvx2) return scale_float_rows_avx2(x, out, W, C, sx, so, drawn, scale, relu);
 #endif
   scale_float_rows_body(x, out, W, C, sx, so, drawn, scale, relu);
@@ -119,7 +106,7 @@ void write_sample(const scalar_t* x, scalar_t* out, const RowLayout& in, const R
             orow[ch * o.sC] = v < acc_t(0) ? scalar_t(0) : static_cast<scalar_t>(v * s);
           }
         } else if (dense) {
-#ifdef MVM_F16C
+#ifdef MVM_X86_SIMD
           if constexpr (std::is_same_v<scalar_t, c10::Half>) {
             if (kHasF16c) {
               scale_half_row(xr, orow, C, s);
