@@ -7,7 +7,9 @@
 - end to end (benchmarks/test_bench_detector.py): images per second of the
   detector with the kernels and with the reference ops, the speed-up, and the
   shares of the time spent sampling and solving (see that file for how they
-  are measured).
+  are measured);
+- the detector's cost (benchmarks/test_bench_detector_cost.py): each method's
+  time over R plain passes of the same network.
 
     python benchmarks/ratios.py out/bench.json
 """
@@ -29,6 +31,10 @@ def is_detector(bench):
     return "images_per_s" in bench.get("extra_info", {})
 
 
+def is_cost(bench):
+    return bench["group"].startswith("detector-cost")
+
+
 def ms(seconds):
     return f"{seconds * 1e3:.3f} ms"
 
@@ -37,7 +43,7 @@ def op_tables(benchmarks):
     """One markdown table per op (the group's first word), rows in run order."""
     groups = defaultdict(dict)
     for b in benchmarks:
-        if not is_detector(b):
+        if not is_detector(b) and not is_cost(b):
             groups[b["group"]][impl_of(b)] = b
     sections = defaultdict(list)
     for group, impls in groups.items():
@@ -86,6 +92,28 @@ def detector_table(benchmarks):
     return "\n".join(out) + "\n"
 
 
+def cost_table(benchmarks):
+    """benchmarks/test_bench_detector_cost.py: each method's median over R plain passes'
+    median, per device, network and R."""
+    rows = defaultdict(dict)
+    for b in benchmarks:
+        if is_cost(b):
+            p = b["params"]
+            rows[(p["device"], p["name"], p["R"])][p["method"]] = b
+    if not rows:
+        return ""
+    methods = sorted({m for impls in rows.values() for m in impls if m != "plain"})
+    out = ["| device | network | R | R plain passes | " + " | ".join(methods) + " |",
+           "|---|---|---|---|" + "---|" * len(methods)]
+    for (device, name, R), impls in rows.items():
+        plain = impls.get("plain")
+        cells = [f"{impls[m]['extra_info']['over_plain']:.2f}x" if m in impls and "over_plain" in impls[m].get(
+            "extra_info", {}) else "-" for m in methods]
+        out.append(f"| {device} | {name} | {R} | {ms(plain['stats']['median']) if plain else '-'} | "
+                   + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def machine_line(data):
     info = data.get("machine_info", {})
     cpu = info.get("cpu", {})
@@ -110,6 +138,10 @@ def main(path):
     if e2e:
         print("## Detector end to end (medians)\n")
         print(e2e)
+    cost = cost_table(benchmarks)
+    if cost:
+        print("## Detector against R plain passes (medians)\n")
+        print(cost)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -105,6 +106,33 @@ const uint8_t* to_memory_order(const uint8_t* logical, int64_t C, int64_t HW, ui
   return out;
 }
 
+// out = (keep * relu?(x)) / q over a sample's K entries in memory order, in
+// the accumulation type (torch's (keep * x) / (1 - p_drop)).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+__attribute__((always_inline)) inline void apply_keep_body(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
+                                                           const uint8_t* keep, int64_t K, bool relu, acc_t q) {
+  for (int64_t i = 0; i < K; ++i) {
+    const acc_t v = acc_t(x[i]);
+    const acc_t kept = keep[i] ? acc_t(1) : acc_t(0);
+    out[i] = static_cast<scalar_t>(kept * (relu && v < acc_t(0) ? acc_t(0) : v) / q);
+  }
+}
+#ifdef MVM_X86_SIMD
+__attribute__((target("avx2"))) void apply_keep_avx2(const float* x, float* out, const uint8_t* keep, int64_t K,
+                                                     bool relu, float q) {
+  apply_keep_body(x, out, keep, K, relu, q);
+}
+#endif
+template <typename scalar_t, typename acc_t>
+void apply_keep(const scalar_t* x, scalar_t* out, const uint8_t* keep, int64_t K, bool relu, acc_t q) {
+#ifdef MVM_X86_SIMD
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (kHasAvx2) return apply_keep_avx2(x, out, keep, K, relu, q);
+  }
+#endif
+  apply_keep_body(x, out, keep, K, relu, q);
+}
+
 // Test-time dropout, fused: out[n] = relu?(x[n % N]) * keep[n] / (1 - p_drop),
 // keep[n] (K entries in x's logical order) from keys[n] alone, exactly
 // keyed_uniform(keys, K) >= p_drop. One pass over x; the product and the
@@ -134,13 +162,7 @@ at::Tensor keyed_dropout(const at::Tensor& x_in, const at::Tensor& keys, double 
       for (int64_t n = begin; n < end; ++n) {
         keep_mask(static_cast<uint64_t>(kd[n * ks]), K, wide, threshold, logical.data());
         const uint8_t* keep = nhwc ? to_memory_order(logical.data(), C, HW, memory.data()) : logical.data();
-        const scalar_t* __restrict__ xs = xd + (n % N) * K;
-        scalar_t* __restrict__ os = od + n * K;
-        for (int64_t i = 0; i < K; ++i) {
-          const acc_t v = acc_t(xs[i]);
-          const acc_t kept = keep[i] ? acc_t(1) : acc_t(0);
-          os[i] = static_cast<scalar_t>(kept * (relu && v < acc_t(0) ? acc_t(0) : v) / q);
-        }
+        apply_keep(xd + (n % N) * K, od + n * K, keep, K, relu, q);
       }
     });
   });
