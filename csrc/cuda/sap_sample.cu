@@ -48,9 +48,10 @@ using BlockScan = cub::BlockScan<double, kThreads>;
 constexpr int64_t kSlice = 4096;
 
 struct SapArgs {
-  int64_t N, K, S, L;  // L: entries per slice (the last one may have fewer)
+  int64_t N, K, S, L;  // L: entries per slice (the last one may have fewer); N output samples
+  int64_t Nx;          // samples of h: output sample n reads h[n % Nx]
   int64_t r;
-  bool scale_only;
+  bool scale_only, relu;
   at::PhiloxCudaState rng;
   SampleKeys keys;        // per-sample keys, or none (then rng)
   uint64_t slice_blocks;  // Philox blocks of step 2 (0 when S == 1)
@@ -92,15 +93,20 @@ sap_sample_kernel(const scalar_t* __restrict__ h, scalar_t* __restrict__ out, co
   unsigned long long* start = count + S;
   auto* keep = reinterpret_cast<uint32_t*>(start + S);
 
+  // An entry's weight: |h|, or max(h, 0) with relu (NaN stays NaN either way).
+  auto weight = [&](scalar_t v) {
+    const double d = static_cast<double>(v);
+    return a.relu ? (d < 0.0 ? 0.0 : d) : ::fabs(d);
+  };
   for (int64_t n = blockIdx.x; n < a.N; n += gridDim.x) {
-    const scalar_t* hs = h + n * K;
+    const scalar_t* hs = h + (n % a.Nx) * K;
     scalar_t* os = out + n * K;
 
     // Step 1.
     for (int64_t s = 0; s < S; ++s) {
       const int64_t end = (s + 1) * L < K ? (s + 1) * L : K;
       double v = 0.0;
-      for (int64_t i = s * L + threadIdx.x; i < end; i += kThreads) v += ::fabs(static_cast<double>(hs[i]));
+      for (int64_t i = s * L + threadIdx.x; i < end; i += kThreads) v += weight(hs[i]);
       v = block_sum(v, dscratch);
       if (threadIdx.x == 0) mass[s] = v;
     }
@@ -162,7 +168,7 @@ sap_sample_kernel(const scalar_t* __restrict__ h, scalar_t* __restrict__ out, co
         for (int64_t w = threadIdx.x; w < (len + 31) / 32; w += kThreads) keep[w] = 0u;
         // Its barriers also publish the cleared keep.
         const int64_t last = block_running_sums<BlockScan>(
-            [&](int64_t i) { return ::fabs(static_cast<double>(hs[begin + i])); }, len, cdf, nullptr, scan_tmp,
+            [&](int64_t i) { return weight(hs[begin + i]); }, len, cdf, nullptr, scan_tmp,
             iscratch);
         const double slice_total = cdf[len - 1];
         const uint64_t first = st.block + a.slice_blocks + start[s] / 2;
@@ -174,12 +180,13 @@ sap_sample_kernel(const scalar_t* __restrict__ h, scalar_t* __restrict__ out, co
       for (int64_t i = threadIdx.x; i < len; i += kThreads) {
         acc_t o = acc_t(0);
         if (test_bit(keep, i)) {
-          const acc_t v = static_cast<acc_t>(hs[begin + i]);
-          // A zero entry is drawn only when the scan's rounding gives it a
+          const double w = weight(hs[begin + i]);
+          const acc_t v = static_cast<acc_t>(w == 0.0 ? 0.0 : static_cast<double>(hs[begin + i]));
+          // A zero weight is drawn only when the scan's rounding gives it a
           // sliver of the slice (~1e-16): it stays 0, never 0 * (1/0).
-          if (v != acc_t(0)) {
-            // p as the CPU op gets it: |h| / sum in float64, rounded to acc_t.
-            const acc_t p = static_cast<acc_t>(::fabs(static_cast<double>(v)) / total);
+          if (w != 0.0) {
+            // p as the CPU op gets it: its weight / sum in float64, rounded to acc_t.
+            const acc_t p = static_cast<acc_t>(w / total);
             const acc_t scale = static_cast<acc_t>(1.0 / inclusion_prob(static_cast<double>(p), rd));
             o = a.scale_only ? scale : v * scale;
           }
@@ -193,16 +200,18 @@ sap_sample_kernel(const scalar_t* __restrict__ h, scalar_t* __restrict__ out, co
 }
 
 at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, const std::optional<at::Tensor>& keys, bool scale_only,
-                      std::optional<at::Generator> generator) {
-  const at::Tensor h = check_sap_sample(h_in, r, keys, generator.has_value());
+                      bool relu, int64_t copies, std::optional<at::Generator> generator) {
+  const at::Tensor h = check_sap_sample(h_in, r, keys, copies, generator.has_value());
   check_cuda("sap_sample", "h", h);
   const c10::cuda::CUDAGuard guard(h.device());
-  auto out = at::empty_like(h);  // h's strides: entry j of a sample sits where it sits in h
+  auto out = empty_copies(h, copies);  // h's strides: entry j of a sample sits where it sits in h
   if (h.numel() == 0) return out;
 
   SapArgs a{};
-  a.N = h.size(0);
-  a.K = h.numel() / a.N;
+  a.Nx = h.size(0);
+  a.N = copies * a.Nx;
+  a.K = h.numel() / a.Nx;
+  a.relu = relu;
   a.L = std::min(a.K, kSlice);
   a.S = (a.K + a.L - 1) / a.L;
   a.r = r;
@@ -231,7 +240,8 @@ at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, const std::optional<at:
                                                    : 4 * (a.slice_blocks + pairs + static_cast<uint64_t>(a.S)));
     at::Tensor drawn;
     if (exact) {  // the drawn entries of every sample, in work independent of r
-      drawn = exact_drawn(h.reshape({a.N, a.K}).to(at::kDouble).abs(), r, a.rng, a.keys);
+      const auto v = h.reshape({a.Nx, a.K}).to(at::kDouble);
+      drawn = exact_drawn((relu ? v.clamp_min(0.0) : v.abs()).repeat({copies, 1}), r, a.rng, a.keys);
       a.drawn = drawn.const_data_ptr<uint8_t>();
     }
     const int64_t grid = std::min<int64_t>(a.N, (int64_t(1) << 31) - 1);
