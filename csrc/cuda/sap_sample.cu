@@ -231,7 +231,8 @@ at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, const std::optional<at:
                                                    : 4 * (a.slice_blocks + pairs + static_cast<uint64_t>(a.S)));
     at::Tensor drawn;
     if (exact) {  // the drawn entries of every sample, in work independent of r
-      drawn = exact_drawn(h.reshape({a.N, a.K}).to(at::kDouble).abs(), r, a.rng, a.keys);
+      // Weights in memory order, as the kernel reads h and drawn.
+      drawn = exact_drawn(sap_entries(h).to(at::kDouble).abs(), r, a.rng, a.keys);
       a.drawn = drawn.const_data_ptr<uint8_t>();
     }
     const int64_t grid = std::min<int64_t>(a.N, (int64_t(1) << 31) - 1);
