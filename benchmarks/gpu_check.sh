@@ -1,49 +1,64 @@
 #!/usr/bin/env bash
-# GPU check for a lent H100/H200, in two phases that each fit one call of at
-# most 240 s, the build from nothing included (every call may start on a bare
-# machine with torch, nvcc and pytest, and no network):
+# The GPU check of mvm_cuda, on your own machine with an NVIDIA GPU, torch with
+# CUDA, nvcc and pytest (no network needed): from the repository root,
 #
-#   benchmarks/gpu_check.sh tests   build; tests/test_cuda.py; the CUDA cases of
-#                                   the other test files; the rest of the suite
-#                                   while time remains; compute-sanitizer
-#                                   memcheck, racecheck, initcheck and synccheck
-#                                   on benchmarks/gpu_drivers.py, beside the tests
-#   benchmarks/gpu_check.sh bench   build; the per-op table against copy
-#                                   bandwidth and the reference
-#                                   (benchmarks/gpu_table.py); the detector end
-#                                   to end (benchmarks/test_bench_detector.py)
+#   bash benchmarks/gpu_check.sh all     everything in one run, in this order:
+#                                        the build; tests/test_cuda.py and the
+#                                        CUDA cases of the other test files;
+#                                        the benchmark tables (the per-op table
+#                                        against copy bandwidth and the reference,
+#                                        benchmarks/gpu_table.py, and the detector
+#                                        end to end); then compute-sanitizer
+#                                        memcheck, racecheck, initcheck and
+#                                        synccheck on benchmarks/gpu_drivers.py
+#   bash benchmarks/gpu_check.sh tests   the build, the CUDA tests, the
+#                                        sanitizers, then the rest of the suite
+#   bash benchmarks/gpu_check.sh bench   the build and the tables
 #
-# A deadline inside the phase (MVM_GPU_DEADLINE seconds from the start, default
-# 215) cuts a running step short and skips the steps left, saying which. Each
-# step's log reaches $OUT as soon as the step ends, so that a call killed at its
-# limit still returns everything done so far. $OUT holds at most three files:
-# summary.md (the short summary, rewritten after every step), logs.tar.gz (every
-# log) and, for bench, tables.md. Without $OUT they go to a temporary folder,
-# whose path is printed. Without a visible GPU (a dry run on a machine without
-# one) every step that needs one says "skipped: no GPU visible".
+# One deadline covers the whole run: MVM_GPU_DEADLINE seconds from the start
+# (default 570, so that a run fits a 10-minute job). A step that would outlive
+# it is cut there, and the steps left are skipped, each saying so. The CUDA
+# test and table steps also have a cap each (CAP_* below), so that the tests
+# and the tables end within about 6 minutes on a 16-core machine after a build
+# from nothing (4.5 minutes at most after the build), and the sanitizers, one after the
+# other and alone on the GPU, get what is left. The summary and the tables are
+# rewritten after every step, so a run cut short still reports what it did.
+#
+# Files (at most three), in $OUT, or out/gpu_check/ in the repository when
+# $OUT is unset: summary.md (the short summary), logs.tar.gz (every step's log)
+# and tables.md (the tables, once a table step has run). Without a visible GPU
+# (a dry run) every step that needs one says "skipped: no GPU visible".
 #
 # Exit status: 0 when every step that ran passed, 1 otherwise.
 # Knobs: PYTHON (default python3), MAX_JOBS (default: the cores),
-# TORCH_CUDA_ARCH_LIST (default 9.0), MVM_GPU_DEADLINE, MVM_SKIP_BUILD=1 (use the
-# mvm_cuda that python already imports); test knobs: MVM_GPU_STEP_DELAY=step:seconds
-# (that step first sleeps, as if slow), MVM_GPU_VISIBLE=yes|no (overrides the probe).
+# TORCH_CUDA_ARCH_LIST (default 9.0, H100/H200), MVM_GPU_DEADLINE, MVM_SKIP_BUILD=1
+# (use the mvm_cuda that python already imports), MVM_GPU_WORKERS (pytest-xdist
+# workers, default 8, each with OMP_NUM_THREADS=2); test knobs:
+# MVM_GPU_STEP_DELAY=step:seconds (that step first sleeps, as if slow),
+# MVM_GPU_VISIBLE=yes|no (overrides the probe).
 set -uo pipefail
 
 PHASE=${1:-}
 case "$PHASE" in
-  tests|bench) ;;
-  *) echo "usage: $0 tests|bench" >&2; exit 2 ;;
+  all|tests|bench) ;;
+  *) echo "usage: $0 all|tests|bench" >&2; exit 2 ;;
 esac
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
 PY=${PYTHON:-python3}
 T0=$(date +%s)
-DEADLINE=${MVM_GPU_DEADLINE:-215}
-OUT=${OUT:-$(mktemp -d)}
+DEADLINE=${MVM_GPU_DEADLINE:-570}
+case "$DEADLINE" in
+  ''|*[!0-9]*) echo "gpu_check: MVM_GPU_DEADLINE must be a whole number of seconds, got '$DEADLINE'" >&2; exit 2 ;;
+esac
+OUT=${OUT:-$REPO/out/gpu_check}
 mkdir -p "$OUT"
+rm -f "$OUT/summary.md" "$OUT/logs.tar.gz" "$OUT/tables.md"  # nothing of an earlier run
 LOGS=$(mktemp -d)/logs
 mkdir -p "$LOGS"
 SUMMARY=$OUT/summary.md
+# Caps (seconds) of the CUDA test and table steps; see the top.
+CAP_TEST_CUDA=45 CAP_CUDA_CASES=105 CAP_OP_TABLE=75 CAP_DETECTOR=45
 STATUS=0
 GPU=unknown
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -51,23 +66,30 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
 now() { echo $(( $(date +%s) - T0 )); }
 note() { echo "$*" | tee -a "$SUMMARY"; }
-flush() { tar -czf "$OUT/logs.tar.gz.tmp" -C "$(dirname "$LOGS")" logs && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"; }
 left() { echo $(( DEADLINE - $(now) )); }
+# The tables written so far, then every log: after each step.
+flush() {
+  { for f in op_table.md detector.md; do [ -s "$LOGS/$f" ] && { cat "$LOGS/$f"; echo; }; done; } > "$OUT/tables.md.tmp"
+  if [ -s "$OUT/tables.md.tmp" ]; then mv "$OUT/tables.md.tmp" "$OUT/tables.md"; else rm -f "$OUT/tables.md.tmp"; fi
+  tar -czf "$OUT/logs.tar.gz.tmp" -C "$(dirname "$LOGS")" logs && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"
+}
 
-# step NAME NEEDS_GPU MIN_SECONDS CMD...: runs CMD with its output in
-# $LOGS/NAME.log, cut at the deadline; skipped when less than MIN_SECONDS are
-# left or when it needs a GPU and none is visible. Sets STEP_RC.
+# step NAME NEEDS_GPU MIN_SECONDS CAP_SECONDS CMD...: runs CMD with its output
+# in $LOGS/NAME.log, cut at the deadline or after CAP_SECONDS (0: no cap);
+# skipped when less than MIN_SECONDS are left or when it needs a GPU and none
+# is visible. Sets STEP_RC.
 step() {
-  local name=$1 needs_gpu=$2 min=$3; shift 3
-  local t=$(date +%s) budget
+  local name=$1 needs_gpu=$2 min=$3 cap=$4; shift 4
+  local t=$(date +%s) budget limit="the deadline"
   budget=$(left)
   STEP_RC=
   if [ "$needs_gpu" = 1 ] && [ "$GPU" != yes ]; then
-    note "- $name: skipped: no GPU visible"; return
+    note "- $name: skipped: no GPU visible"; flush; return
   fi
   if [ "$budget" -lt "$min" ]; then
-    note "- $name: skipped: deadline (${budget}s left of ${DEADLINE}s, needs ${min}s)"; return
+    note "- $name: skipped: deadline (${budget}s left of ${DEADLINE}s, needs ${min}s)"; flush; return
   fi
+  if [ "$cap" -gt 0 ] && [ "$cap" -lt "$budget" ]; then budget=$cap; limit="its cap of ${cap}s"; fi
   (
     delay=${MVM_GPU_STEP_DELAY:-}
     [ "${delay%%:*}" = "$name" ] && sleep "${delay#*:}"
@@ -84,7 +106,7 @@ step() {
     note "- $name: ok (${took}s)$(summary_of "$name")"
   elif [ "$took" -ge "$budget" ]; then
     STATUS=1
-    note "- $name: cut at the deadline after ${took}s$(summary_of "$name")"
+    note "- $name: cut at $limit after ${took}s$(summary_of "$name")"
   else
     STATUS=1
     note "- $name: FAILED (rc $STEP_RC, ${took}s)$(summary_of "$name"); last lines:"
@@ -144,7 +166,7 @@ fi
 if [ "${MVM_SKIP_BUILD:-0}" = 1 ]; then
   note "- build: skipped (MVM_SKIP_BUILD=1)"
 else
-  step build 0 30 build
+  step build 0 30 0 build
   [ "$STEP_RC" = 0 ] || { note "- stopped: no build"; flush; exit 1; }
 fi
 if [ -n "${MVM_GPU_VISIBLE:-}" ]; then
@@ -160,43 +182,54 @@ else
 fi
 [ "$GPU" = yes ] || note "- no GPU visible: the steps below that need one are skipped"
 
+# Under xdist, 2 threads a worker (8 workers fill 16 cores). The per-test
+# timeout fits the slowest tests: the hang checks' children (60 to 120 s each)
+# and a model's training in a child process.
 PYTEST=($PY -P -m pytest -q)
-$PY -P -c 'import pytest_timeout' 2>/dev/null && PYTEST+=(--timeout=60)
-$PY -P -c 'import xdist' 2>/dev/null && XDIST=(-n 8) || XDIST=()
+$PY -P -c 'import pytest_timeout' 2>/dev/null && PYTEST+=(--timeout=240)
+WORKERS=${MVM_GPU_WORKERS:-8}
+$PY -P -c 'import xdist' 2>/dev/null && [ "$WORKERS" -gt 1 ] && XDIST=(-n "$WORKERS") || XDIST=()
+PYTEST_X=(env OMP_NUM_THREADS=2 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"})
 
-if [ "$PHASE" = tests ]; then
-  # The sanitizers run beside the tests (correctness only, no timings), in the
-  # background, each cut at the deadline like a step.
-  SAN=$(command -v compute-sanitizer || true)
-  [ -z "$SAN" ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/compute-sanitizer" ] && SAN=$CUDA_HOME/bin/compute-sanitizer
-  TOOLS="memcheck racecheck initcheck synccheck"
-  SAN_PIDS=()
-  if [ "$GPU" = yes ] && [ -n "$SAN" ]; then
-    FILTER=()
-    # Only the mvm kernels (much faster); not for initcheck, which must see
-    # torch's kernels write the inputs.
-    "$SAN" --help 2>&1 | grep -q -- "--kernel-name" && FILTER=(--kernel-name kns=mvm)
-    for tool in $TOOLS; do
-      f=(${FILTER[@]+"${FILTER[@]}"}); [ "$tool" = initcheck ] && f=()
-      # No caching allocator: an out-of-bounds access must leave its own
-      # allocation to be seen.
-      ( PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(left)" "$SAN" --tool "$tool" --error-exitcode 9 \
-          ${f[@]+"${f[@]}"} $PY -P benchmarks/gpu_drivers.py > "$LOGS/sanitizer_$tool.log" 2>&1
-        echo $? > "$LOGS/sanitizer_$tool.rc" ) &
-      SAN_PIDS+=($!)
-    done
+cuda_tests() {
+  step test_cuda 1 20 "$CAP_TEST_CUDA" "${PYTEST_X[@]}" tests/test_cuda.py
+  step cuda_cases 1 20 "$CAP_CUDA_CASES" "${PYTEST_X[@]}" tests --ignore=tests/test_cuda.py -k cuda -m "not slow"
+}
+
+# Alone on the GPU, one after the other: timings.
+tables() {
+  step op_table 1 40 "$CAP_OP_TABLE" $PY -P benchmarks/gpu_table.py --out "$LOGS/op_table.md"
+  step detector 1 30 "$CAP_DETECTOR" "${PYTEST[@]}" benchmarks/test_bench_detector.py --quick -k "cuda and not cpu" \
+    --benchmark-json "$LOGS/detector.json"
+  if [ "$STEP_RC" = 0 ]; then
+    $PY -P benchmarks/ratios.py "$LOGS/detector.json" > "$LOGS/detector.md" 2>> "$LOGS/detector.log"
+    flush
   fi
+}
 
-  step test_cuda 1 20 "${PYTEST[@]}" tests/test_cuda.py
-  step cuda_cases 1 20 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} tests --ignore=tests/test_cuda.py -k cuda -m "not slow"
-  step cpu_rest 1 30 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} tests --ignore=tests/test_cuda.py -k "not cuda" -m "not slow"
-
-  for pid in ${SAN_PIDS[@]+"${SAN_PIDS[@]}"}; do wait "$pid"; done
-  for tool in $TOOLS; do
+# The sanitizers, after the tests and one at a time (initcheck instruments
+# every torch kernel: beside a pytest run it would slow both), each cut at the
+# deadline; correctness only, no timings.
+sanitizers() {
+  local san tool name log rc result filter f
+  san=$(command -v compute-sanitizer || true)
+  [ -z "$san" ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/compute-sanitizer" ] && san=$CUDA_HOME/bin/compute-sanitizer
+  filter=()
+  # Only the mvm kernels (much faster); not for initcheck, which must see
+  # torch's kernels write the inputs.
+  [ -n "$san" ] && "$san" --help 2>&1 | grep -q -- "--kernel-name" && filter=(--kernel-name kns=mvm)
+  for tool in memcheck racecheck initcheck synccheck; do
     name="compute-sanitizer $tool"
     if [ "$GPU" != yes ]; then note "- $name: skipped: no GPU visible"; continue; fi
-    if [ -z "$SAN" ]; then note "- $name: unavailable (compute-sanitizer not found)"; continue; fi
-    log=$LOGS/sanitizer_$tool.log; rc=$(cat "$LOGS/sanitizer_$tool.rc" 2>/dev/null || echo "?")
+    if [ -z "$san" ]; then note "- $name: unavailable (compute-sanitizer not found)"; continue; fi
+    if [ "$(left)" -lt 30 ]; then note "- $name: skipped: deadline ($(left)s left of ${DEADLINE}s, needs 30s)"; continue; fi
+    log=$LOGS/sanitizer_$tool.log
+    f=(${filter[@]+"${filter[@]}"}); [ "$tool" = initcheck ] && f=()
+    # No caching allocator: an out-of-bounds access must leave its own
+    # allocation to be seen.
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(left)" "$san" --tool "$tool" --error-exitcode 9 \
+      ${f[@]+"${f[@]}"} $PY -P benchmarks/gpu_drivers.py > "$log" 2>&1
+    rc=$?
     result=$(grep -E "(ERROR|RACECHECK|SYNCCHECK|INITCHECK) SUMMARY" "$log" | tail -1 | sed 's/^=* *//')
     if grep -q -i "device not supported" "$log"; then
       note "- $name: unavailable (the tool answered \"Device not supported\" on this runtime)"
@@ -206,23 +239,33 @@ if [ "$PHASE" = tests ]; then
       STATUS=1
       note "- $name: ERRORS (${result}); first reports:"
       grep -m 20 -E "^=========" "$log" | sed 's/^/    /' | tee -a "$SUMMARY"
-    elif [ "$rc" = 124 ]; then
+    elif [ "$rc" = 124 ]; then  # what ran was clean: a cut is not a failure
       note "- $name: cut at the deadline ($(grep -c "^gpu_drivers: .* ok" "$log") drivers done)"
     else
       STATUS=1
       note "- $name: FAILED (rc $rc); last lines:"
       tail -10 "$log" | sed 's/^/    /' | tee -a "$SUMMARY"
     fi
+    flush
   done
-else
-  # Alone on the GPU, one after the other: timings.
-  step op_table 1 40 $PY -P benchmarks/gpu_table.py --out "$LOGS/op_table.md"
-  step detector 1 40 "${PYTEST[@]}" benchmarks/test_bench_detector.py --quick -k "cuda and not cpu" \
-    --benchmark-json "$LOGS/detector.json"
-  [ "$STEP_RC" = 0 ] && $PY -P benchmarks/ratios.py "$LOGS/detector.json" > "$LOGS/detector.md" 2>> "$LOGS/detector.log"
-  { for f in op_table.md detector.md; do [ -s "$LOGS/$f" ] && { cat "$LOGS/$f"; echo; }; done; } > "$OUT/tables.md"
-  [ -s "$OUT/tables.md" ] || rm -f "$OUT/tables.md"
-fi
+  flush
+}
+
+case "$PHASE" in
+  all)
+    cuda_tests
+    tables
+    sanitizers
+    ;;
+  tests)
+    cuda_tests
+    sanitizers
+    step cpu_rest 1 30 0 "${PYTEST_X[@]}" tests --ignore=tests/test_cuda.py -k "not cuda" -m "not slow"
+    ;;
+  bench)
+    tables
+    ;;
+esac
 
 note "- total: $(now)s"
 flush

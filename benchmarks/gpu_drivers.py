@@ -8,7 +8,9 @@ kernel (the shared-memory and the global-workspace path, vectorised and
 strided layouts, every dtype), synchronises, and checks a few invariants, so
 a sanitizer run stays short. Inputs are built on the CPU and copied to the
 GPU, so that initcheck sees them initialised by a host-to-device copy even
-when only the mvm kernels are instrumented. Ops: sample_rows, project_simplex,
+when only the mvm kernels are instrumented. Drivers: sample_rows (with
+sap_sample), keys (per-sample keys on every sampler path, keyed_uniform, and a
+channels_last SAP on every path, the exact set path included), project_simplex,
 mvm_step, solve_mvm (default: all).
 """
 from __future__ import annotations
@@ -105,6 +107,40 @@ def _cuda_view(x: torch.Tensor) -> torch.Tensor:
     return _cuda(base.clone()).as_strided(x.shape, x.stride(), x.storage_offset())
 
 
+def drive_keys() -> None:
+    # Per-sample keys instead of the generator: sample_rows on the shared-memory,
+    # exact set and big-M paths, SAP on one slice, several slices and the exact
+    # set path, and keyed_uniform (float32, float64, K past one Philox block).
+    keys = _cuda(torch.arange(6, dtype=torch.int64) * 1_000_003 - 2**40)
+    x = _cuda(torch.rand(6, 5, 7, 8))
+    _check_sample(mvm_cuda.sample_rows(x, _probs(3, 35, zeros=2), 20, keys=keys), x, zeros=2)
+    _check_sample(mvm_cuda.sample_rows(x, _probs(3, 35, zeros=2), 2**62, keys=keys), x, zeros=2)
+    rows = _cuda(torch.rand(2, 40_000, 1))
+    _check_sample(mvm_cuda.sample_rows(rows, _probs(1, 40_000, zeros=5), 30_000, keys=keys[:2]), rows, zeros=5)
+    for dt in (torch.float32, torch.float64):
+        u = mvm_cuda.keyed_uniform(keys, 4096 + 3, dt)
+        assert u.shape == (6, 4099) and ((u >= 0) & (u < 1)).all()
+        assert torch.equal(u.cpu(), mvm_cuda.keyed_uniform(keys.cpu(), 4096 + 3, dt))
+    assert mvm_cuda.keyed_uniform(keys, 0).shape == (6, 0)
+    # channels_last h, read in place in memory order: one slice (K = 1,008),
+    # several slices (K = 9,216) and the exact set path (r > 64 K), with the
+    # generator and with keys, sap_sample and the scale alone.
+    g = torch.Generator(device=DEV).manual_seed(1)
+    for shape in ((6, 16, 7, 9), (3, 64, 12, 12)):
+        h = torch.randn(*shape).relu_()
+        h[:, : shape[1] // 2] *= 1e-3  # small entries: on the exact path their sets vary
+        h[1] = 0
+        h = _cuda(h).contiguous(memory_format=torch.channels_last)
+        for frac in (0.3, 65.0):
+            for rand in ({"generator": g}, {"keys": keys[: shape[0]]}):
+                out = mvm_cuda.sap_sample(h, frac, **rand)
+                scale = mvm_cuda.sap_scale(h, frac, **rand)
+                assert out.stride() == h.stride() and scale.stride() == h.stride()
+                assert ((out == 0) | (h != 0)).all() and (out[1] == 0).all() and (out[0] != 0).any()
+                assert ((scale == 0) | (h != 0)).all() and ((scale == 0) | (scale >= 1)).all()
+    torch.cuda.synchronize()
+
+
 def drive_project_simplex() -> None:
     for shape, dt in (((7, 33), torch.float32), ((3, 1000), torch.float64), ((1, 40_000), torch.float32),
                       ((2, 1), torch.float32)):
@@ -141,6 +177,7 @@ def drive_solve_mvm() -> None:
 
 DRIVERS = {
     "sample_rows": drive_sample_rows,
+    "keys": drive_keys,
     "project_simplex": drive_project_simplex,
     "mvm_step": drive_mvm_step,
     "solve_mvm": drive_solve_mvm,

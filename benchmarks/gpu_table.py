@@ -1,13 +1,14 @@
-"""Quick GPU benchmark table of the mvm ops against mvm_cuda.reference, for a
-lent H100/H200 (run by benchmarks/gpu_check.sh; about a minute).
+"""Quick GPU benchmark table of the mvm ops against mvm_cuda.reference (run by
+benchmarks/gpu_check.sh; about a minute on an H100).
 
-For every op and shape: the median time of the kernel (CUDA events), the
-achieved bandwidth (bytes of the op's inputs and output over that time), its
-fraction of the measured device-to-device copy bandwidth (clone of a 1 GiB
-tensor: read + write), and the speedup over the pure-PyTorch reference on the
-same GPU. Where the reference is too slow for the full shape, it runs on fewer
-rows and its time is scaled linearly (marked "scaled"; for launch-bound
-references that overstates their time at the full shape).
+For every op and shape: the median time of the kernel (CUDA events); the bytes
+it actually moves per second (for sample_rows the drawn rows of x read plus the
+whole output written, as docs/performance.md defines the figure); next to it
+the bandwidth of a device-to-device copy of the output's size (a clone: read +
+write) and the op's fraction of it; and the speedup over the pure-PyTorch
+reference on the same GPU. Where the reference is too slow for the full shape,
+it runs on fewer rows and its time is scaled linearly (marked "scaled"; for
+launch-bound references that overstates their time at the full shape).
 
     python benchmarks/gpu_table.py [--out FILE.md]
 """
@@ -44,36 +45,48 @@ def cuda_time(fn, min_runs: int = 3, max_runs: int = 50, budget_s: float = 1.5,
     return statistics.median(times)
 
 
-def copy_bandwidth() -> float:
-    """Bytes per second of a device-to-device clone of 1 GiB (read + write)."""
-    x = torch.empty(1 << 28, dtype=torch.float32, device=DEV).fill_(1.0)
-    t = cuda_time(lambda: x.clone(), min_runs=5)
-    bw = 2 * x.numel() * x.element_size() / t
+def copy_bandwidth(like: torch.Tensor) -> float:
+    """Bytes per second of a device-to-device clone of a tensor of like's size
+    (read + write)."""
+    x = torch.empty(like.numel() * like.element_size(), dtype=torch.uint8, device=DEV).fill_(1)
+    t = cuda_time(lambda: x.clone(), min_runs=5, budget_s=0.5)
     del x
-    return bw
+    return 2 * like.numel() * like.element_size() / t
 
 
 def nbytes(*ts: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
 
+def drawn_row_bytes(x: torch.Tensor, p: torch.Tensor, c: int) -> int:
+    """The expected bytes of x's drawn rows (sample n draws from p[n % P]):
+    sum over samples of sum_i pi_i, times a row's bytes (C elements)."""
+    per_p_row = ref.inclusion_prob(p.double(), c).sum(-1)  # expected distinct rows drawn
+    rows = per_p_row.sum().item() * (x.shape[0] // p.shape[0])
+    return round(rows * x.shape[-1] * x.element_size())
+
+
 class Table:
-    def __init__(self, copy_bw: float):
-        self.copy_bw = copy_bw
+    def __init__(self):
         self.rows = []
 
-    def add(self, op: str, shape: str, t: float, moved: int, t_ref: float | None, ref_note: str = ""):
+    def add(self, op: str, shape: str, t: float, moved: int, out: torch.Tensor, t_ref: float | None,
+            ref_note: str = ""):
         gbs = moved / t / 1e9
+        copy_gbs = copy_bandwidth(out) / 1e9
         speed = f"{t_ref / t:.1f}x{ref_note}" if t_ref else "n/a"
-        self.rows.append((op, shape, f"{t * 1e3:.3f}", f"{gbs:.0f}", f"{gbs * 1e9 / self.copy_bw:.2f}", speed))
+        self.rows.append((op, shape, f"{t * 1e3:.3f}", f"{gbs:.0f}", f"{copy_gbs:.0f}", f"{gbs / copy_gbs:.2f}",
+                          speed))
         print(" | ".join(self.rows[-1]), flush=True)
 
     def markdown(self, device: str) -> str:
-        head = ("op", "shape", "ms", "GB/s", "of copy BW", "speedup vs reference")
+        head = ("op", "shape", "ms", "GB/s moved", "copy GB/s", "of copy", "speedup vs reference")
         lines = [f"# mvm_cuda GPU check: {device}, torch {torch.__version__}",
-                 "", f"Copy bandwidth (clone of 1 GiB, read + write): {self.copy_bw / 1e9:.0f} GB/s.",
-                 "GB/s counts every byte of the inputs and the output once; sample_rows does not read",
-                 "undrawn rows of x, so its figure can pass the copy bandwidth. The solvers are compute-bound.", "",
+                 "", "GB/s moved: the bytes the op actually moves per second: sample_rows reads the drawn rows of x",
+                 "(expected count, from pi) and writes the whole output; sap_sample reads h twice and writes the",
+                 "output; the row ops read their inputs and write their output once. Copy GB/s: a device-to-device",
+                 "clone of a tensor of the output's size (read + write), measured beside it. The solvers are",
+                 "compute-bound.", "",
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in self.rows]
         return "\n".join(lines) + "\n"
@@ -102,7 +115,7 @@ def bench_sample_rows(tab: Table) -> None:
         t = cuda_time(lambda: mvm_cuda.sample_rows(x, p, c))
         t_ref = cuda_time(lambda: ref.sample_rows(x, p, c), max_runs=5)
         shape = f"{tuple(x.shape)} P={imgs} c={c} {name} ({nbytes(x) / 1e9:.2f} GB)"
-        tab.add("sample_rows", shape, t, 2 * nbytes(x) + nbytes(p), t_ref)
+        tab.add("sample_rows", shape, t, drawn_row_bytes(x, p, c) + nbytes(x), x, t_ref)
         del x, p
         torch.cuda.empty_cache()
 
@@ -113,7 +126,7 @@ def bench_sap(tab: Table) -> None:
     small = h[:320]
     t_ref = cuda_time(lambda: ref.sap_sample(small, 0.5), max_runs=3) * h.shape[0] / small.shape[0]
     k = h[0].numel()
-    tab.add("sap_sample", f"{tuple(h.shape)} float32 frac=0.5 (K={k})", t, 2 * nbytes(h), t_ref,
+    tab.add("sap_sample", f"{tuple(h.shape)} float32 frac=0.5 (K={k})", t, 3 * nbytes(h), h, t_ref,
             f" (ref on {small.shape[0]} rows, scaled)")
     del h
     torch.cuda.empty_cache()
@@ -123,12 +136,12 @@ def bench_project(tab: Table) -> None:
     v = torch.randn(100_000, 1024, device=DEV)
     t = cuda_time(lambda: mvm_cuda.project_simplex(v))
     t_ref = cuda_time(lambda: ref.project_simplex(v), max_runs=5)
-    tab.add("project_simplex", f"{tuple(v.shape)} float32", t, 2 * nbytes(v), t_ref)
+    tab.add("project_simplex", f"{tuple(v.shape)} float32", t, 2 * nbytes(v), v, t_ref)
     p = torch.softmax(torch.randn(100_000, 1024, device=DEV), -1)
     alpha = torch.rand_like(p)
     t = cuda_time(lambda: mvm_cuda.mvm_step(p, alpha, 784, 1e-6))
     t_ref = cuda_time(lambda: ref.mvm_step(p, alpha, 784, 1e-6), max_runs=5)
-    tab.add("mvm_step", f"{tuple(p.shape)} float32 c=784", t, 3 * nbytes(p), t_ref)
+    tab.add("mvm_step", f"{tuple(p.shape)} float32 c=784", t, 3 * nbytes(p), p, t_ref)
     del v, p, alpha
     torch.cuda.empty_cache()
 
@@ -137,12 +150,12 @@ def bench_solve(tab: Table) -> None:
     alpha = torch.rand(12800, 1024, device=DEV) ** 4
     t = cuda_time(lambda: mvm_cuda.solve_mvm(alpha, 2048, "kkt"))
     t_ref = cuda_time(lambda: ref.solve_mvm(alpha[: alpha.shape[0] // 10], 2048, "kkt"), min_runs=1, max_runs=1) * 10
-    tab.add("solve_mvm kkt", f"{tuple(alpha.shape)} float32 c=2048", t, 2 * nbytes(alpha), t_ref, " (ref on 1/10 of the rows, scaled)")
+    tab.add("solve_mvm kkt", f"{tuple(alpha.shape)} float32 c=2048", t, 2 * nbytes(alpha), alpha, t_ref, " (ref on 1/10 of the rows, scaled)")
     alpha = torch.rand(1024, 676, device=DEV) ** 4
     t = cuda_time(lambda: mvm_cuda.solve_mvm(alpha, 784, "pgd", 1000, 1e-6), max_runs=5)
     t_ref = cuda_time(lambda: ref.solve_mvm(alpha[:2], 784, "pgd", 1000, 1e-6), min_runs=1, max_runs=1,
                       warmup=False) * alpha.shape[0] / 2
-    tab.add("solve_mvm pgd", f"{tuple(alpha.shape)} float32 c=784 max_iter=1000", t, 2 * nbytes(alpha), t_ref,
+    tab.add("solve_mvm pgd", f"{tuple(alpha.shape)} float32 c=784 max_iter=1000", t, 2 * nbytes(alpha), alpha, t_ref,
             " (ref on 2 rows, scaled)")
 
 
@@ -152,8 +165,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
-    tab = Table(copy_bandwidth())
-    print(f"{device}: copy bandwidth {tab.copy_bw / 1e9:.0f} GB/s", flush=True)
+    tab = Table()
     for bench in (bench_sample_rows, bench_sap, bench_project, bench_solve):
         bench(tab)
     md = tab.markdown(device)

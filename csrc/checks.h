@@ -258,6 +258,16 @@ inline void check_sap_values(bool finite, double sum_abs, int64_t sample) {
               " overflows float64");
 }
 
+// The (N, K) view of h (as check_sap_sample returns it: each sample one dense
+// block of K entries) whose row n lists sample n's entries in memory order,
+// the order in which the kernels read them; for a channels_last h that is
+// NHWC order, which h.reshape(N, K) would not give (nor without a copy).
+inline at::Tensor sap_entries(const at::Tensor& h) {
+  const int64_t N = h.size(0);
+  const int64_t K = N == 0 ? 0 : h.numel() / N;
+  return h.as_strided({N, K}, {K, 1});
+}
+
 // sap_sample's checks; returns the tensor the kernels read: h itself when
 // each sample's K entries are one dense block (contiguous or channels_last,
 // read in memory order: the entries' order does not matter), else a
@@ -272,8 +282,10 @@ inline at::Tensor check_sap_sample(const at::Tensor& h, int64_t r, const std::op
   TORCH_CHECK(r >= 1, "mvm::", op, ": r (the number of draws) must be >= 1, got ", r);
   check_copies(op, copies, h.size(0));
   check_keys(op, keys, has_generator, copies == 1 ? "h" : "the output", h, copies * h.size(0));
+  const bool in_place = h.is_contiguous() || h.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor read = in_place ? h : h.contiguous();
   if (!h.device().is_cpu() && should_check_values(h) && h.numel() > 0) {
-    const auto flat = h.reshape({h.size(0), -1});
+    const auto flat = sap_entries(read);
     const auto finite = at::isfinite(flat).all(1);
     const auto sums = flat.abs().sum(1, /*keepdim=*/false, at::kDouble);
     const auto bad = (finite.logical_not() | at::isinf(sums)).nonzero();
@@ -282,8 +294,7 @@ inline at::Tensor check_sap_sample(const at::Tensor& h, int64_t r, const std::op
       check_sap_values(finite[n].item<bool>(), sums[n].item<double>(), n);
     }
   }
-  const bool in_place = h.is_contiguous() || h.is_contiguous(at::MemoryFormat::ChannelsLast);
-  return in_place ? h : h.contiguous();
+  return read;
 }
 
 // keyed_dropout's checks; returns the tensor the kernels read: x itself when

@@ -96,6 +96,18 @@ def test_exact_set_path_law(sampler):
     t.test_exact_path_agrees_in_law_with_one_by_one_path("cuda", sampler)
 
 
+@pytest.mark.parametrize("random", ["generator", "keys"])
+@pytest.mark.parametrize("frac", [0.3, 65.0, 80.0], ids=["draws", "exact", "exact80"])
+@pytest.mark.parametrize("shape", [(5, 6, 4, 7), (3, 64, 12, 12)], ids=["one_slice", "slices"])
+def test_sap_channels_last_is_its_nhwc_equivalent(shape, frac, random):
+    # A channels_last h is read in place, in memory order, by every path: one
+    # slice, several slices (K = 9216 > 4096), and the exact set path (r > 64 K,
+    # whose weights must be built in memory order too), for sap_sample and
+    # sap_scale alike.
+    import test_sap_sample as t
+    t.check_channels_last_is_its_nhwc_equivalent("cuda", shape, frac, random)
+
+
 def test_exact_set_path_has_no_host_sync_and_ends():
     x = torch.rand(8, 16, 16, 4, device="cuda")
     p = torch.full((2, 256), 1 / 256, dtype=torch.float64, device="cuda")

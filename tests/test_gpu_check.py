@@ -15,13 +15,18 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ta
                                 reason="needs bash and tar")
 
 
-def run_phase(phase, out, **env):
+def run_phase(phase, out, script=SCRIPT, **env):
     """The phase against the installed mvm_cuda (no build), with no
-    compute-sanitizer or nvcc in reach."""
-    full = dict(os.environ, OUT=str(out), PYTHON=sys.executable, MVM_SKIP_BUILD="1",
-                PATH=os.path.dirname(sys.executable) + ":/usr/bin:/bin", CUDA_HOME="/nonexistent", **env)
+    compute-sanitizer or nvcc in reach, and no GPU unless env says
+    MVM_GPU_VISIBLE=yes (on a GPU machine the probe would find one, and the
+    nested phase would run for real). out=None leaves $OUT unset."""
+    full = {**os.environ, "PYTHON": sys.executable, "MVM_SKIP_BUILD": "1", "MVM_GPU_VISIBLE": "no",
+            "PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin", "CUDA_HOME": "/nonexistent", **env}
     full.pop("PYTHONPATH", None)
-    return subprocess.run(["bash", str(SCRIPT), phase], env=full, capture_output=True, text=True, timeout=120)
+    full.pop("OUT", None)
+    if out is not None:
+        full["OUT"] = str(out)
+    return subprocess.run(["bash", str(script), phase], env=full, capture_output=True, text=True, timeout=120)
 
 
 def check_files(out):
@@ -47,18 +52,49 @@ def test_a_slow_step_is_cut_at_the_deadline_and_the_rest_reported(tmp_path):
     assert "test_cuda.log" in check_files(tmp_path / "out")
 
 
-@pytest.mark.parametrize("phase", ["tests", "bench"])
+STEPS = {
+    "all": ["test_cuda", "cuda_cases", "op_table", "detector", "compute-sanitizer memcheck",
+            "compute-sanitizer racecheck", "compute-sanitizer initcheck", "compute-sanitizer synccheck"],
+    "tests": ["test_cuda", "cuda_cases", "compute-sanitizer memcheck", "compute-sanitizer racecheck",
+              "compute-sanitizer initcheck", "compute-sanitizer synccheck", "cpu_rest"],
+    "bench": ["op_table", "detector"],
+}
+
+
+@pytest.mark.parametrize("phase", STEPS)
 def test_without_a_gpu_every_gpu_step_says_so(tmp_path, phase):
     done = run_phase(phase, tmp_path / "out")
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert done.returncode == 0, done.stdout + done.stderr
     assert "- no GPU visible" in summary, summary
-    steps = ["test_cuda", "cuda_cases", "cpu_rest"] if phase == "tests" else ["op_table", "detector"]
-    for name in steps:
-        assert f"- {name}: skipped: no GPU visible" in summary, summary
+    lines = summary.splitlines()
+    at = [lines.index(f"- {name}: skipped: no GPU visible") for name in STEPS[phase]]
+    assert at == sorted(at), summary  # in this order: tests, tables, sanitizers
+    assert "deadline 570s" in summary and "- total:" in summary
     check_files(tmp_path / "out")
 
 
+def test_the_deadline_is_passed_in_seconds(tmp_path):
+    done = run_phase("all", tmp_path / "out", MVM_GPU_DEADLINE="900")
+    assert done.returncode == 0 and "deadline 900s" in (tmp_path / "out" / "summary.md").read_text()
+    done = run_phase("all", tmp_path / "out", MVM_GPU_DEADLINE="ten")
+    assert done.returncode == 2 and "MVM_GPU_DEADLINE must be a whole number of seconds, got 'ten'" in done.stderr
+
+
+def test_without_out_the_files_go_to_out_gpu_check(tmp_path):
+    # A copy of the script in a tree of its own: its default folder is that
+    # tree's out/gpu_check.
+    (tmp_path / "benchmarks").mkdir()
+    script = tmp_path / "benchmarks" / "gpu_check.sh"
+    shutil.copy(SCRIPT, script)
+    done = run_phase("all", None, script=script)
+    out = tmp_path / "out" / "gpu_check"
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"gpu_check: results in {out}" in done.stdout
+    assert "- op_table: skipped: no GPU visible" in (out / "summary.md").read_text()
+    check_files(out)
+
+
 def test_an_unknown_phase_is_refused(tmp_path):
-    done = run_phase("all", tmp_path / "out")
-    assert done.returncode == 2 and "usage:" in done.stderr
+    done = run_phase("everything", tmp_path / "out")
+    assert done.returncode == 2 and "usage:" in done.stderr and "all|tests|bench" in done.stderr

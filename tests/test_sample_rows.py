@@ -1,3 +1,13 @@
+"""sample_rows against mvm_cuda.reference: its law, its scales, layouts and bad input.
+
+The statistical tests draw from fixed seeds, so each gives the same verdict on every run of
+the same device. On a new random stream (another device, or a change to how the draws consume
+Philox), each such test is a fresh trial at its own significance level: with about 25 of them,
+one failure in a few percent of new streams is expected by chance. A failure there means a
+wrong law only if it repeats under other seeds: rerun that test with its seed changed (e.g.
+manual_seed(0) -> manual_seed(1), 2, 3); a right law passes nearly all of them, a wrong one
+fails nearly all.
+"""
 import math
 import re
 
@@ -17,6 +27,16 @@ def _probs(m, seed=0, zeros=0):
     p = torch.rand(m, generator=g, dtype=torch.float64) + 0.05
     p[:zeros] = 0
     return (p / p.sum())[None]
+
+
+def _scale_ulps(dtype, device):
+    """How many eps * |exact| a kept row x_i / pi_i may be off: one rounding of
+    the product for the float32-or-better scale; in float64 the scale's own
+    expm1/log1p chain adds more (the CPU's libm and torch's differ in the last
+    bit: 2 in all; CUDA's device functions reach about 3.5 ulp: 4)."""
+    if dtype != torch.float64:
+        return 1
+    return 4 if device == "cuda" else 2
 
 
 def _kept(out):
@@ -125,9 +145,7 @@ def test_kept_rows_are_scaled_exactly_and_others_zero(device, dtype):
     # Kept rows: x_i * (1 / pi_i), scale in float32 or better, one rounding.
     scale = 1.0 / ref.inclusion_prob(p[0], c)
     exact = (x.double() * scale[None, :, None])[kept]
-    # One rounding of the product; float64 allows one more ulp for the scale,
-    # since libm's and torch's expm1/log1p may differ in the last bit.
-    ulp = torch.finfo(dtype).eps * exact.abs() * (2 if dtype == torch.float64 else 1)
+    ulp = torch.finfo(dtype).eps * exact.abs() * _scale_ulps(dtype, device)
     assert ((out[kept].double() - exact).abs() <= ulp).all()
 
 
@@ -285,7 +303,7 @@ def test_non_collapsing_pixels(device, layout, dtype):
     assert kept.flatten(1).any(1).all() and not kept.flatten(1)[:, :3].any()
     scale = (1.0 / ref.inclusion_prob(p[0], 9)).reshape(x.shape[1], x.shape[2], 1)
     exact = x.cpu().double() * scale
-    ulp = torch.finfo(dtype).eps * exact.abs() * (2 if dtype == torch.float64 else 1)
+    ulp = torch.finfo(dtype).eps * exact.abs() * _scale_ulps(dtype, device)
     assert ((out.cpu().double() - exact).abs() <= ulp)[kept].all()
     assert (out.cpu()[~kept] == 0).all()
 

@@ -274,3 +274,47 @@ def test_relu_and_copies_are_the_relu_and_the_stack(device, frac, layout):
     # The reference takes the same arguments (its draws come from other streams).
     want = ref.sap_sample(h.cpu(), frac, keys=keys.cpu(), relu=True, copies=2)
     assert want.shape == out.shape and (want[stacked.cpu() == 0] == 0).all()
+
+
+# ---------------------------------------------------------------- channels_last
+
+# r = 0.3 K (one-by-one draws) or 65 K (the exact set path, r > 64 K, whose
+# weights must list the entries in the order the kernel reads them).
+LAYOUT_FRAC = {"draws": 0.3, "exact": 65.0}
+
+
+def check_channels_last_is_its_nhwc_equivalent(device, shape, frac, random):
+    """sap_sample and sap_scale on a channels_last h (N, C, H, W) read it in
+    place, in memory order: their result is, entry for entry, what the same op
+    gives on the NHWC-contiguous copy with the same generator seed or keys;
+    and it is SAP's (zeros never kept, kept entries scaled by 1/pi as
+    mvm_cuda.reference computes it)."""
+    g = torch.Generator().manual_seed(7)
+    nchw = torch.relu(torch.randn(shape, generator=g, dtype=torch.float64))
+    nchw[:, : shape[1] // 2] *= 1e-3  # small entries: on the exact path r p is near 1 and their sets vary
+    h = nchw.to(device).contiguous(memory_format=torch.channels_last)
+    nhwc = h.permute(0, 2, 3, 1).contiguous()
+    keys = torch.randint(-2**63, 2**63 - 1, (shape[0],), generator=g, dtype=torch.int64).to(device)
+
+    def rand():
+        return {"keys": keys} if random == "keys" else {"generator": torch.Generator(device).manual_seed(11)}
+
+    r = ref.sap_draws(h, frac)
+    for op in (mvm_cuda.sap_sample, mvm_cuda.sap_scale):
+        got, want = op(h, frac, **rand()), op(nhwc, frac, **rand())
+        assert got.stride() == h.stride()
+        assert torch.equal(got.permute(0, 2, 3, 1), want), op.__name__
+    scale = mvm_cuda.sap_scale(h, frac, **rand()).cpu()
+    assert torch.equal(mvm_cuda.sap_sample(h, frac, **rand()).cpu(), h.cpu() * scale)
+    kept = scale != 0
+    flat = nchw.reshape(shape[0], -1)
+    p = flat.abs() / flat.abs().sum(1, keepdim=True)
+    assert kept.any() and not kept[nchw == 0].any()
+    want = (1 / ref.inclusion_prob(p, r)).reshape(shape)
+    torch.testing.assert_close(scale[kept], want[kept], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("random", ["generator", "keys"])
+@pytest.mark.parametrize("frac", LAYOUT_FRAC.values(), ids=LAYOUT_FRAC.keys())
+def test_channels_last_is_its_nhwc_equivalent(device, frac, random):
+    check_channels_last_is_its_nhwc_equivalent(device, (5, 6, 4, 7), frac, random)

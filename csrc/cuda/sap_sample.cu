@@ -240,7 +240,8 @@ at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, const std::optional<at:
                                                    : 4 * (a.slice_blocks + pairs + static_cast<uint64_t>(a.S)));
     at::Tensor drawn;
     if (exact) {  // the drawn entries of every sample, in work independent of r
-      const auto v = h.reshape({a.Nx, a.K}).to(at::kDouble);
+      // Weights in memory order, as the kernel reads h and drawn.
+      const auto v = sap_entries(h).to(at::kDouble);
       drawn = exact_drawn((relu ? v.clamp_min(0.0) : v.abs()).repeat({copies, 1}), r, a.rng, a.keys);
       a.drawn = drawn.const_data_ptr<uint8_t>();
     }
