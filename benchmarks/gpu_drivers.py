@@ -138,6 +138,18 @@ def drive_keys() -> None:
                 assert out.stride() == h.stride() and scale.stride() == h.stride()
                 assert ((out == 0) | (h != 0)).all() and (out[1] == 0).all() and (out[0] != 0).any()
                 assert ((scale == 0) | (h != 0)).all() and ((scale == 0) | (scale >= 1)).all()
+    # The units' fused paths: relu of a pre-activation and copies of the batch, for the
+    # three samplers (keyed_dropout equal to the CPU's bit for bit).
+    pre = _cuda(torch.randn(3, 16, 7, 9)).contiguous(memory_format=torch.channels_last)
+    stacked = keys[:6]
+    x = pre.permute(0, 2, 3, 1)
+    out = mvm_cuda.sample_rows(x, _probs(3, 63, zeros=2), 20, keys=stacked, relu=True, copies=2)
+    assert out.shape == (6, 7, 9, 16) and (out >= 0).all()
+    out = mvm_cuda.sap_sample(pre, 0.3, keys=stacked, relu=True, copies=2)
+    assert out.shape == (6, 16, 7, 9) and (out >= 0).all()
+    for h in (pre, pre.contiguous(), pre.double()):
+        out = mvm_cuda.keyed_dropout(h, stacked, 0.5, relu=True, copies=2)
+        assert torch.equal(out.cpu(), mvm_cuda.keyed_dropout(h.cpu(), stacked.cpu(), 0.5, relu=True, copies=2))
     torch.cuda.synchronize()
 
 

@@ -120,6 +120,29 @@ def bench_sample_rows(tab: Table) -> None:
         torch.cuda.empty_cache()
 
 
+def bench_fused(tab: Table) -> None:
+    """The units' fused passes as the detector runs them: the pre-activation of P images
+    read once, R copies written (relu=True, copies=R), against the same copy of the
+    output's size; the reference applies the ReLU and stacks first."""
+    images, copies, c = 32, 100, 784
+    pre = torch.randn(images, 64, 26, 26, device=DEV).contiguous(memory_format=torch.channels_last)
+    keys = torch.arange(images * copies, device=DEV)
+    p = mnist_p(pre.relu().permute(0, 2, 3, 1), images, c)
+    out_like = torch.empty(images * copies, 64, 26, 26, device=DEV)
+    x = pre.permute(0, 2, 3, 1)
+    t = cuda_time(lambda: mvm_cuda.sample_rows(x, p, c, keys=keys, relu=True, copies=copies))
+    t_ref = cuda_time(lambda: ref.sample_rows(x, p, c, relu=True, copies=copies), max_runs=5)
+    moved = nbytes(pre) + nbytes(out_like)  # the P images read (at most), the R * P samples written
+    tab.add("sample_rows", f"relu, copies={copies}: {tuple(x.shape)} -> {images * copies} samples, c={c}", t, moved,
+            out_like, t_ref)
+    t = cuda_time(lambda: mvm_cuda.keyed_dropout(pre, keys, 0.5, relu=True, copies=copies))
+    t_ref = cuda_time(lambda: ref.keyed_dropout(pre, keys, 0.5, relu=True, copies=copies), max_runs=5)
+    tab.add("keyed_dropout", f"relu, copies={copies}: {tuple(pre.shape)} channels_last -> {images * copies} "
+            "samples, p=0.5", t, nbytes(pre) + nbytes(out_like), out_like, t_ref)
+    del pre, out_like, x
+    torch.cuda.empty_cache()
+
+
 def bench_sap(tab: Table) -> None:
     h = torch.randn(3200, 26, 26, 64, device=DEV).relu_()
     t = cuda_time(lambda: mvm_cuda.sap_sample(h, 0.5))
@@ -166,7 +189,7 @@ def main() -> None:
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
     tab = Table()
-    for bench in (bench_sample_rows, bench_sap, bench_project, bench_solve):
+    for bench in (bench_sample_rows, bench_fused, bench_sap, bench_project, bench_solve):
         bench(tab)
     md = tab.markdown(device)
     print(md)

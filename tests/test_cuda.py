@@ -328,3 +328,31 @@ def test_keys_on_another_device_raise():
     with pytest.raises(RuntimeError, match=r"mvm::sap_sample: h and keys must be on the same device, got cpu and "
                                            r"cuda:0"):
         torch.ops.mvm.sap_sample(torch.rand(2, 5), 3, keys=torch.arange(2, device="cuda"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_keyed_dropout_is_the_cpu_s(dtype, layout):
+    # The same Philox blocks and integer keep rule on both devices: equal bit for bit,
+    # with the fused ReLU and stacked copies, in both layouts and every dtype.
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(3, 5, 6, 7, generator=torch.Generator().manual_seed(2)).to(dtype).contiguous(memory_format=fmt)
+    keys = torch.tensor([0, 1, -1, 2**63 - 1, -2**63, 12345678901234])
+    for p_drop in (0.0, 0.3, 0.5):
+        got = mvm_cuda.keyed_dropout(x.cuda(), keys.cuda(), p_drop, relu=True, copies=2)
+        assert got.is_contiguous(memory_format=fmt)
+        assert torch.equal(got.cpu(), mvm_cuda.keyed_dropout(x, keys, p_drop, relu=True, copies=2))
+
+
+def test_fused_samplers_have_no_host_sync():
+    pre = torch.randn(4, 16, 7, 7, device="cuda").contiguous(memory_format=torch.channels_last)
+    keys = torch.arange(12, device="cuda")
+    p = torch.full((4, 49), 1 / 49, dtype=torch.float64, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mvm_cuda.sample_rows(pre.permute(0, 2, 3, 1), p, 20, keys=keys, relu=True, copies=3)
+        mvm_cuda.sap_sample(pre, 0.3, keys=keys, relu=True, copies=3)
+        mvm_cuda.keyed_dropout(pre, keys, 0.5, relu=True, copies=3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
