@@ -1,7 +1,10 @@
 """sap_sample and sap_scale (stochastic activation pruning): the fused op on CPU and
 CUDA, the library's composition through sample_rows for other devices, and their
 agreement with mvm_cuda.reference."""
+import io
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ import mvm_cuda
 from mvm_cuda import ops
 from mvm_cuda import reference as ref
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, installed_package_env
 
 
 def test_independent_of_thread_count():
@@ -318,3 +321,42 @@ def check_channels_last_is_its_nhwc_equivalent(device, shape, frac, random):
 @pytest.mark.parametrize("frac", LAYOUT_FRAC.values(), ids=LAYOUT_FRAC.keys())
 def test_channels_last_is_its_nhwc_equivalent(device, frac, random):
     check_channels_last_is_its_nhwc_equivalent(device, (5, 6, 4, 7), frac, random)
+
+
+# Every path of the CPU kernel: float32 (its AVX2 block sums), the other dtypes,
+# relu and |h|, a K that is not a multiple of the 32-entry block, the exact set path.
+_ISA_CASES = """
+import io, sys, torch, mvm_cuda
+g = torch.Generator().manual_seed(3)
+outs = []
+for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    h = torch.randn(6, 8, 9, 7, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    h[0, :, :3] = 0
+    keys = torch.arange(12) * 7919
+    for relu in (False, True):
+        for frac in (0.01, 0.5, 2.0, 70.0):
+            outs.append(mvm_cuda.sap_sample(h, frac, keys=keys, relu=relu, copies=2))
+            outs.append(mvm_cuda.sap_scale(h, frac, keys=keys[:6]))
+buf = io.BytesIO()
+torch.save(outs, buf)
+sys.stdout.buffer.write(buf.getvalue())
+"""
+
+
+def test_cpu_isa_gives_the_same_bits(tmp_path):
+    # The AVX2 paths (block sums, 1/pi) and the plain ones (MVM_CPU_ISA=default)
+    # give the same bits: both run in child processes, compared bit for bit.
+    runs = []
+    for isa in (None, "default"):
+        env = installed_package_env()
+        env.pop("MVM_CPU_ISA", None)
+        if isa is not None:
+            env["MVM_CPU_ISA"] = isa
+        done = subprocess.run([sys.executable, "-c", _ISA_CASES], capture_output=True, check=True, timeout=300,
+                              cwd=tmp_path, env=env)
+        runs.append(torch.load(io.BytesIO(done.stdout)))
+    assert len(runs[0]) == len(runs[1]) == 64
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    for a, b in zip(*runs):
+        assert (a != 0).any()
+        assert torch.equal(a.reshape(-1).view(bits[a.element_size()]), b.reshape(-1).view(bits[b.element_size()]))

@@ -1,0 +1,321 @@
+// sap_sample's per-sample work on the CPU: r draws with replacement from a
+// sample's K entries in proportion to their weights w_j (|h_j|, or max(h_j, 0)
+// with relu), in two stages over blocks of kBlock consecutive entries:
+//   1. one pass over the sample sums each block's weights (vectorised: the
+//      lanes of a block are summed apart, then together in a fixed order);
+//   2. each draw picks a block in proportion to its sum (a guided CDF over the
+//      blocks, which stays in L1), and the draws are counted per block;
+//   3. each block with draws gets the running sums of its weights (in order),
+//      and its draws, fresh uniforms in [0, its running total), find their
+//      entries by a branch-free binary search; the drawn entries become bits
+//      of the block's mask.
+// Given the counts, a block's draws are independent and in proportion to w
+// within it, so together these are r independent draws in proportion to w.
+// Stage 3 draws below the block's own running total, so an entry of weight 0
+// is never drawn, whatever the rounding of the sums in stage 1.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../elementary.h"
+#include "draws.h"
+#include "exact_draws.h"
+#include "isa.h"
+
+namespace mvm::cpu::sap {
+
+// Entries per block: a block's running sums fit a binary search of five steps
+// and its drawn entries the bits of a uint32.
+constexpr int64_t kBlock = 32;
+// Lanes of stage 1's block sums: two AVX2 registers of doubles.
+constexpr int kLanes = 8;
+// Guide buckets per block in stage 2.
+constexpr int64_t kGuidePerBlock = 2;
+
+// The weight of an entry as a double, without a branch (gcc makes `v < 0 ? 0
+// : v` a branch on the sign, mispredicted half the time on a ReLU's input):
+// relu clears a negative v's bits, so -inf gives 0 (as torch.relu) and NaN
+// stays NaN; the same result as AVX2's max(0, v).
+template <bool Relu, typename T>
+__attribute__((always_inline)) inline double weight(T x) {
+  const double v = static_cast<double>(x);
+  if constexpr (Relu) {
+    const uint64_t negative = uint64_t(0) - static_cast<uint64_t>(v < 0.0);
+    return elementary_detail::from_bits(elementary_detail::bits(v) & ~negative);
+  } else {
+    return std::abs(v);
+  }
+}
+
+// What stage 1 finds in a sample.
+struct Scan {
+  double total;      // sum w over the blocks, in order: inf or NaN if an entry is
+  int64_t positive;  // entries with w > 0
+};
+
+// Stage 1 over whole blocks (n_full of them): sums[b], the blocks' total and
+// the count of positive weights (in double lanes, exact below 2^53). One body
+// compiled twice (plain and AVX2); the same additions in the same order.
+template <bool Relu, typename T>
+__attribute__((always_inline)) inline Scan block_sums_body(const T* __restrict__ x, int64_t n_full,
+                                                           double* __restrict__ sums) {
+  double count[kLanes] = {};
+  double total = 0.0;
+  for (int64_t b = 0; b < n_full; ++b) {
+    const T* xb = x + b * kBlock;
+    double acc[kLanes] = {};
+    for (int64_t i = 0; i < kBlock; i += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const double w = weight<Relu>(xb[i + l]);
+        acc[l] += w;
+        count[l] += w > 0.0 ? 1.0 : 0.0;
+      }
+    }
+    sums[b] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    total += sums[b];
+  }
+  const double positive = ((count[0] + count[1]) + (count[2] + count[3])) + ((count[4] + count[5]) + (count[6] + count[7]));
+  return {total, static_cast<int64_t>(positive)};
+}
+
+#ifdef MVM_X86_SIMD
+// block_sums_body for float in AVX2 intrinsics (gcc turns the scalar max into
+// branches and leaves it scalar): the lanes l and l + 4 of the body are the
+// two registers' lane l; max(0, v) is weight's relu.
+template <bool Relu>
+__attribute__((target("avx2"))) Scan block_sums_avx2(const float* x, int64_t n_full, double* sums) {
+  const __m256d zero = _mm256_setzero_pd(), one = _mm256_set1_pd(1.0);
+  const __m256d magnitude = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fffffffffffffffll));
+  __m256d count_lo = zero, count_hi = zero;
+  double total = 0.0;
+  for (int64_t b = 0; b < n_full; ++b) {
+    const float* xb = x + b * kBlock;
+    __m256d acc_lo = zero, acc_hi = zero;
+    for (int64_t i = 0; i < kBlock; i += kLanes) {
+      const __m256 f = _mm256_loadu_ps(xb + i);
+      __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(f));
+      __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
+      if constexpr (Relu) {
+        lo = _mm256_max_pd(zero, lo);
+        hi = _mm256_max_pd(zero, hi);
+      } else {
+        lo = _mm256_and_pd(lo, magnitude);
+        hi = _mm256_and_pd(hi, magnitude);
+      }
+      acc_lo = _mm256_add_pd(acc_lo, lo);
+      acc_hi = _mm256_add_pd(acc_hi, hi);
+      count_lo = _mm256_add_pd(count_lo, _mm256_and_pd(_mm256_cmp_pd(lo, zero, _CMP_GT_OQ), one));
+      count_hi = _mm256_add_pd(count_hi, _mm256_and_pd(_mm256_cmp_pd(hi, zero, _CMP_GT_OQ), one));
+    }
+    alignas(32) double a[kLanes];
+    _mm256_store_pd(a, acc_lo);
+    _mm256_store_pd(a + 4, acc_hi);
+    sums[b] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+    total += sums[b];
+  }
+  alignas(32) double c[kLanes];
+  _mm256_store_pd(c, count_lo);
+  _mm256_store_pd(c + 4, count_hi);
+  const double positive = ((c[0] + c[1]) + (c[2] + c[3])) + ((c[4] + c[5]) + (c[6] + c[7]));
+  return {total, static_cast<int64_t>(positive)};
+}
+#endif
+
+// Stage 1 over a sample of K entries: the sums of its ceil(K / kBlock) blocks
+// (the last one padded with zeros).
+template <bool Relu, typename T>
+Scan block_sums(const T* x, int64_t K, double* sums) {
+  const int64_t n_full = K / kBlock;
+  Scan s;
+#ifdef MVM_X86_SIMD
+  if constexpr (std::is_same_v<T, float>) {
+    s = kHasAvx2 ? block_sums_avx2<Relu>(x, n_full, sums) : block_sums_body<Relu>(x, n_full, sums);
+  } else
+#endif
+  {
+    s = block_sums_body<Relu>(x, n_full, sums);
+  }
+  if (K % kBlock != 0) {
+    T tail[kBlock];
+    std::fill_n(tail, kBlock, T(0));
+    std::copy_n(x + n_full * kBlock, K % kBlock, tail);
+    const Scan t = block_sums_body<Relu>(tail, 1, sums + n_full);
+    s = {s.total + t.total, s.positive + t.positive};
+  }
+  return s;
+}
+
+// Whether all of a sample's weights are finite: asked only once its total is
+// not, to tell a NaN or inf in h from a sum that overflows.
+template <bool Relu, typename T>
+bool all_finite(const T* x, int64_t K) {
+  for (int64_t j = 0; j < K; ++j)
+    if (!(weight<Relu>(x[j]) <= std::numeric_limits<double>::max())) return false;
+  return true;
+}
+
+// Stage 2's table: the blocks' running sums and a guide of G buckets of equal
+// mass (Table in draws.h, with int32 slots: it stays in L1).
+struct BlockTable {
+  std::vector<double> cdf;
+  std::vector<int32_t> guide;
+  double total = 0.0;
+  int64_t last = 0;  // the last block with a positive sum
+  int64_t buckets = 0;
+
+  // From the block sums (in cdf on entry, replaced by their running sums).
+  void build(int64_t blocks) {
+    double run = 0.0;
+    last = 0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      last = cdf[b] > 0.0 ? b : last;
+      cdf[b] = run += cdf[b];
+    }
+    total = run;
+    buckets = kGuidePerBlock * blocks;
+    // guide[g] = the number of blocks b with floor(cdf[b] * scale) < g (as
+    // build_guide in draws.h): the guide never starts past the answer.
+    guide.assign(buckets + 1, 0);
+    const double scale = static_cast<double>(buckets) / total * (1.0 - 1e-9);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t g = static_cast<int64_t>(cdf[b] * scale);
+      guide[std::min(g + 1, buckets)] = static_cast<int32_t>(b + 1);
+    }
+    int32_t run_max = 0;
+    for (int64_t g = 1; g < buckets; ++g) guide[g] = run_max = std::max(guide[g], run_max);
+  }
+
+  // The block drawn by u in [0, 1).
+  int64_t resolve(double u) const {
+    const double v = u * total;
+    int64_t i = guide[std::min(static_cast<int64_t>(u * static_cast<double>(buckets)), buckets - 1)];
+    // Two steps without a branch (most draws need none, many one), then a loop rarely entered.
+    i += (i < last) & (cdf[i] <= v);
+    i += (i < last) & (cdf[i] <= v);
+    while (i < last && cdf[i] <= v) ++i;
+    return i;
+  }
+};
+
+// The first of 32 running sums (padded with +inf) above v: the number of
+// those at or below it, in five branch-free steps.
+inline int64_t search32(const double* run, double v) {
+  int64_t i = 0;
+  i += (run[i + 15] <= v) ? 16 : 0;
+  i += (run[i + 7] <= v) ? 8 : 0;
+  i += (run[i + 3] <= v) ? 4 : 0;
+  i += (run[i + 1] <= v) ? 2 : 0;
+  i += (run[i] <= v) ? 1 : 0;
+  return i;
+}
+
+// Stage 3 for one block of `len` entries at x with `count` draws: the mask
+// of its drawn entries. Stops once every entry of positive weight is drawn.
+template <bool Relu, typename T>
+uint32_t draw_in_block(const T* x, int64_t len, int64_t count, SampleStream& stream) {
+  double run[kBlock];
+  double s = 0.0;
+  uint32_t positive = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    const double w = weight<Relu>(x[i]);
+    run[i] = s += w;
+    positive |= static_cast<uint32_t>(w > 0.0) << i;
+  }
+  for (int64_t i = len; i < kBlock; ++i) run[i] = std::numeric_limits<double>::infinity();
+  // The largest double below s: u * s may round up to s itself.
+  const double top = elementary_detail::from_bits(elementary_detail::bits(s) - 1);
+  uint32_t mask = 0;
+  for (int64_t k = 0; k < count; ++k) {
+    const double v = std::min(stream.uniform() * s, top);
+    mask |= uint32_t(1) << search32(run, v);
+    if (mask == positive) break;
+  }
+  return mask;
+}
+
+// mvm::inverse_inclusion (elementary.h) for p in (0, 1] and c >= 1, the same
+// operations giving the same bits, less the selects for p <= 0, NaN and a
+// subnormal 1 - p, which cannot occur here: gcc 12 vectorises this one.
+__attribute__((always_inline)) inline double inverse_inclusion_positive(double p, double c) {
+  namespace ed = elementary_detail;
+  const double pp = p < 1.0 ? p : 0.5;
+  const double x = -pp;
+  const double u = 1.0 + x;  // in [2^-53, 1): log1p(x) = log(u) + lo, as elem_log1p
+  const double lo = (x - (u - 1.0)) / u;
+  const ed::Split sp = ed::split_log(u);
+  const ed::Reduced e = ed::reduce_exp(c * ed::log_kernel(sp.f, sp.dk, lo));
+  // elem_expm1 of a negative argument: its "small n" branch.
+  const double s = ed::pow2(ed::to_int(e.nd < -60.0 ? -60.0 : e.nd));
+  const double pi = -((s - 1.0) + s * e.em);
+  const double r = 1.0 / pi;
+  return p < 1.0 ? r : 1.0;
+}
+
+// 1/pi for each p (packed): one body compiled twice.
+__attribute__((always_inline)) inline void inverse_inclusions_body(const double* __restrict__ p,
+                                                                   double* __restrict__ out, int64_t n, double c) {
+  for (int64_t q = 0; q < n; ++q) out[q] = inverse_inclusion_positive(p[q], c);
+}
+#ifdef MVM_X86_SIMD
+__attribute__((target("avx2"))) inline void inverse_inclusions_avx2(const double* p, double* out, int64_t n,
+                                                                    double c) {
+  inverse_inclusions_body(p, out, n, c);
+}
+#endif
+inline void inverse_inclusions(const double* p, double* out, int64_t n, double c) {
+#ifdef MVM_X86_SIMD
+  if (kHasAvx2) return inverse_inclusions_avx2(p, out, n, c);
+#endif
+  inverse_inclusions_body(p, out, n, c);
+}
+
+// A thread's work space, reused across samples.
+struct Work {
+  BlockTable table;
+  std::vector<int64_t> counts;
+  std::vector<uint32_t> masks;
+  std::vector<int64_t> entry;  // the drawn entries, packed
+  std::vector<double> p;       // their p
+  std::vector<double> scale;   // their 1/pi
+  std::vector<uint8_t> drawn;  // the exact path's marks
+  ExactWork exact;
+};
+
+// The drawn entries of one sample (K entries at x, already scanned into
+// work.table.cdf by block_sums), packed into work.entry with their 1/pi in
+// work.scale; returns how many. `positive` entries have w > 0 (at least one).
+template <bool Relu, typename T>
+int64_t draw_sample(const T* x, int64_t K, int64_t positive, int64_t r, SampleStream stream, Work& work) {
+  const int64_t blocks = (K + kBlock - 1) / kBlock;
+  BlockTable& t = work.table;
+  t.build(blocks);
+  int64_t k = 0;
+  if (use_exact_draws(r, positive)) {  // r large against the entries: the drawn set at once (exact_draws.h)
+    work.drawn.assign(K, 0);
+    draw_exact(stream, [&](int64_t j) { return weight<Relu>(x[j]); }, K, r, work.exact, work.drawn.data());
+    for (int64_t j = 0; j < K; ++j) {
+      work.entry[k] = j;
+      k += work.drawn[j];
+    }
+  } else {
+    work.counts.assign(blocks, 0);
+    for (int64_t d = 0; d < r; ++d) ++work.counts[t.resolve(stream.uniform())];
+    for (int64_t b = 0; b < blocks; ++b) {
+      if (work.counts[b] == 0) continue;
+      const int64_t len = std::min(kBlock, K - b * kBlock);
+      for (uint32_t m = draw_in_block<Relu>(x + b * kBlock, len, work.counts[b], stream); m != 0; m &= m - 1)
+        work.entry[k++] = b * kBlock + __builtin_ctz(m);
+    }
+  }
+  for (int64_t q = 0; q < k; ++q) work.p[q] = weight<Relu>(x[work.entry[q]]) / t.total;
+  inverse_inclusions(work.p.data(), work.scale.data(), k, static_cast<double>(r));
+  return k;
+}
+
+}  // namespace mvm::cpu::sap
