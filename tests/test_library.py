@@ -189,6 +189,16 @@ def test_readme_detector_example_runs_as_written(tmp_path, monkeypatch):
     assert namespace["det"].threshold is not None and namespace["search"].best_params_
 
 
+README = ROOT / "README.md"
+
+
+def test_readme_stays_a_short_users_document():
+    """The README is what a user reads in five minutes (issue 27): reference material,
+    tables of other runs included, belongs in docs/, linked from the README."""
+    size = len(README.read_bytes())
+    assert size <= 16000, f"README.md is {size} bytes, over 16,000: move reference material to docs/"
+
+
 @pytest.mark.parametrize("module", ["sklearn", "scipy"])
 def test_a_missing_optional_dependency_names_the_extra(module, monkeypatch):
     for name in list(sys.modules):
