@@ -63,10 +63,11 @@ def test_inverse_inclusion(c):
                    torch.rand(100_000, generator=g, dtype=torch.float64)])
     got = ELEM(p, "inverse_inclusion", c)
     want = 1.0 / -torch.expm1(c * torch.log1p(-p))
-    assert int(_ulps(got, want).max()) <= 4
+    # Both roundings of c log1p(-p) are amplified by up to |c log1p(-p)| in expm1: relative, not ulps.
+    assert ((got - want) / want).abs().max() <= 2e-15
     # Tiny c p: 1 / (c p) to rounding, where the naive 1 - (1 - p)^c has no digits left.
     tiny = torch.tensor([1e-300, 1e-20], dtype=torch.float64)
-    assert torch.allclose(ELEM(tiny, "inverse_inclusion", c), 1.0 / (c * tiny), rtol=1e-15)
+    assert torch.allclose(ELEM(tiny, "inverse_inclusion", c), 1.0 / (c * tiny), rtol=1e-13)  # + (c - 1) p / 2
     edge = ELEM(torch.tensor([1.0, 2.0, 0.0, -1.0, math.nan], dtype=torch.float64), "inverse_inclusion", c)
     assert edge[:2].tolist() == [1.0, 1.0] and edge[2:4].tolist() == [math.inf, math.inf] and edge[4].isnan()
 
@@ -93,7 +94,9 @@ def test_same_bits_in_plain_and_default_isa(tmp_path):
     for isa in ("default", ""):
         env = dict(os.environ, MVM_CPU_ISA=isa)
         out = tmp_path / f"out{isa}.pt"
-        subprocess.run([sys.executable, "-c", _BITS_SCRIPT, str(tmp_path / "x.pt"), str(out)], env=env, check=True)
+        # cwd: not the source folder, which has no _C.
+        subprocess.run([sys.executable, "-c", _BITS_SCRIPT, str(tmp_path / "x.pt"), str(out)], env=env, check=True,
+                       cwd=tmp_path)
         outs.append(torch.load(out))
     for name in outs[0]:
         assert torch.equal(outs[0][name].view(torch.int64), outs[1][name].view(torch.int64)), name
