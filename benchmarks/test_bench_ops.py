@@ -222,3 +222,23 @@ def test_solve_mvm_to_kkt_accuracy(benchmark, quick, device, layer, c_rel, impl)
         p = run(benchmark, ref.solve_mvm, alpha, c, "pgd", iters, 0.0, rounds=3)
         v_kkt = ref.variance(mvm_cuda.solve_mvm(alpha, c, "kkt"), alpha, c)
         benchmark.extra_info["rel_gap"] = ((ref.variance(p, alpha, c) - v_kkt) / v_kkt).max().item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("c_rel", (0.1, 1, 4))
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_solve_mvm_vs_sort(benchmark, quick, device, layer, c_rel, impl):
+    """solve_mvm "kkt" against a torch.sort of the same alpha (the "reference"
+    here, so that ratios.py's speed-up is sort / kkt: the target is >= 0.5), at
+    c = 0.1, 1 and 4 times M. benchmarks/solver_vs_sort.py prints the table
+    with 500 problems per layer and the accuracy against reference.py."""
+    alpha = _alpha(layer, device, quick)
+    c = max(1, round(c_rel * alpha.shape[-1]))
+    benchmark.group = (f"solve_mvm kkt vs torch.sort as reference {device} {layer} f64 "
+                       f"(per problem of {alpha.shape[0]}, c={c}={c_rel}M)")
+    benchmark.extra_info["problems"] = alpha.shape[0]
+    if impl == "kernel":
+        run(benchmark, mvm_cuda.solve_mvm, alpha, c, "kkt")
+    else:
+        run(benchmark, torch.sort, alpha, dim=-1)

@@ -12,15 +12,25 @@
 #include <cstdint>
 #include <cstring>
 
+// Forced inline: a loop that calls these vectorises only if they are inlined,
+// and GCC's heuristics would keep them out of line.
+#if defined(__CUDACC__)
+#define MVM_MATH_INLINE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define MVM_MATH_INLINE __attribute__((always_inline)) inline
+#else
+#define MVM_MATH_INLINE inline
+#endif
+
 namespace mvm {
 namespace elementary_detail {
 
-C10_HOST_DEVICE inline uint64_t bits(double x) {
+MVM_MATH_INLINE uint64_t bits(double x) {
   uint64_t u;
   memcpy(&u, &x, sizeof u);  // std::bit_cast is not host-device everywhere
   return u;
 }
-C10_HOST_DEVICE inline double from_bits(uint64_t u) {
+MVM_MATH_INLINE double from_bits(uint64_t u) {
   double x;
   memcpy(&x, &u, sizeof x);
   return x;
@@ -37,12 +47,12 @@ constexpr double kShift = 6755399441055744.0;
 
 // 2^k for an integer k in [-1022, 1023] (two's complement in a uint64: no
 // 64-bit signed shifts or compares, which SSE2 and AVX2 lack), from its bits.
-C10_HOST_DEVICE inline double pow2(uint64_t k) {
+MVM_MATH_INLINE double pow2(uint64_t k) {
   return from_bits((k + 1023u) << 52);
 }
 
 // An integer-valued double of magnitude < 2^51 as a two's-complement uint64.
-C10_HOST_DEVICE inline uint64_t to_int(double nd) {
+MVM_MATH_INLINE uint64_t to_int(double nd) {
   return bits(nd + kShift) - bits(kShift);
 }
 
@@ -53,7 +63,7 @@ struct Reduced {
   double nd;  // n
   double em;  // expm1(r)
 };
-C10_HOST_DEVICE inline Reduced reduce_exp(double x) {
+MVM_MATH_INLINE Reduced reduce_exp(double x) {
   x = x > 1100.0 ? 1100.0 : x;
   x = x < -1100.0 ? -1100.0 : x;  // NaN passes through; callers select it back
   const double nd = (x * kInvLn2 + kShift) - kShift;
@@ -75,14 +85,14 @@ C10_HOST_DEVICE inline Reduced reduce_exp(double x) {
 
 // 2^n (1 + em) for n in [-1587, 1587], as 2^a (2^b (1 + em)) with a + b = n:
 // both factors normal, one rounding into the subnormal range or to inf.
-C10_HOST_DEVICE inline double scale(double nd, double one_plus) {
+MVM_MATH_INLINE double scale(double nd, double one_plus) {
   const double ad = (nd * 0.5 + kShift) - kShift;
   return pow2(to_int(ad)) * (pow2(to_int(nd - ad)) * one_plus);
 }
 
 // log(m) for m = 1 + f in [sqrt(2)/2, sqrt(2)), plus k ln 2 and a correction
 // term lo (added to the small part): fdlibm's e_log.c / s_log1p.c kernel.
-C10_HOST_DEVICE inline double log_kernel(double f, double dk, double lo) {
+MVM_MATH_INLINE double log_kernel(double f, double dk, double lo) {
   constexpr double Lg1 = 6.666666666666735130e-01, Lg2 = 3.999999999940941908e-01,
                    Lg3 = 2.857142874366239149e-01, Lg4 = 2.222219843214978396e-01,
                    Lg5 = 1.818357216161805012e-01, Lg6 = 1.531383769920937332e-01,
@@ -103,7 +113,7 @@ C10_HOST_DEVICE inline double log_kernel(double f, double dk, double lo) {
 struct Split {
   double f, dk;
 };
-C10_HOST_DEVICE inline Split split_log(double x) {
+MVM_MATH_INLINE Split split_log(double x) {
   const bool sub = x < 2.2250738585072014e-308;
   x = sub ? x * 18014398509481984.0 : x;  // * 2^54
   // Moving the cut from 1 to sqrt(2)/2: the exponent field of u is k + 1023.
@@ -117,7 +127,7 @@ C10_HOST_DEVICE inline Split split_log(double x) {
 }  // namespace elementary_detail
 
 // e^x: 0 below about -745.13, inf above about 709.78, NaN for NaN.
-C10_HOST_DEVICE inline double elem_exp(double x) {
+MVM_MATH_INLINE double elem_exp(double x) {
   using namespace elementary_detail;
   const Reduced t = reduce_exp(x);
   const double y = scale(t.nd, 1.0 + t.em);
@@ -125,7 +135,7 @@ C10_HOST_DEVICE inline double elem_exp(double x) {
 }
 
 // e^x - 1, accurate near 0 (x itself below 2^-54): -1 below about -37.4.
-C10_HOST_DEVICE inline double elem_expm1(double x) {
+MVM_MATH_INLINE double elem_expm1(double x) {
   using namespace elementary_detail;
   const Reduced t = reduce_exp(x);
   // Small n: (2^n - 1) + 2^n em, both parts exact but the last rounding. Large
@@ -136,11 +146,11 @@ C10_HOST_DEVICE inline double elem_expm1(double x) {
   const double near = (s - 1.0) + s * t.em;
   const double far = scale(small ? 0.0 : t.nd, 1.0 + t.em);
   const double y = small ? near : far;
-  return x != x ? x : y;
+  return x != x || x == 0.0 ? x : y;  // keeps -0 and NaN
 }
 
 // log x: -inf at +-0, NaN below 0 and for NaN, inf at inf.
-C10_HOST_DEVICE inline double elem_log(double x) {
+MVM_MATH_INLINE double elem_log(double x) {
   using namespace elementary_detail;
   const bool ok = x > 0.0 && x < INFINITY;
   const Split sp = split_log(ok ? x : 1.0);
@@ -151,7 +161,7 @@ C10_HOST_DEVICE inline double elem_log(double x) {
 // log(1 + x), accurate near 0: -inf at -1, NaN below -1 and for NaN.
 // log(1 + x) = log(u) + log(1 + c / u) with u = 1 + x rounded and c = x - (u - 1)
 // its rounding error (exact where it matters, |x| < 1), log(1 + c/u) ~ c / u.
-C10_HOST_DEVICE inline double elem_log1p(double x) {
+MVM_MATH_INLINE double elem_log1p(double x) {
   using namespace elementary_detail;
   const double u = 1.0 + x;
   const bool ok = u > 0.0 && u < INFINITY;
@@ -168,7 +178,7 @@ C10_HOST_DEVICE inline double elem_log1p(double x) {
 // drawn with probability p in c draws: from log1p and expm1, so that tiny c * p
 // keeps its digits (1 / (c p) in the limit). 1 for p >= 1, inf for p <= 0 (or
 // c <= 0), NaN for NaN.
-C10_HOST_DEVICE inline double inverse_inclusion(double p, double c) {
+MVM_MATH_INLINE double inverse_inclusion(double p, double c) {
   const double pp = p < 1.0 ? p : 0.5;
   const double pi = -elem_expm1(c * elem_log1p(-pp));
   const double r = 1.0 / pi;

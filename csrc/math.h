@@ -8,11 +8,12 @@
 #include <cmath>
 #include <cstdint>
 
+#include "elementary.h"
+
 namespace mvm {
 
 // Iteration bounds: every loop in the ops ends, whatever the input (NaN too).
-constexpr int kRowSearchIters = 200;   // per-row KKT search (safeguarded Newton)
-constexpr int kLambdaSearchIters = 200;  // outer KKT search on log(lambda)
+constexpr int kRowSearchIters = 200;   // per-row KKT search (Newton on a concave function)
 // A row whose probability is this small is evaluated at the floor in the
 // gradient: the exact gradient at p = 0 is infinite (see mvm_step's docs).
 // PGD keeps p >= kProbFloor on the support for the same reason.
@@ -75,63 +76,71 @@ C10_HOST_DEVICE inline double variance_term(double p, double alpha, double c) {
   return alpha * miss_prob(p, c) / inclusion_prob(p, c);
 }
 
-// log g(p) and its derivative with respect to p, for the KKT row search.
-// log g = log c + (c - 1) log(1 - p) - 2 log pi(p)
-// d/dp  = -(c - 1) / (1 - p) - 2 c (1 - p)^(c - 1) / pi(p)
-C10_HOST_DEVICE inline void log_grad_factor(double p, double c, double* value, double* slope) {
-  const GradTerms t = grad_terms(p, c);
-  *value = ::log(c) + (c - 1.0) * t.log_1mp - 2.0 * ::log(t.pi);
-  *slope = -(c - 1.0) / (1.0 - p) - 2.0 * c * t.q / t.pi;
+// The KKT solver works on y = logit(pi) = log(pi / (1 - pi)) per row. With
+// u = c t = -c log(1 - p) = softplus(y) = log(1 + e^y), the stationarity
+// condition log alpha + log g(p) = log lambda reads
+//   H(y) = 2 y - (1 + 1/c) softplus(y) = log(c alpha) - log(lambda),
+// and H is concave with slope 2 - (1 + 1/c) sigmoid(y) in [1 - 1/c, 2]: for
+// c >= 2, Newton's method on it converges from any start, without a bracket.
+// p = 1 - e^{-u/c} = -expm1(-u/c). (c = 1 has a closed form, in kkt_solve.)
+struct KktPoint {
+  double p;      // p(y)
+  double r;      // H(y) - target
+  double inv_h;  // 1 / H'(y)
+  double w;      // dp/dy / H'(y): -dp/d log(lambda) along the row's solution
+};
+// The constants of c that every evaluation uses (products, not divisions, in the loop).
+struct KktConst {
+  double c, ic, lo, hi, inv_lo;  // c, 1/c, 1 - 1/c, 1 + 1/c, 1 / (1 - 1/c)
+  C10_HOST_DEVICE explicit KktConst(double c_) : c(c_), ic(1.0 / c_), lo(1.0 - ic), hi(1.0 + ic), inv_lo(1.0 / lo) {}
+};
+MVM_MATH_INLINE KktPoint kkt_point(double y, double target, const KktConst& k) {
+  using namespace elementary_detail;
+  const bool pos = y >= 0.0;
+  const double e = elem_exp(pos ? -y : y);  // e^-|y| in (0, 1]: no overflow
+  // log1p(e) = log(v) + (e - (v - 1)) / v with v = 1 + e in (1, 2]; 1/v also
+  // gives the sigmoid.
+  const double v = 1.0 + e;
+  const double inv_v = 1.0 / v;
+  const Split sp = split_log(v);
+  const double l = log_kernel(sp.f, sp.dk, (e - (v - 1.0)) * inv_v);
+  const double u = (pos ? y : 0.0) + l;  // softplus(y)
+  const double sig = pos ? inv_v : e * inv_v;
+  // 2y - (1 + 1/c) u without cancelling the y of u when y is large.
+  const double h = (pos ? k.lo * y : 2.0 * y) - k.hi * l;
+  const double inv_h = 1.0 / (2.0 - k.hi * sig);
+  const double em = elem_expm1(-u * k.ic);
+  const double dp = ((1.0 + em) * sig) * k.ic;
+  return {-em, h - target, inv_h, dp * inv_h};
 }
 
-// KKT condition for one row with alpha > 0: the p in (0, 1] with
-// log g(p) = target, where target = log(lambda / alpha). log g is strictly
-// decreasing, so a bracketed Newton search converges; the bracket keeps it
-// safe whatever the start. Also returns dp/dtarget = 1 / (d log g / dp), which
-// the outer search on lambda uses as its derivative. `guess`, when in (0, 1),
-// starts the search (the row's p at the previous lambda: a step or two then
-// suffices); otherwise it starts from the asymptotes below.
-C10_HOST_DEVICE inline double kkt_row(double target, double c, double* dp_dtarget, double guess = 0.0) {
-  *dp_dtarget = 0.0;
-  // c = 1: g(p) = 1 / p^2 in closed form, p = min(1, exp(-target / 2)).
-  if (c == 1.0) {
-    const double p = ::exp(-0.5 * target);
-    if (p >= 1.0) return 1.0;
-    *dp_dtarget = -0.5 * p;
-    return p;
-  }
-  // Start from the small-c*p asymptote g ~ 1 / (c p^2), or the large-c*p one
-  // g ~ c exp(-c p), whichever gives the larger p (both underestimate p).
-  double p_small = ::exp(-0.5 * (target + ::log(c)));
-  double p_large = (::log(c) - target) / c;
-  double p = guess > 0.0 && guess < 1.0 ? guess : (p_small > p_large ? p_small : p_large);
-  double lo = 0.0, hi = 1.0;
-  if (!(p > lo && p < hi)) p = 0.5;
-  double value = 0.0, slope = -1.0;
-  for (int it = 0; it < kRowSearchIters; ++it) {
-    log_grad_factor(p, c, &value, &slope);
-    const double residual = value - target;  // decreasing in p
-    if (residual == 0.0) break;  // exact: a bisection step now would only move away
-    if (residual > 0.0) lo = p; else hi = p;
-    double next = p - residual / slope;
-    // Converged when Newton's step is below rounding: a last step that
-    // small is taken even if it touches the bracket's end.
-    if (::fabs(next - p) <= 1e-15 * p) { p = next; break; }
-    if (!(next > lo && next < hi)) next = 0.5 * (lo + hi);
-    if (hi - lo <= 1e-300) { p = next; break; }
-    p = next;
-  }
-  // The slope at the last evaluated p: at most a rounding step away from the
-  // returned one, and only the outer Newton search uses it.
-  *dp_dtarget = 1.0 / slope;
-  return p;
+// A start for the row's y at a given target: H's asymptotes, 2y for y << 0
+// and (1 - 1/c) y for y >> 0.
+MVM_MATH_INLINE double kkt_start(double target, const KktConst& k) {
+  return target < 0.0 ? 0.5 * target : target * k.inv_lo;
 }
 
-// The outer KKT search: s = log(lambda) such that sum_i p_i(s) = 1, where
+// One row's exact solve at a fixed target (the fallback search below):
+// Newton on the concave H, from the row's last y.
+C10_HOST_DEVICE inline KktPoint kkt_row(double target, const KktConst& k, double* y) {
+  double x = *y;
+  if (!(x > -INFINITY && x < INFINITY)) x = kkt_start(target, k);
+  KktPoint pt = kkt_point(x, target, k);
+  for (int it = 0; it < kRowSearchIters && pt.r != 0.0; ++it) {
+    const double next = x - pt.r * pt.inv_h;
+    const double d = next - x;
+    x = next;
+    pt = kkt_point(x, target, k);
+    if (!((d < 0.0 ? -d : d) > 1e-15 * (1.0 + (x < 0.0 ? -x : x)))) break;  // also stops on NaN
+  }
+  *y = x;
+  return pt;
+}
+
+// The fallback outer search: s = log(lambda) such that sum_i p_i(s) = 1, where
 // eval(s, &excess, &slope) returns sum_i p_i(s) - 1 (decreasing in s) and its
 // derivative. Newton's method on s, kept inside a bracket that is first grown
-// by doubling steps, then bisected whenever Newton would leave it. The caller
-// chooses how the sum over rows is done (a CPU loop, a block reduction).
+// by doubling steps, then bisected whenever Newton would leave it.
 template <typename Eval>
 C10_HOST_DEVICE inline double kkt_lambda_search(double s, int64_t max_iter, Eval eval) {
   double lo = -INFINITY, hi = INFINITY, expand = 1.0;
@@ -172,33 +181,71 @@ struct SupportSums {
   }
 };
 
+// Iterations of kkt_solve's joint Newton search before the fallback.
+constexpr int kJointIters = 40;
+// Residuals (in log lambda) below which one more joint Newton step is the last.
+constexpr double kJointTol = 1e-8;
+
 // The exact solver: alpha_i g(p_i) = lambda on the support, sum p = 1.
-// log_alpha holds log(alpha_i); p holds each row's last p, the warm start of
-// its next search (0: none yet), and the solution on exit.
+// log_alpha holds log(alpha_i); y and z are work arrays, p the result.
+//
+// Newton's method on all rows' y_i and s = log(lambda) at once: one
+// evaluation per row per step. Linearising r_i = H(y_i) - log(c alpha_i) + s
+// and log(sum p) gives dy_i = -(r_i + ds) / H'_i and
+// ds = (S log S - sum w_i r_i) / sum w_i (S = sum p, w_i = p_i' / H'_i); a row
+// keeps y_i - r_i / H'_i and 1 / H'_i, and the next pass moves it by ds.
+// Once every residual is below kJointTol, a last step (quadratic) ends it.
+// Should that not happen within kJointIters, the nested search takes over:
+// Newton on s in a bracket, each row solved exactly at each s.
 template <typename Over>
-C10_HOST_DEVICE inline void kkt_solve(const double* log_alpha, double* p, double c, int64_t max_iter,
-                                      Over over) {
-  const SupportSums roots = over([&](int64_t i) {
-    p[i] = 0.0;
-    return SupportSums{::exp(0.5 * log_alpha[i])};
-  });
-  // Exact for c = 1 (p proportional to sqrt(alpha)); the small-c*p asymptote
-  // g ~ 1 / (c p^2) otherwise.
-  const double s0 = 2.0 * ::log(roots.a) - ::log(c);
-  // Each row's p at the last lambda tried starts its search at the next.
-  auto update = [&](double s) {
-    return over([&](int64_t i) {
-      double d = 0.0;
-      p[i] = kkt_row(s - log_alpha[i], c, &d, p[i]);
-      return SupportSums{p[i], d};
+C10_HOST_DEVICE inline void kkt_solve(const double* log_alpha, double* p, double* y, double* z, double c,
+                                      int64_t max_iter, Over over) {
+  const double log_c = elem_log(c);
+  const SupportSums roots = over([&](int64_t i) { return SupportSums{elem_exp(0.5 * log_alpha[i])}; });
+  if (c == 1.0) {  // g(p) = 1 / p^2: p proportional to sqrt(alpha)
+    over([&](int64_t i) {
+      p[i] = elem_exp(0.5 * log_alpha[i]) / roots.a;
+      return SupportSums{};
     });
-  };
-  const double log_lambda = kkt_lambda_search(s0, max_iter, [&](double s, double* excess, double* slope) {
-    const SupportSums t = update(s);
-    *excess = t.a - 1.0;
-    *slope = t.b;
-  });
-  const double total = update(log_lambda).a;
+    return;
+  }
+  const KktConst k(c);
+  // The small-c*p asymptote g ~ 1 / (c p^2); rows start at H's asymptotes.
+  double s = 2.0 * elem_log(roots.a) - log_c;
+  double ds = 0.0, total = 0.0;
+  bool done = false, last = false;
+  for (int it = 0; it < kJointIters && !done; ++it) {
+    s += ds;
+    const bool first = it == 0;
+    const SupportSums t = over([&](int64_t i) {
+      const double target = log_alpha[i] + log_c - s;
+      const double yi = first ? kkt_start(target, k) : y[i] - ds * z[i];
+      const KktPoint pt = kkt_point(yi, target, k);
+      y[i] = yi - pt.r * pt.inv_h;
+      z[i] = pt.inv_h;
+      p[i] = pt.p;
+      return SupportSums{pt.p, pt.w, pt.w * pt.r, pt.r < 0.0 ? -pt.r : pt.r};
+    });
+    total = t.a;
+    const double log_sum = elem_log(t.a);
+    ds = (t.a * log_sum - t.c) / t.b;
+    if (!(ds > -INFINITY && ds < INFINITY)) break;  // also NaN: leave it to the fallback
+    done = last;
+    last = t.top <= kJointTol && (log_sum < 0.0 ? -log_sum : log_sum) <= kJointTol;
+  }
+  if (!done) {
+    // The fallback: rows restart from their last y (NaN ones from scratch).
+    s = kkt_lambda_search(s, max_iter, [&](double s_try, double* excess, double* slope) {
+      const SupportSums t = over([&](int64_t i) {
+        const KktPoint pt = kkt_row(log_alpha[i] + log_c - s_try, k, &y[i]);
+        p[i] = pt.p;
+        return SupportSums{pt.p, pt.w};
+      });
+      *excess = t.a - 1.0;
+      *slope = -t.b;
+    });
+    total = over([&](int64_t i) { return SupportSums{p[i]}; }).a;
+  }
   over([&](int64_t i) {
     p[i] /= total;
     return SupportSums{};

@@ -53,6 +53,9 @@ TORCH_LIBRARY(mvm, m) {
   m.def("keyed_dropout(Tensor x, Tensor keys, float p_drop, *, bool relu=False, int copies=1) -> Tensor");
   // (N, K) uniforms in [0, 1), row n a function of keys[n] alone, prefix-stable in K.
   m.def("keyed_uniform(Tensor keys, int K, *, ScalarType? dtype=None) -> Tensor");
+  // Internal, for tests only: csrc/elementary.h's function `name` (exp, expm1,
+  // log, log1p, inverse_inclusion with c) elementwise on float64 CPU x.
+  m.def("_elementary(Tensor x, str name, float c=1.0) -> Tensor");
   // Not a tensor op: switches the device-syncing value checks of non-CPU
   // kernels on or off (see checks.h).
   m.def("set_value_checks(bool enabled) -> bool", &set_value_checks);

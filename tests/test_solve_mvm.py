@@ -1,4 +1,7 @@
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -199,3 +202,48 @@ def test_batch_shapes(device):
     assert p.shape == (2, 3, 16)
     assert torch.allclose(p.reshape(6, 16), mvm_cuda.solve_mvm(alpha.reshape(6, 16).to(device), 8).cpu())
     assert mvm_cuda.solve_mvm(torch.empty(0, 16, device=device), 8).shape == (0, 16)
+
+
+def _relu_alpha(b, m, seed):
+    """Squared row norms of ReLU activations: many zeros, the rest spread."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.relu(torch.randn(b, m, 16, generator=g, dtype=torch.float64) - 0.5)
+    return (h * h).sum(-1)
+
+
+@pytest.mark.parametrize("m", [64, 256, 676])
+@pytest.mark.parametrize("c_rel", [0.1, 1, 4])
+@pytest.mark.parametrize("kind", ["synthetic", "relu"])
+def test_kkt_accuracy_targets(m, c_rel, kind):
+    # V within 1e-12 of the reference's KKT optimum, rows summing to 1 within 1e-13.
+    alpha = _alpha(6, m, seed=m) if kind == "synthetic" else _relu_alpha(6, m, seed=m)
+    c = max(1, round(c_rel * m))
+    v_opt = ref.variance(ref.solve_mvm(alpha, c, "kkt"), alpha, c)
+    p = mvm_cuda.solve_mvm(alpha, c, "kkt")
+    assert _rel_gap(p, alpha, c, v_opt) <= 1e-12
+    assert (p.sum(-1) - 1).abs().max() <= 1e-13
+    assert (p[alpha == 0] == 0).all() and (p[alpha > 0] > 0).all()
+
+
+_BITS_SCRIPT = """
+import sys, torch, mvm_cuda
+torch.set_num_threads(int(sys.argv[3]))
+alpha = torch.load(sys.argv[1])
+torch.save({c: mvm_cuda.solve_mvm(alpha, c, "kkt") for c in (1, 7, 68, 676, 2704)}, sys.argv[2])
+"""
+
+
+def test_kkt_same_bits_across_isas_and_threads(tmp_path):
+    # The AVX2 loops and MVM_CPU_ISA=default's plain ones, and any thread
+    # count, give the same bits.
+    alpha = torch.cat([_alpha(40, 676, seed=1), _relu_alpha(40, 676, seed=2)])
+    torch.save(alpha, tmp_path / "alpha.pt")
+    outs = []
+    for isa, threads in (("default", 1), ("", 1), ("", 2), ("default", 3)):
+        out = tmp_path / f"p{isa}{threads}.pt"
+        subprocess.run([sys.executable, "-c", _BITS_SCRIPT, str(tmp_path / "alpha.pt"), str(out), str(threads)],
+                       env=dict(os.environ, MVM_CPU_ISA=isa), check=True, cwd=tmp_path)  # not the source folder
+        outs.append(torch.load(out))
+    for other in outs[1:]:
+        for c in outs[0]:
+            assert torch.equal(outs[0][c].view(torch.int64), other[c].view(torch.int64)), c

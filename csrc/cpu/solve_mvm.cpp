@@ -2,27 +2,36 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
 #include "../checks.h"
+#include "../elementary.h"
 #include "../math.h"
 #include "rows.h"
 
 namespace mvm::cpu {
 namespace {
 
+// MVM_CPU_ISA=default forces the plain (SSE2) loops, read once at load: a check
+// that the AVX2 loops give the same bits as the plain ones can then run both
+// on one CPU.
+const bool kPlainIsa = [] {
+  const char* v = std::getenv("MVM_CPU_ISA");
+  return v != nullptr && std::strcmp(v, "default") == 0;
+}();
+#if defined(__GNUC__) && defined(__x86_64__)
+#define MVM_AVX2_CLONE 1
+const bool kHasAvx2 = !kPlainIsa && __builtin_cpu_supports("avx2");
+#endif
+
 // The support (rows with alpha > 0) gathered into dense arrays; math.h's
-// solvers see it through a plain loop. The other rows get p = 0.
+// solvers see it through `over`. The other rows get p = 0.
 struct Support {
   std::vector<int64_t> index;
   std::vector<double> alpha;
-  template <typename F>
-  SupportSums operator()(F f) const {
-    SupportSums total;
-    for (int64_t i = 0; i < static_cast<int64_t>(index.size()); ++i) total.add(f(i));
-    return total;
-  }
 };
 
 Support support_of(const double* alpha, int64_t m) {
@@ -36,16 +45,69 @@ Support support_of(const double* alpha, int64_t m) {
   return s;
 }
 
-void solve_kkt(const Support& s, double c, int64_t max_iter, double* p) {
-  std::vector<double> log_alpha(s.alpha.size());
-  for (size_t i = 0; i < s.alpha.size(); ++i) log_alpha[i] = std::log(s.alpha[i]);
-  kkt_solve(log_alpha.data(), p, c, max_iter, s);
+// math.h's `over` on the CPU: f over blocks of the support, its results kept
+// in arrays and added afterwards in index order. The loop over f has no
+// dependence between entries, so the compiler vectorises it (the solvers'
+// per-entry math is branch-free); the sums stay in one fixed order.
+constexpr int64_t kBlock = 64;
+template <typename F>
+__attribute__((always_inline)) inline SupportSums over_blocks(int64_t k, F& f) {
+  SupportSums total;
+  double a[kBlock], b[kBlock], c[kBlock], top[kBlock];
+  for (int64_t i0 = 0; i0 < k; i0 += kBlock) {
+    const int64_t n = std::min(kBlock, k - i0);
+    // f(i) touches entry i of the solver's arrays only (math.h's contract for `over`).
+#pragma GCC ivdep
+    for (int64_t j = 0; j < n; ++j) {
+      const SupportSums v = f(i0 + j);
+      a[j] = v.a;
+      b[j] = v.b;
+      c[j] = v.c;
+      top[j] = v.top;
+    }
+    for (int64_t j = 0; j < n; ++j) total.add(SupportSums{a[j], b[j], c[j], top[j]});
+  }
+  return total;
 }
 
-void solve_pgd(const Support& s, double c, int64_t max_iter, double tol, double* p) {
+// Two `over`s, one compiled for AVX2: the same plain operations, so the same bits.
+struct OverPlain {
+  int64_t k;
+  template <typename F>
+  SupportSums operator()(F f) const { return over_blocks(k, f); }
+};
+#ifdef MVM_AVX2_CLONE
+struct OverAvx2 {
+  int64_t k;
+  template <typename F>
+  __attribute__((target("avx2"))) SupportSums operator()(F f) const { return over_blocks(k, f); }
+};
+#endif
+
+template <typename Over>
+void solve_kkt(const Support& s, double c, int64_t max_iter, double* p, Over over) {
+  const int64_t k = static_cast<int64_t>(s.alpha.size());
+  std::vector<double> log_alpha(k), y(k), z(k);
+  const double* alpha = s.alpha.data();
+  double* la = log_alpha.data();
+  over([&](int64_t i) {
+    la[i] = elem_log(alpha[i]);
+    return SupportSums{};
+  });
+  kkt_solve(la, p, y.data(), z.data(), c, max_iter, over);
+}
+
+template <typename Over>
+void solve_pgd(const Support& s, double c, int64_t max_iter, double tol, double* p, Over over) {
   const int64_t k = static_cast<int64_t>(s.alpha.size());
   std::vector<double> gbar(k), d(k);
-  pgd_solve(PgdRows{s.alpha.data(), p, gbar.data(), d.data()}, k, c, max_iter, tol, s);
+  pgd_solve(PgdRows{s.alpha.data(), p, gbar.data(), d.data()}, k, c, max_iter, tol, over);
+}
+
+template <typename Over>
+void solve(const Support& s, double c, bool kkt, int64_t max_iter, double tol, double* p, Over over) {
+  if (kkt) solve_kkt(s, c, max_iter, p, over);
+  else solve_pgd(s, c, max_iter, tol, p, over);
 }
 
 }  // namespace
@@ -64,8 +126,11 @@ at::Tensor solve_mvm(const at::Tensor& alpha, int64_t c, c10::string_view method
     }
     std::vector<double> p(k, 1.0);
     if (k > 1) {
-      if (kkt) solve_kkt(s, cd, max_iter, p.data());
-      else solve_pgd(s, cd, max_iter, tol, p.data());
+#ifdef MVM_AVX2_CLONE
+      if (kHasAvx2) solve(s, cd, kkt, max_iter, tol, p.data(), OverAvx2{k});
+      else
+#endif
+        solve(s, cd, kkt, max_iter, tol, p.data(), OverPlain{k});
     }
     for (int64_t i = 0; i < k; ++i) out[s.index[i]] = p[i];
   });

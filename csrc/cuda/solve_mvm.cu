@@ -1,6 +1,5 @@
 // solve_mvm on CUDA: one launch, one block per problem (row of alpha). The
-// row's float64 buffers live in shared memory when they fit (2 for "kkt", 4
-// for "pgd"), else in a global workspace slice of the block. The solvers are
+// row's float64 buffers (4) live in shared memory when they fit, else in a global workspace slice of the block. The solvers are
 // math.h's kkt_solve and pgd_solve, as on the CPU; here their sums over the
 // support are block reductions, and the rows off the support stay in place
 // (marked -inf in the first buffer) and are skipped.
@@ -67,7 +66,7 @@ solve_mvm_kernel(const scalar_t* __restrict__ alpha, scalar_t* __restrict__ out,
                  double* __restrict__ workspace) {
   extern __shared__ double solve_smem[];
   __shared__ double scratch[kScratch];
-  const int64_t per_block = (kkt ? 2 : 4) * m;
+  const int64_t per_block = 4 * m;
   double* a = workspace != nullptr ? workspace + blockIdx.x * per_block : solve_smem;
   double* p = a + m;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -77,7 +76,7 @@ solve_mvm_kernel(const scalar_t* __restrict__ alpha, scalar_t* __restrict__ out,
     for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
       const double ai = static_cast<double>(src[i]);
       const bool on = ai > 0.0;  // NaN is off the support, as on the CPU
-      a[i] = on ? (kkt ? ::log(ai) : ai) : -INFINITY;
+      a[i] = on ? (kkt ? elem_log(ai) : ai) : -INFINITY;
       k += on ? 1.0 : 0.0;
     }
     k = block_sum(k, scratch);
@@ -88,7 +87,7 @@ solve_mvm_kernel(const scalar_t* __restrict__ alpha, scalar_t* __restrict__ out,
     }
     const BlockSupport over{a, m, scratch};
     if (kkt) {
-      kkt_solve(a, p, c, max_iter, over);
+      kkt_solve(a, p, a + 2 * m, a + 3 * m, c, max_iter, over);
     } else {
       pgd_solve(PgdRows{a, p, a + 2 * m, a + 3 * m}, static_cast<int64_t>(k), c, max_iter, tol, over);
     }
@@ -102,7 +101,7 @@ solve_mvm_kernel(const scalar_t* __restrict__ alpha, scalar_t* __restrict__ out,
 at::Tensor solve_mvm(const at::Tensor& alpha, int64_t c, c10::string_view method,
                      int64_t max_iter, double tol) {
   const bool kkt = check_solve_mvm(alpha, c, method, max_iter, tol);
-  return launch_rows("solve_mvm", {{"alpha", alpha}}, RowSpec{/*doubles=*/kkt ? 2 : 4, /*per_thread=*/2, kMaxThreads},
+  return launch_rows("solve_mvm", {{"alpha", alpha}}, RowSpec{/*doubles=*/4, /*per_thread=*/2, kMaxThreads},
                      [&](auto zero, const RowLaunch& l) {
                        using scalar_t = decltype(zero);
                        l(solve_mvm_kernel<scalar_t>, l.in[0].const_data_ptr<scalar_t>(),

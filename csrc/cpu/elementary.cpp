@@ -1,0 +1,64 @@
+// mvm::_elementary, internal: csrc/elementary.h's functions on a float64
+// tensor, so that tests can hold them against torch's, in the same loops
+// (plain and AVX2, by MVM_CPU_ISA) that the kernels vectorise.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "../elementary.h"
+
+namespace mvm::cpu {
+namespace {
+
+const bool kPlainIsa = [] {
+  const char* v = std::getenv("MVM_CPU_ISA");
+  return v != nullptr && std::strcmp(v, "default") == 0;
+}();
+
+template <typename F>
+__attribute__((always_inline)) inline void apply(const double* __restrict__ x, double* __restrict__ y, int64_t n,
+                                                 F f) {
+  for (int64_t i = 0; i < n; ++i) y[i] = f(x[i]);
+}
+
+template <typename F>
+void apply_plain(const double* x, double* y, int64_t n, F f) { apply(x, y, n, f); }
+#if defined(__GNUC__) && defined(__x86_64__)
+template <typename F>
+__attribute__((target("avx2"))) void apply_avx2(const double* x, double* y, int64_t n, F f) { apply(x, y, n, f); }
+const bool kHasAvx2 = !kPlainIsa && __builtin_cpu_supports("avx2");
+#endif
+
+template <typename F>
+void run(const double* x, double* y, int64_t n, F f) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  if (kHasAvx2) return apply_avx2(x, y, n, f);
+#endif
+  apply_plain(x, y, n, f);
+}
+
+at::Tensor elementary(const at::Tensor& x, c10::string_view name, double c) {
+  TORCH_CHECK(x.scalar_type() == at::kDouble, "mvm::_elementary: x must be float64, got ", x.scalar_type());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty_like(xc);
+  const double* src = xc.const_data_ptr<double>();
+  double* dst = out.mutable_data_ptr<double>();
+  const int64_t n = xc.numel();
+  const std::string which(name);
+  if (which == "exp") run(src, dst, n, [](double v) { return elem_exp(v); });
+  else if (which == "expm1") run(src, dst, n, [](double v) { return elem_expm1(v); });
+  else if (which == "log") run(src, dst, n, [](double v) { return elem_log(v); });
+  else if (which == "log1p") run(src, dst, n, [](double v) { return elem_log1p(v); });
+  else if (which == "inverse_inclusion") run(src, dst, n, [c](double v) { return inverse_inclusion(v, c); });
+  else TORCH_CHECK(false, "mvm::_elementary: name must be exp, expm1, log, log1p or inverse_inclusion, got ", which);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mvm, CPU, m) { m.impl("_elementary", &elementary); }
+
+}  // namespace mvm::cpu
