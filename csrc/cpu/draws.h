@@ -15,6 +15,8 @@
 #include <optional>
 #include <vector>
 
+#include "../elementary.h"
+
 namespace mvm::cpu {
 
 // One 64-bit key per call from the torch generator, under its lock, so
@@ -27,20 +29,19 @@ inline uint64_t call_key(const std::optional<at::Generator>& generator) {
   return gen->random64();
 }
 
-// p -> 1/pi = 1 / (1 - (1-p)^c) = -1 / expm1(c log1p(-p)), in place on a
-// contiguous p, in p's dtype (float32 keeps the relative accuracy a float32
-// output holds). libm per entry, not ATen's vectorised log1p and expm1: those
-// are SLEEF's or libm's as ATEN_CPU_CAPABILITY says, and the scales would
-// change bits with it. p >= 1 gives 1 (math.h's inclusion_prob): a row left
-// at 1 + 1 ulp by rounding would otherwise take log1p of a value below -1, NaN.
+// p -> 1/pi = 1 / (1 - (1-p)^c), in place on a contiguous p, computed in
+// float64 by elementary.h's inverse_inclusion (our own IEEE operations, not
+// libm or ATen's vector math, whose last bits vary with the CPU and library)
+// and rounded to p's dtype once. p >= 1 gives 1 (a row left at 1 + 1 ulp by
+// rounding would otherwise take log1p of a value below -1).
 inline at::Tensor& inverse_inclusion_(at::Tensor& p, int64_t c) {
   TORCH_INTERNAL_ASSERT(p.is_contiguous());
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "inverse_inclusion_", [&] {
     scalar_t* d = p.mutable_data_ptr<scalar_t>();
-    const auto cs = static_cast<scalar_t>(c);
+    const double cd = static_cast<double>(c);
     at::parallel_for(0, p.numel(), 2048, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
-        d[i] = scalar_t(-1) / std::expm1(cs * std::log1p(-std::min(d[i], scalar_t(1))));
+        d[i] = static_cast<scalar_t>(inverse_inclusion(static_cast<double>(d[i]), cd));
     });
   });
   return p;
