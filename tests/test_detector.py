@@ -88,7 +88,8 @@ CUDA_VOTE_AGREEMENT = 0.95
 class UnitDraws:
     """Forward hooks on a detector's units that record, per (unit, key) of the
     sampling passes, the unit's input row, its recorded p row (MVM) and its
-    output row: an image's draws in one pass of one unit."""
+    output row: an image's draws in one pass of one unit. (A unit that stacks
+    the copies itself reads output sample n from input row n % P.)"""
 
     def __init__(self, detector):
         self.seen = {}
@@ -101,7 +102,8 @@ class UnitDraws:
             p = unit.p if isinstance(unit, MVMUnit) else None
             for n, key in enumerate(unit.keys.tolist()):
                 prow = None if p is None else p[n % p.shape[0]].to("cpu", copy=True)
-                self.seen[(u, key)] = (args[0][n].to("cpu", copy=True), prow, out[n].to("cpu", copy=True))
+                h = args[0][n % args[0].shape[0]]
+                self.seen[(u, key)] = (h.to("cpu", copy=True), prow, out[n].to("cpu", copy=True))
         return hook
 
     def remove(self):
