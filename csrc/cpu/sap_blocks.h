@@ -220,19 +220,22 @@ struct BlockTable {
 
 // The first of 32 running sums (padded with +inf) above v: the number of
 // those at or below it, in five branch-free steps.
-inline int64_t search32(const double* run, double v) {
+// Sum i sits at run[i * Stride].
+template <int64_t Stride = 1>
+__attribute__((always_inline)) inline int64_t search32(const double* run, double v) {
   int64_t i = 0;
-  i += (run[i + 15] <= v) ? 16 : 0;
-  i += (run[i + 7] <= v) ? 8 : 0;
-  i += (run[i + 3] <= v) ? 4 : 0;
-  i += (run[i + 1] <= v) ? 2 : 0;
-  i += (run[i] <= v) ? 1 : 0;
+  i += (run[(i + 15) * Stride] <= v) ? 16 : 0;
+  i += (run[(i + 7) * Stride] <= v) ? 8 : 0;
+  i += (run[(i + 3) * Stride] <= v) ? 4 : 0;
+  i += (run[(i + 1) * Stride] <= v) ? 2 : 0;
+  i += (run[i * Stride] <= v) ? 1 : 0;
   return i;
 }
 
 // Stage 3's draws in one block from its running sums run (padded with +inf),
 // their total s and the bits of its positive entries: the mask of its drawn
 // entries. Stops once every entry of positive weight is drawn.
+template <int64_t Stride = 1>
 __attribute__((always_inline)) inline uint32_t draws_in_block(const double* run, double s, uint32_t positive,
                                                               int64_t count, SampleStream& stream) {
   // The largest double below s: u * s may round up to s itself.
@@ -240,7 +243,7 @@ __attribute__((always_inline)) inline uint32_t draws_in_block(const double* run,
   uint32_t mask = 0;
   for (int64_t k = 0; k < count; ++k) {
     const double v = std::min(stream.uniform() * s, top);
-    mask |= uint32_t(1) << search32(run, v);
+    mask |= uint32_t(1) << search32<Stride>(run, v);
     if (mask == positive) break;
   }
   return mask;
@@ -264,17 +267,17 @@ uint32_t draw_in_block(const T* x, int64_t len, int64_t count, SampleStream& str
 
 // The running sums of kGroup whole blocks at once (each block's additions in
 // its own order, as draw_in_block: the same bits), so that their chains of
-// additions overlap.
+// additions overlap; sum i of block c in run[i][c].
 constexpr int kGroup = 4;
 template <bool Relu, typename T>
-__attribute__((always_inline)) inline void group_sums(const T* const* xs, double (*run)[kBlock], double* total,
-                                                      uint32_t* positive) {
+__attribute__((always_inline)) inline void group_sums_body(const T* const* xs, double (*run)[kGroup],
+                                                           double* total, uint32_t* positive) {
   double s[kGroup] = {};
   uint32_t pos[kGroup] = {};
   for (int64_t i = 0; i < kBlock; ++i) {
     for (int c = 0; c < kGroup; ++c) {
       const double w = weight<Relu>(xs[c][i]);
-      run[c][i] = s[c] += w;
+      run[i][c] = s[c] += w;
       pos[c] |= static_cast<uint32_t>(w > 0.0) << i;
     }
   }
@@ -282,6 +285,53 @@ __attribute__((always_inline)) inline void group_sums(const T* const* xs, double
     total[c] = s[c];
     positive[c] = pos[c];
   }
+}
+
+#ifdef MVM_X86_SIMD
+// group_sums_body for float in AVX2, the kGroup blocks in the lanes: the
+// weights (max(0, x) or |x|, as weight) transposed eight entries at a time,
+// each block's additions in its own order (the same bits).
+template <bool Relu>
+__attribute__((target("avx2"))) void group_sums_avx2(const float* const* xs, double (*run)[kGroup], double* total,
+                                                     uint32_t* positive) {
+  static_assert(kGroup == 4);
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256d s = _mm256_setzero_pd();
+  uint32_t pos[kGroup] = {};
+  for (int64_t i = 0; i < kBlock; i += 8) {
+    __m256 w[kGroup];
+    for (int c = 0; c < kGroup; ++c) {
+      const __m256 f = _mm256_loadu_ps(xs[c] + i);
+      w[c] = Relu ? _mm256_max_ps(zero, f) : _mm256_and_ps(f, magnitude);
+      pos[c] |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(w[c], zero, _CMP_GT_OQ))) << i;
+    }
+    const __m256 t0 = _mm256_unpacklo_ps(w[0], w[1]), t1 = _mm256_unpackhi_ps(w[0], w[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(w[2], w[3]), t3 = _mm256_unpackhi_ps(w[2], w[3]);
+    const __m256 v0 = _mm256_shuffle_ps(t0, t2, 0x44), v1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 v2 = _mm256_shuffle_ps(t1, t3, 0x44), v3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m128 col[8] = {_mm256_castps256_ps128(v0), _mm256_castps256_ps128(v1), _mm256_castps256_ps128(v2),
+                           _mm256_castps256_ps128(v3), _mm256_extractf128_ps(v0, 1), _mm256_extractf128_ps(v1, 1),
+                           _mm256_extractf128_ps(v2, 1), _mm256_extractf128_ps(v3, 1)};
+    for (int j = 0; j < 8; ++j) {
+      s = _mm256_add_pd(s, _mm256_cvtps_pd(col[j]));
+      _mm256_store_pd(run[i + j], s);
+    }
+  }
+  _mm256_storeu_pd(total, s);
+  for (int c = 0; c < kGroup; ++c) positive[c] = pos[c];
+}
+#endif
+
+template <bool Relu, typename T>
+__attribute__((always_inline)) inline void group_sums(const T* const* xs, double (*run)[kGroup], double* total,
+                                                      uint32_t* positive) {
+#ifdef MVM_X86_SIMD
+  if constexpr (std::is_same_v<T, float>) {
+    if (kHasAvx2) return group_sums_avx2<Relu>(xs, run, total, positive);
+  }
+#endif
+  group_sums_body<Relu>(xs, run, total, positive);
 }
 
 // mvm::inverse_inclusion (elementary.h) for p in (0, 1] and c >= 1, the same
@@ -428,7 +478,7 @@ int64_t draw_sample(const T* x, int64_t K, int64_t positive, int64_t r, SampleSt
     const int64_t n_full = K / kBlock;
     int64_t group[kGroup];
     int n_group = 0;
-    alignas(64) double run[kGroup][kBlock];
+    alignas(64) double run[kBlock][kGroup];
     for (int64_t b = 0; b < n_full; ++b) {
       if (work.counts[b] == 0) continue;
       group[n_group++] = b;
@@ -439,7 +489,7 @@ int64_t draw_sample(const T* x, int64_t K, int64_t positive, int64_t r, SampleSt
       uint32_t positive_bits[kGroup];
       group_sums<Relu>(xs, run, total, positive_bits);
       for (int c = 0; c < kGroup; ++c)
-        for (uint32_t m = draws_in_block(run[c], total[c], positive_bits[c], work.counts[group[c]], stream); m != 0;
+        for (uint32_t m = draws_in_block<kGroup>(&run[0][c], total[c], positive_bits[c], work.counts[group[c]], stream); m != 0;
              m &= m - 1)
           work.entry[k++] = group[c] * kBlock + __builtin_ctz(m);
       n_group = 0;
