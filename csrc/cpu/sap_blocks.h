@@ -218,18 +218,17 @@ struct BlockTable {
   }
 };
 
-// The first of 32 running sums (padded with +inf) above v: the number of
-// those at or below it, in five branch-free steps.
+// The first of 32 running sums (nondecreasing, the last above v) above v:
+// the number of those at or below it, in three branch-free steps of
+// independent compares (which quarter, which pair, which of the two), so
+// that a draw's chain of dependent loads is three long, not five.
 // Sum i sits at run[i * Stride].
 template <int64_t Stride = 1>
 __attribute__((always_inline)) inline int64_t search32(const double* run, double v) {
-  int64_t i = 0;
-  i += (run[(i + 15) * Stride] <= v) ? 16 : 0;
-  i += (run[(i + 7) * Stride] <= v) ? 8 : 0;
-  i += (run[(i + 3) * Stride] <= v) ? 4 : 0;
-  i += (run[(i + 1) * Stride] <= v) ? 2 : 0;
-  i += (run[i * Stride] <= v) ? 1 : 0;
-  return i;
+  auto at_or_below = [&](int64_t i) { return static_cast<int64_t>(run[i * Stride] <= v); };
+  int64_t i = 8 * (at_or_below(7) + at_or_below(15) + at_or_below(23));
+  i += 2 * (at_or_below(i + 1) + at_or_below(i + 3) + at_or_below(i + 5));
+  return i + at_or_below(i);
 }
 
 // Stage 3's draws in one block from its running sums run (padded with +inf),
