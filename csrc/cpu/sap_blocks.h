@@ -501,10 +501,13 @@ int64_t draw_sample(const T* x, int64_t K, int64_t positive, int64_t r, SampleSt
         work.entry[k++] = b * kBlock + __builtin_ctz(m);
     }
   }
-  for (int64_t q = 0; q < k; ++q) work.p[q] = weight<Relu>(x[work.entry[q]]) / t.total;
   if constexpr (Float32) {
+    // p is rounded to float32 anyway: a product, not a division per entry.
+    const double inv_total = 1.0 / t.total;
+    for (int64_t q = 0; q < k; ++q) work.p[q] = weight<Relu>(x[work.entry[q]]) * inv_total;
     inverse_inclusions_f(work.p.data(), work.scale.data(), k, static_cast<double>(r));
   } else {
+    for (int64_t q = 0; q < k; ++q) work.p[q] = weight<Relu>(x[work.entry[q]]) / t.total;
     inverse_inclusions(work.p.data(), work.scale.data(), k, static_cast<double>(r));
   }
   return k;
