@@ -3,7 +3,7 @@
 // with relu), in two stages over blocks of kBlock consecutive entries:
 //   1. one pass over the sample sums each block's weights (vectorised: the
 //      lanes of a block are summed apart, then together in a fixed order);
-//   2. each draw picks a block in proportion to its sum (a guided CDF over the
+//   2. each draw picks a block in proportion to its sum (an alias table over the
 //      blocks, which stays in L1), and the draws are counted per block;
 //   3. each block with draws gets the running sums of its weights (in order),
 //      and its draws, fresh uniforms in [0, its running total), find their
@@ -35,8 +35,6 @@ namespace mvm::cpu::sap {
 constexpr int64_t kBlock = 32;
 // Lanes of stage 1's block sums: two AVX2 registers of doubles.
 constexpr int kLanes = 8;
-// Guide buckets per block in stage 2.
-constexpr int64_t kGuidePerBlock = 2;
 
 // The weight of an entry as a double, without a branch (gcc makes `v < 0 ? 0
 // : v` a branch on the sign, mispredicted half the time on a ReLU's input):
@@ -160,63 +158,98 @@ bool all_finite(const T* x, int64_t K) {
   return true;
 }
 
-// Stage 2's table: the blocks' running sums and a guide of G buckets of equal
-// mass (Table in draws.h, with int32 slots: it stays in L1).
+// Stage 2's table: an alias table over the blocks (Walker; Vose's build), so
+// that a draw costs one uniform and one slot, no search. Block b has mass
+// sums[b] / total: bucket i = floor(u n) keeps i when the rest of u n falls
+// below prob[i], else gives alias[i]. A block of sum 0 has prob 0 and a
+// positive alias, so it is never drawn.
 struct BlockTable {
-  std::vector<double> cdf;
-  std::vector<int32_t> guide;
+  struct Slot {
+    double prob;
+    int64_t alias;
+  };
+  std::vector<double> cdf;  // the block sums (filled by block_sums)
+  std::vector<Slot> slots;
+  std::vector<int32_t> small, large;
   double total = 0.0;
-  int64_t last = 0;  // the last block with a positive sum
-  int64_t buckets = 0;
+  int64_t n = 0;
 
-  // From the block sums (in cdf on entry, replaced by their running sums).
   void build(int64_t blocks) {
     double run = 0.0;
-    last = 0;
+    int64_t last = 0;
     for (int64_t b = 0; b < blocks; ++b) {
       last = cdf[b] > 0.0 ? b : last;
-      cdf[b] = run += cdf[b];
+      run += cdf[b];
     }
     total = run;
-    buckets = kGuidePerBlock * blocks;
-    // guide[g] = the number of blocks b with floor(cdf[b] * scale) < g (as
-    // build_guide in draws.h): the guide never starts past the answer.
-    guide.assign(buckets + 1, 0);
-    const double scale = static_cast<double>(buckets) / total * (1.0 - 1e-9);
+    n = blocks;
+    slots.resize(blocks);
+    small.clear();
+    large.clear();
+    const double scale = static_cast<double>(blocks) / total;
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t g = static_cast<int64_t>(cdf[b] * scale);
-      guide[std::min(g + 1, buckets)] = static_cast<int32_t>(b + 1);
+      const double q = cdf[b] * scale;
+      slots[b] = {q, b};
+      (q < 1.0 ? small : large).push_back(static_cast<int32_t>(b));
     }
-    int32_t run_max = 0;
-    for (int64_t g = 1; g < buckets; ++g) guide[g] = run_max = std::max(guide[g], run_max);
+    while (!small.empty() && !large.empty()) {
+      const int32_t s = small.back(), l = large.back();
+      small.pop_back();
+      slots[s].alias = l;
+      slots[l].prob = (slots[l].prob + slots[s].prob) - 1.0;
+      if (slots[l].prob < 1.0) {
+        large.pop_back();
+        small.push_back(l);
+      }
+    }
+    // What rounding leaves: whole buckets, or (a block of sum 0) none.
+    for (const int32_t l : large) slots[l].prob = 1.0;
+    for (const int32_t s : small) slots[s] = cdf[s] > 0.0 ? Slot{1.0, s} : Slot{0.0, last};
   }
 
   // The block drawn by u in [0, 1).
   int64_t resolve(double u) const {
-    const double v = u * total;
-    int64_t i = guide[std::min(static_cast<int64_t>(u * static_cast<double>(buckets)), buckets - 1)];
-    // Two steps without a branch (most draws need none, many one), then a loop rarely entered.
-    i += (i < last) & (cdf[i] <= v);
-    i += (i < last) & (cdf[i] <= v);
-    while (i < last && cdf[i] <= v) ++i;
-    return i;
+    const double v = u * static_cast<double>(n);
+    const int64_t i = std::min(static_cast<int64_t>(v), n - 1);
+    const Slot& slot = slots[i];
+    // Without a branch (gcc makes the select one, mispredicted often).
+    const int64_t away = static_cast<int64_t>(!(v - static_cast<double>(i) < slot.prob));
+    return i + away * (slot.alias - i);
   }
 };
 
-// The first of 32 running sums (padded with +inf) above v: the number of
-// those at or below it, in five branch-free steps.
-inline int64_t search32(const double* run, double v) {
-  int64_t i = 0;
-  i += (run[i + 15] <= v) ? 16 : 0;
-  i += (run[i + 7] <= v) ? 8 : 0;
-  i += (run[i + 3] <= v) ? 4 : 0;
-  i += (run[i + 1] <= v) ? 2 : 0;
-  i += (run[i] <= v) ? 1 : 0;
-  return i;
+// The first of 32 running sums (nondecreasing, the last above v) above v:
+// the number of those at or below it, in three branch-free steps of
+// independent compares (which quarter, which pair, which of the two), so
+// that a draw's chain of dependent loads is three long, not five.
+// Sum i sits at run[i * Stride].
+template <int64_t Stride = 1>
+__attribute__((always_inline)) inline int64_t search32(const double* run, double v) {
+  auto at_or_below = [&](int64_t i) { return static_cast<int64_t>(run[i * Stride] <= v); };
+  int64_t i = 8 * (at_or_below(7) + at_or_below(15) + at_or_below(23));
+  i += 2 * (at_or_below(i + 1) + at_or_below(i + 3) + at_or_below(i + 5));
+  return i + at_or_below(i);
+}
+
+// Stage 3's draws in one block from its running sums run (padded with +inf),
+// their total s and the bits of its positive entries: the mask of its drawn
+// entries. Stops once every entry of positive weight is drawn.
+template <int64_t Stride = 1>
+__attribute__((always_inline)) inline uint32_t draws_in_block(const double* run, double s, uint32_t positive,
+                                                              int64_t count, SampleStream& stream) {
+  // The largest double below s: u * s may round up to s itself.
+  const double top = elementary_detail::from_bits(elementary_detail::bits(s) - 1);
+  uint32_t mask = 0;
+  for (int64_t k = 0; k < count; ++k) {
+    const double v = std::min(stream.uniform() * s, top);
+    mask |= uint32_t(1) << search32<Stride>(run, v);
+    if (mask == positive) break;
+  }
+  return mask;
 }
 
 // Stage 3 for one block of `len` entries at x with `count` draws: the mask
-// of its drawn entries. Stops once every entry of positive weight is drawn.
+// of its drawn entries.
 template <bool Relu, typename T>
 uint32_t draw_in_block(const T* x, int64_t len, int64_t count, SampleStream& stream) {
   double run[kBlock];
@@ -228,15 +261,76 @@ uint32_t draw_in_block(const T* x, int64_t len, int64_t count, SampleStream& str
     positive |= static_cast<uint32_t>(w > 0.0) << i;
   }
   for (int64_t i = len; i < kBlock; ++i) run[i] = std::numeric_limits<double>::infinity();
-  // The largest double below s: u * s may round up to s itself.
-  const double top = elementary_detail::from_bits(elementary_detail::bits(s) - 1);
-  uint32_t mask = 0;
-  for (int64_t k = 0; k < count; ++k) {
-    const double v = std::min(stream.uniform() * s, top);
-    mask |= uint32_t(1) << search32(run, v);
-    if (mask == positive) break;
+  return draws_in_block(run, s, positive, count, stream);
+}
+
+// The running sums of kGroup whole blocks at once (each block's additions in
+// its own order, as draw_in_block: the same bits), so that their chains of
+// additions overlap; sum i of block c in run[i][c].
+constexpr int kGroup = 4;
+template <bool Relu, typename T>
+__attribute__((always_inline)) inline void group_sums_body(const T* const* xs, double (*run)[kGroup],
+                                                           double* total, uint32_t* positive) {
+  double s[kGroup] = {};
+  uint32_t pos[kGroup] = {};
+  for (int64_t i = 0; i < kBlock; ++i) {
+    for (int c = 0; c < kGroup; ++c) {
+      const double w = weight<Relu>(xs[c][i]);
+      run[i][c] = s[c] += w;
+      pos[c] |= static_cast<uint32_t>(w > 0.0) << i;
+    }
   }
-  return mask;
+  for (int c = 0; c < kGroup; ++c) {
+    total[c] = s[c];
+    positive[c] = pos[c];
+  }
+}
+
+#ifdef MVM_X86_SIMD
+// group_sums_body for float in AVX2, the kGroup blocks in the lanes: the
+// weights (max(0, x) or |x|, as weight) transposed eight entries at a time,
+// each block's additions in its own order (the same bits).
+template <bool Relu>
+__attribute__((target("avx2"))) void group_sums_avx2(const float* const* xs, double (*run)[kGroup], double* total,
+                                                     uint32_t* positive) {
+  static_assert(kGroup == 4);
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256d s = _mm256_setzero_pd();
+  uint32_t pos[kGroup] = {};
+  for (int64_t i = 0; i < kBlock; i += 8) {
+    __m256 w[kGroup];
+    for (int c = 0; c < kGroup; ++c) {
+      const __m256 f = _mm256_loadu_ps(xs[c] + i);
+      w[c] = Relu ? _mm256_max_ps(zero, f) : _mm256_and_ps(f, magnitude);
+      pos[c] |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(w[c], zero, _CMP_GT_OQ))) << i;
+    }
+    const __m256 t0 = _mm256_unpacklo_ps(w[0], w[1]), t1 = _mm256_unpackhi_ps(w[0], w[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(w[2], w[3]), t3 = _mm256_unpackhi_ps(w[2], w[3]);
+    const __m256 v0 = _mm256_shuffle_ps(t0, t2, 0x44), v1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 v2 = _mm256_shuffle_ps(t1, t3, 0x44), v3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m128 col[8] = {_mm256_castps256_ps128(v0), _mm256_castps256_ps128(v1), _mm256_castps256_ps128(v2),
+                           _mm256_castps256_ps128(v3), _mm256_extractf128_ps(v0, 1), _mm256_extractf128_ps(v1, 1),
+                           _mm256_extractf128_ps(v2, 1), _mm256_extractf128_ps(v3, 1)};
+    for (int j = 0; j < 8; ++j) {
+      s = _mm256_add_pd(s, _mm256_cvtps_pd(col[j]));
+      _mm256_store_pd(run[i + j], s);
+    }
+  }
+  _mm256_storeu_pd(total, s);
+  for (int c = 0; c < kGroup; ++c) positive[c] = pos[c];
+}
+#endif
+
+template <bool Relu, typename T>
+__attribute__((always_inline)) inline void group_sums(const T* const* xs, double (*run)[kGroup], double* total,
+                                                      uint32_t* positive) {
+#ifdef MVM_X86_SIMD
+  if constexpr (std::is_same_v<T, float>) {
+    if (kHasAvx2) return group_sums_avx2<Relu>(xs, run, total, positive);
+  }
+#endif
+  group_sums_body<Relu>(xs, run, total, positive);
 }
 
 // mvm::inverse_inclusion (elementary.h) for p in (0, 1] and c >= 1, the same
@@ -275,6 +369,78 @@ inline void inverse_inclusions(const double* p, double* out, int64_t n, double c
   inverse_inclusions_body(p, out, n, c);
 }
 
+// 1/pi = 1 / (1 - (1 - p)^c) in float32, for outputs whose scale is a float
+// (float32, float16, bfloat16): within a few float32 ulps, at a third of the
+// double's cost (eight lanes, shorter series). p in (0, 1], c >= 1; p below
+// 2^-100 (a float subnormal ahead) is left to the double path by the caller.
+// Plain float operations in a fixed order: the same bits in every vector width.
+__attribute__((always_inline)) inline float inverse_inclusion_positive_f(float p, float c) {
+  auto fbits = [](float v) {
+    uint32_t b;
+    std::memcpy(&b, &v, sizeof b);
+    return b;
+  };
+  auto ffrom = [](uint32_t b) {
+    float v;
+    std::memcpy(&v, &b, sizeof v);
+    return v;
+  };
+  constexpr float kLn2HiF = 0.693145751953125f;       // 15 bits: k * kLn2HiF exact for |k| < 2^9
+  constexpr float kLn2LoF = 1.428606765330187045e-06f;
+  constexpr float kShiftF = 12582912.0f;              // 1.5 * 2^23
+  const float pp = p < 1.0f ? p : 0.5f;
+  const float x = -pp;
+  const float u = 1.0f + x;  // in [2^-24, 1): log1p(x) = log(u) + lo
+  const float lo = (x - (u - 1.0f)) / u;
+  // u = 2^k m with m in [sqrt(1/2), sqrt(2)).
+  const uint32_t ub = fbits(u) + (0x3f800000u - 0x3f3504f3u);
+  const float k = static_cast<float>(static_cast<int32_t>(ub >> 23) - 127);
+  const float f = ffrom((ub & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
+  // log(1 + f) = 2 atanh(s), s = f / (2 + f), |s| < 0.172: to s^7.
+  const float s = f / (2.0f + f);
+  const float z = s * s;
+  const float log_m = s * 2.0f + (s * 2.0f) * (z * (1.0f / 3.0f + z * (1.0f / 5.0f + z * (1.0f / 7.0f))));
+  const float L = k * kLn2HiF + (log_m + (lo + k * kLn2LoF));
+  // expm1(y) for y in [-87, 0]: y = n ln2 + t, |t| <= ln2 / 2, Taylor to t^7.
+  float y = c * L;
+  y = y < -87.0f ? -87.0f : y;
+  const float nd = (y * 1.44269504088896341f + kShiftF) - kShiftF;
+  const float t = (y - nd * kLn2HiF) - nd * kLn2LoF;
+  const float em =
+      t + (t * t) * (0.5f + t * (1.0f / 6.0f + t * (1.0f / 24.0f + t * (1.0f / 120.0f + t * (1.0f / 720.0f + t * (1.0f / 5040.0f))))));
+  const uint32_t n = fbits(nd + kShiftF) - fbits(kShiftF);  // two's complement, in [-126, 0]
+  const float two_n = ffrom((n + 127u) << 23);
+  const float pi = -((two_n - 1.0f) + two_n * em);
+  const float r = 1.0f / pi;
+  return p < 1.0f ? r : 1.0f;
+}
+
+// 1/pi for each p (packed) in float32 (stored as doubles), p below 2^-100 in
+// double (rounded to float).
+__attribute__((always_inline)) inline void inverse_inclusions_f_body(const double* __restrict__ p,
+                                                                     double* __restrict__ out, int64_t n, double c) {
+  const float cf = static_cast<float>(c);
+  for (int64_t q = 0; q < n; ++q) out[q] = inverse_inclusion_positive_f(static_cast<float>(p[q]), cf);
+}
+#ifdef MVM_X86_SIMD
+__attribute__((target("avx2"))) inline void inverse_inclusions_f_avx2(const double* p, double* out, int64_t n,
+                                                                      double c) {
+  inverse_inclusions_f_body(p, out, n, c);
+}
+#endif
+inline void inverse_inclusions_f(const double* p, double* out, int64_t n, double c) {
+#ifdef MVM_X86_SIMD
+  if (kHasAvx2) {
+    inverse_inclusions_f_avx2(p, out, n, c);
+  } else
+#endif
+  {
+    inverse_inclusions_f_body(p, out, n, c);
+  }
+  for (int64_t q = 0; q < n; ++q)
+    if (p[q] < 0x1.0p-100) out[q] = static_cast<float>(inverse_inclusion_positive(p[q], c));
+}
+
 // A thread's work space, reused across samples.
 struct Work {
   BlockTable table;
@@ -290,7 +456,7 @@ struct Work {
 // The drawn entries of one sample (K entries at x, already scanned into
 // work.table.cdf by block_sums), packed into work.entry with their 1/pi in
 // work.scale; returns how many. `positive` entries have w > 0 (at least one).
-template <bool Relu, typename T>
+template <bool Relu, bool Float32, typename T>
 int64_t draw_sample(const T* x, int64_t K, int64_t positive, int64_t r, SampleStream stream, Work& work) {
   const int64_t blocks = (K + kBlock - 1) / kBlock;
   BlockTable& t = work.table;
@@ -306,15 +472,44 @@ int64_t draw_sample(const T* x, int64_t K, int64_t positive, int64_t r, SampleSt
   } else {
     work.counts.assign(blocks, 0);
     for (int64_t d = 0; d < r; ++d) ++work.counts[t.resolve(stream.uniform())];
-    for (int64_t b = 0; b < blocks; ++b) {
+    // The whole blocks with draws, kGroup at a time (in order: the stream is
+    // read as one block after another), then any left over one by one.
+    const int64_t n_full = K / kBlock;
+    int64_t group[kGroup];
+    int n_group = 0;
+    alignas(64) double run[kBlock][kGroup];
+    for (int64_t b = 0; b < n_full; ++b) {
       if (work.counts[b] == 0) continue;
+      group[n_group++] = b;
+      if (n_group < kGroup) continue;
+      const T* xs[kGroup];
+      for (int c = 0; c < kGroup; ++c) xs[c] = x + group[c] * kBlock;
+      double total[kGroup];
+      uint32_t positive_bits[kGroup];
+      group_sums<Relu>(xs, run, total, positive_bits);
+      for (int c = 0; c < kGroup; ++c)
+        for (uint32_t m = draws_in_block<kGroup>(&run[0][c], total[c], positive_bits[c], work.counts[group[c]], stream); m != 0;
+             m &= m - 1)
+          work.entry[k++] = group[c] * kBlock + __builtin_ctz(m);
+      n_group = 0;
+    }
+    if (n_full < blocks && work.counts[n_full] != 0) group[n_group++] = n_full;
+    for (int c = 0; c < n_group; ++c) {
+      const int64_t b = group[c];
       const int64_t len = std::min(kBlock, K - b * kBlock);
       for (uint32_t m = draw_in_block<Relu>(x + b * kBlock, len, work.counts[b], stream); m != 0; m &= m - 1)
         work.entry[k++] = b * kBlock + __builtin_ctz(m);
     }
   }
-  for (int64_t q = 0; q < k; ++q) work.p[q] = weight<Relu>(x[work.entry[q]]) / t.total;
-  inverse_inclusions(work.p.data(), work.scale.data(), k, static_cast<double>(r));
+  if constexpr (Float32) {
+    // p is rounded to float32 anyway: a product, not a division per entry.
+    const double inv_total = 1.0 / t.total;
+    for (int64_t q = 0; q < k; ++q) work.p[q] = weight<Relu>(x[work.entry[q]]) * inv_total;
+    inverse_inclusions_f(work.p.data(), work.scale.data(), k, static_cast<double>(r));
+  } else {
+    for (int64_t q = 0; q < k; ++q) work.p[q] = weight<Relu>(x[work.entry[q]]) / t.total;
+    inverse_inclusions(work.p.data(), work.scale.data(), k, static_cast<double>(r));
+  }
   return k;
 }
 

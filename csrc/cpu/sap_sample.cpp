@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -27,7 +28,7 @@ void sap_one(const scalar_t* hs, scalar_t* os, int64_t K, int64_t r, bool scale_
                    sample);
   std::fill_n(os, K, scalar_t(0));
   if (scan.positive == 0) return;  // an all-zero sample stays zero
-  const int64_t k = sap::draw_sample<Relu>(hs, K, scan.positive, r, stream, work);
+  const int64_t k = sap::draw_sample<Relu, std::is_same_v<acc_t, float>>(hs, K, scan.positive, r, stream, work);
   for (int64_t q = 0; q < k; ++q) {
     const int64_t j = work.entry[q];
     const auto s = static_cast<acc_t>(work.scale[q]);
