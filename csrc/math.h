@@ -181,6 +181,17 @@ struct SupportSums {
   }
 };
 
+// One row's joint Newton step from yi (kkt_solve below): keeps the Newton
+// point in y, 1 / H' in z, p(yi) in p; returns (p, w, w r, |r|).
+MVM_MATH_INLINE SupportSums kkt_step(int64_t i, double target, double yi, const KktConst& k, double* p, double* y,
+                                     double* z) {
+  const KktPoint pt = kkt_point(yi, target, k);
+  y[i] = yi - pt.r * pt.inv_h;
+  z[i] = pt.inv_h;
+  p[i] = pt.p;
+  return SupportSums{pt.p, pt.w, pt.w * pt.r, pt.r < 0.0 ? -pt.r : pt.r};
+}
+
 // Iterations of kkt_solve's joint Newton search before the fallback.
 constexpr int kJointIters = 40;
 // Residuals (in log lambda) below which one more joint Newton step is the last.
@@ -216,15 +227,15 @@ C10_HOST_DEVICE inline void kkt_solve(const double* log_alpha, double* p, double
   bool done = false, last = false;
   for (int it = 0; it < kJointIters && !done; ++it) {
     s += ds;
-    const bool first = it == 0;
-    const SupportSums t = over([&](int64_t i) {
-      const double target = log_alpha[i] + log_c - s;
-      const double yi = first ? kkt_start(target, k) : y[i] - ds * z[i];
-      const KktPoint pt = kkt_point(yi, target, k);
-      y[i] = yi - pt.r * pt.inv_h;
-      z[i] = pt.inv_h;
-      p[i] = pt.p;
-      return SupportSums{pt.p, pt.w, pt.w * pt.r, pt.r < 0.0 ? -pt.r : pt.r};
+    // Copies, captured by value: stores to y, z, p then cannot alias them,
+    // and the two passes below have no branch, so `over` vectorises.
+    const double s_now = s, ds_now = ds;
+    const SupportSums t = it == 0 ? over([=](int64_t i) {
+      const double target = log_alpha[i] + log_c - s_now;
+      return kkt_step(i, target, kkt_start(target, k), k, p, y, z);
+    }) : over([=](int64_t i) {
+      const double target = log_alpha[i] + log_c - s_now;
+      return kkt_step(i, target, y[i] - ds_now * z[i], k, p, y, z);
     });
     total = t.a;
     const double log_sum = elem_log(t.a);

@@ -71,16 +71,18 @@ __attribute__((always_inline)) inline SupportSums over_blocks(int64_t k, F& f) {
 }
 
 // Two `over`s, one compiled for AVX2: the same plain operations, so the same bits.
+// flatten: GCC would keep f (and the helpers it calls) out of line, and a loop
+// with a call does not vectorise.
 struct OverPlain {
   int64_t k;
   template <typename F>
-  SupportSums operator()(F f) const { return over_blocks(k, f); }
+  __attribute__((flatten)) SupportSums operator()(F f) const { return over_blocks(k, f); }
 };
 #ifdef MVM_AVX2_CLONE
 struct OverAvx2 {
   int64_t k;
   template <typename F>
-  __attribute__((target("avx2"))) SupportSums operator()(F f) const { return over_blocks(k, f); }
+  __attribute__((target("avx2"), flatten)) SupportSums operator()(F f) const { return over_blocks(k, f); }
 };
 #endif
 
