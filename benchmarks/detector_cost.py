@@ -150,19 +150,25 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=NETWORKS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--out", help="also write the table as markdown to this file")
     args = parser.parse_args()
     keep_freed_memory()
     where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
              else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"Detector cost over R plain passes: {args.images} images, min of {args.runs} interleaved runs; "
-          f"{where}; torch {torch.__version__}; mvm_cuda {mvm_cuda.__version__}; {datetime.date.today()}\n")
-    print("| network | R | R plain passes | " + " | ".join(args.methods) + " |")
-    print("|---|---|---|" + "---|" * len(args.methods))
+    lines = [f"Detector cost over R plain passes: {args.images} images, min of {args.runs} interleaved runs; "
+             f"{where}; torch {torch.__version__}; mvm_cuda {mvm_cuda.__version__}; {datetime.date.today()}", "",
+             "| network | R | R plain passes | " + " | ".join(args.methods) + " |",
+             "|---|---|---|" + "---|" * len(args.methods)]
+    print("\n".join(lines), flush=True)
     for name in args.networks:
         for R in args.R:
             t = measure(name, R, args.images, args.runs, args.device, tuple(args.methods))
             ratios = " | ".join(f"{t[m] / t['plain']:.2f}x" for m in args.methods)
-            print(f"| {name} | {R} | {t['plain'] * 1e3:.0f} ms | {ratios} |", flush=True)
+            lines.append(f"| {name} | {R} | {t['plain'] * 1e3:.1f} ms | {ratios} |")
+            print(lines[-1], flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@
 #                                        CUDA cases of the other test files;
 #                                        the benchmark tables (the per-op table
 #                                        against copy bandwidth and the reference,
-#                                        benchmarks/gpu_table.py, and the detector
-#                                        end to end); then compute-sanitizer
+#                                        benchmarks/gpu_table.py, the detector
+#                                        end to end, and the detector against R
+#                                        plain passes, benchmarks/detector_cost.py);
+#                                        then compute-sanitizer
 #                                        memcheck, racecheck, initcheck and
 #                                        synccheck on benchmarks/gpu_drivers.py
 #   bash benchmarks/gpu_check.sh tests   the build, the CUDA tests, the
@@ -20,7 +22,7 @@
 # it is cut there, and the steps left are skipped, each saying so. The CUDA
 # test and table steps also have a cap each (CAP_* below), so that the tests
 # and the tables end within about 6 minutes on a 16-core machine after a build
-# from nothing (4.5 minutes at most after the build), and the sanitizers, one after the
+# from nothing (5.5 minutes at most after the build), and the sanitizers, one after the
 # other and alone on the GPU, get what is left. The summary and the tables are
 # rewritten after every step, so a run cut short still reports what it did.
 #
@@ -58,7 +60,7 @@ LOGS=$(mktemp -d)/logs
 mkdir -p "$LOGS"
 SUMMARY=$OUT/summary.md
 # Caps (seconds) of the CUDA test and table steps; see the top.
-CAP_TEST_CUDA=45 CAP_CUDA_CASES=105 CAP_OP_TABLE=75 CAP_DETECTOR=45
+CAP_TEST_CUDA=45 CAP_CUDA_CASES=105 CAP_OP_TABLE=75 CAP_DETECTOR=45 CAP_DETECTOR_COST=60
 STATUS=0
 GPU=unknown
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -69,7 +71,7 @@ note() { echo "$*" | tee -a "$SUMMARY"; }
 left() { echo $(( DEADLINE - $(now) )); }
 # The tables written so far, then every log: after each step.
 flush() {
-  { for f in op_table.md detector.md; do [ -s "$LOGS/$f" ] && { cat "$LOGS/$f"; echo; }; done; } > "$OUT/tables.md.tmp"
+  { for f in op_table.md detector.md detector_cost.md; do [ -s "$LOGS/$f" ] && { cat "$LOGS/$f"; echo; }; done; } > "$OUT/tables.md.tmp"
   if [ -s "$OUT/tables.md.tmp" ]; then mv "$OUT/tables.md.tmp" "$OUT/tables.md"; else rm -f "$OUT/tables.md.tmp"; fi
   tar -czf "$OUT/logs.tar.gz.tmp" -C "$(dirname "$LOGS")" logs && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"
 }
@@ -205,6 +207,8 @@ tables() {
     $PY -P benchmarks/ratios.py "$LOGS/detector.json" > "$LOGS/detector.md" 2>> "$LOGS/detector.log"
     flush
   fi
+  step detector_cost 1 20 "$CAP_DETECTOR_COST" $PY -P benchmarks/detector_cost.py --device cuda --R 20 100 --runs 2 \
+    --out "$LOGS/detector_cost.md"
 }
 
 # The sanitizers, after the tests and one at a time (initcheck instruments

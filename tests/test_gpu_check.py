@@ -53,11 +53,11 @@ def test_a_slow_step_is_cut_at_the_deadline_and_the_rest_reported(tmp_path):
 
 
 STEPS = {
-    "all": ["test_cuda", "cuda_cases", "op_table", "detector", "compute-sanitizer memcheck",
+    "all": ["test_cuda", "cuda_cases", "op_table", "detector", "detector_cost", "compute-sanitizer memcheck",
             "compute-sanitizer racecheck", "compute-sanitizer initcheck", "compute-sanitizer synccheck"],
     "tests": ["test_cuda", "cuda_cases", "compute-sanitizer memcheck", "compute-sanitizer racecheck",
               "compute-sanitizer initcheck", "compute-sanitizer synccheck", "cpu_rest"],
-    "bench": ["op_table", "detector"],
+    "bench": ["op_table", "detector", "detector_cost"],
 }
 
 
