@@ -275,7 +275,7 @@ inline at::Tensor sap_entries(const at::Tensor& h) {
 // float64 are value checks: the CPU kernel finds them as it packs h, the CUDA
 // kernel checks here when value checks are on.
 inline at::Tensor check_sap_sample(const at::Tensor& h, int64_t r, const std::optional<at::Tensor>& keys,
-                                   int64_t copies, bool has_generator) {
+                                   int64_t copies, bool relu, bool has_generator) {
   constexpr const char* op = "sap_sample";
   TORCH_CHECK(h.dim() >= 1, "mvm::", op, ": h must have a batch dimension (N, ...), got a 0-d tensor");
   check_float_dtype(op, "h", h, /*allow_half=*/true);
@@ -285,7 +285,8 @@ inline at::Tensor check_sap_sample(const at::Tensor& h, int64_t r, const std::op
   const bool in_place = h.is_contiguous() || h.is_contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor read = in_place ? h : h.contiguous();
   if (!h.device().is_cpu() && should_check_values(h) && h.numel() > 0) {
-    const auto flat = sap_entries(read);
+    // With relu the weights are max(h, 0): -inf is 0 there, as on the CPU.
+    const auto flat = relu ? sap_entries(read).clamp_min(0) : sap_entries(read);
     const auto finite = at::isfinite(flat).all(1);
     const auto sums = flat.abs().sum(1, /*keepdim=*/false, at::kDouble);
     const auto bad = (finite.logical_not() | at::isinf(sums)).nonzero();

@@ -356,3 +356,15 @@ def test_fused_samplers_have_no_host_sync():
         mvm_cuda.keyed_dropout(pre, keys, 0.5, relu=True, copies=3)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_sap_value_checks_take_the_relu(value_checks):
+    # With relu the weights are max(h, 0): a -inf entry is a 0 weight, as on the CPU;
+    # without relu it is a non-finite h and raises.
+    h = torch.rand(2, 3, 4, 5, device="cuda")
+    h[0, 0, 0, 0] = -float("inf")
+    out = mvm_cuda.sap_sample(h, 0.5, relu=True)
+    assert out[0, 0, 0, 0] == 0 and torch.isfinite(out).all()
+    assert torch.equal(mvm_cuda.sap_sample(h.cpu(), 0.5, relu=True)[0, 0, 0, 0], torch.tensor(0.0))
+    with pytest.raises(RuntimeError, match="mvm::sap_sample: h must be finite, got a NaN or inf in sample 0"):
+        mvm_cuda.sap_sample(h, 0.5)

@@ -45,7 +45,7 @@ void sap_one(const scalar_t* hs, scalar_t* os, int64_t K, int64_t r, bool scale_
 // materialising p or 1/pi over all N*K entries.
 at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, const std::optional<at::Tensor>& keys, bool scale_only,
                       bool relu, int64_t copies, std::optional<at::Generator> generator) {
-  const at::Tensor h = check_sap_sample(h_in, r, keys, copies, generator.has_value());
+  const at::Tensor h = check_sap_sample(h_in, r, keys, copies, relu, generator.has_value());
   const int64_t N = h.size(0);
   const int64_t K = N == 0 ? 0 : h.numel() / N;
   auto out = empty_copies(h, copies);  // h's strides: entry j of a sample sits where it sits in h

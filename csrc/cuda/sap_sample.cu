@@ -201,7 +201,7 @@ sap_sample_kernel(const scalar_t* __restrict__ h, scalar_t* __restrict__ out, co
 
 at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, const std::optional<at::Tensor>& keys, bool scale_only,
                       bool relu, int64_t copies, std::optional<at::Generator> generator) {
-  const at::Tensor h = check_sap_sample(h_in, r, keys, copies, generator.has_value());
+  const at::Tensor h = check_sap_sample(h_in, r, keys, copies, relu, generator.has_value());
   check_cuda("sap_sample", "h", h);
   const c10::cuda::CUDAGuard guard(h.device());
   auto out = empty_copies(h, copies);  // h's strides: entry j of a sample sits where it sits in h
