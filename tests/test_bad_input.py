@@ -1340,6 +1340,22 @@ CASES = [
          Gives(lambda r, c: r[0].shape == (0, 5) and r[1].shape == (3, 0)), ops=True,
          input="`keyed_uniform`: no keys, or K = 0",
          you_get="empty results of shape (0, K) and (N, 0)"),
+    # The units' fused ops: keyed_dropout, and copies of sample_rows and sap_sample.
+    Case("keyed_dropout-p_drop-one", lambda c: mvm_cuda.keyed_dropout(torch.ones(2, 3, device=c.dev), _k(c, 2), 1.0),
+         Raises(E, r"mvm::keyed_dropout: p_drop must lie in \[0, 1\), got 1"), ops=True,
+         input="`keyed_dropout`: p_drop = 1",
+         you_get="RuntimeError `mvm::keyed_dropout: p_drop must lie in [0, 1), got 1`"),
+    Case("keyed_dropout-keys-per-copy", lambda c: mvm_cuda.keyed_dropout(torch.ones(2, 3, device=c.dev), _k(c, 2), 0.5,
+                                                                         copies=3),
+         Raises(E, r"mvm::keyed_dropout: keys must have shape \(N,\) = \(6,\), one key per sample of the output, "
+                r"got \(2,\)"), ops=True,
+         input="`keyed_dropout`: copies = 3 with one key per input sample",
+         you_get="RuntimeError naming the 6 keys the output needs"),
+    Case("sample_rows-copies-zero", lambda c: mvm_cuda.sample_rows(torch.ones(2, 3, 4, device=c.dev),
+                                                                   torch.full((1, 3), 1 / 3, device=c.dev), 2, copies=0),
+         Raises(E, r"mvm::sample_rows: copies must be >= 1, got 0"), ops=True,
+         input="`sample_rows` or `sap_sample`: copies = 0",
+         you_get="RuntimeError `mvm::sample_rows: copies must be >= 1, got 0`"),
     # Several processes (mvm_cuda.distributed) and the JSMA targets of a shard.
     Case("score_dataset-chunk_size-zero", lambda c: distributed.score_dataset(c.detector(), c.images(), chunk_size=0),
          Raises(ValueError, r"score_dataset: chunk_size must be an integer >= 1, got 0"),
