@@ -146,7 +146,7 @@ def _empty_copies(t: torch.Tensor, copies: int) -> torch.Tensor:
     return t.new_empty(sizes).permute([order.index(d) for d in range(t.dim())])
 
 
-def _check_copies(op: str, copies: int, n: int) -> None:
+def _check_copies(op: str, copies: int) -> None:
     torch._check(copies >= 1, lambda: f"mvm::{op}: copies must be >= 1, got {copies}")
 
 
@@ -179,7 +179,7 @@ def _shape_str(shape) -> str:
 @torch.library.register_fake("mvm::sample_rows")
 def _(x, p, c, keys=None, *, relu=False, copies=1, generator=None):
     _same_device("sample_rows", "x", x, "p", p)
-    _check_copies("sample_rows", copies, x.shape[0])
+    _check_copies("sample_rows", copies)
     _check_keys("sample_rows", keys, "x", x, generator, copies)
     return _empty_copies(x, copies)
 
@@ -260,7 +260,7 @@ def _dense_or_contiguous(t: torch.Tensor) -> torch.Tensor:
 @torch.library.register_fake("mvm::sap_sample")
 def _(h, r, keys=None, *, scale_only=False, relu=False, copies=1, generator=None):
     torch._check(h.dim() >= 1, lambda: "mvm::sap_sample: h must have a batch dimension (N, ...), got a 0-d tensor")
-    _check_copies("sap_sample", copies, h.shape[0])
+    _check_copies("sap_sample", copies)
     _check_keys("sap_sample", keys, "h", h, generator, copies)
     return _empty_copies(_dense_or_contiguous(h), copies)
 
@@ -280,7 +280,7 @@ def keyed_dropout(x: torch.Tensor, keys: torch.Tensor, p_drop: float, *, relu: b
 @torch.library.register_fake("mvm::keyed_dropout")
 def _(x, keys, p_drop, *, relu=False, copies=1):
     torch._check(x.dim() >= 1, lambda: "mvm::keyed_dropout: x must have a batch dimension (N, ...), got a 0-d tensor")
-    _check_copies("keyed_dropout", copies, x.shape[0])
+    _check_copies("keyed_dropout", copies)
     _check_keys("keyed_dropout", keys, "x", x, None, copies)
     return _empty_copies(_dense_or_contiguous(x), copies)
 
