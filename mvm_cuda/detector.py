@@ -10,7 +10,6 @@ bootstrap interval; it needs scikit-learn and scipy (the `eval` extra).
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import math
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import ops
+from ._digest import tensor_digest
 from ._files import write_atomically
 from ._optional import require
 from ._progress import hide_bar
@@ -264,13 +264,7 @@ def model_fingerprint(model: nn.Module) -> str:
     shape and values (read on the CPU). A saved detector keeps it, so that `load` can
     tell a different network (other weights, layers or dtype) from the one its threshold
     was fitted on. Independent of the model's device."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensor_digest(model.state_dict().items())[:16]
 
 
 def _check_saved(path, cfg: dict) -> None:

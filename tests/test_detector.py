@@ -1,6 +1,7 @@
 """The detector (Alg. 3) on a small CNN trained on scikit-learn's 8x8 digits."""
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -348,3 +349,24 @@ def test_layers_before_the_first_unit_run_once_per_image(digits, method, kwargs)
     assert torch.equal(stacked.votes(x), repeated.votes(x))
     # After the one-image check of the input shape: P = 120 // 10 images, never R * P.
     assert calls[0] == 1 and len(calls) > 2 and all(n == 12 for n in calls[1:])
+
+
+def _kept_model():
+    # Weights set from linspace, not the RNG, so the fingerprint is the same on every torch.
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 6 * 6, 3))
+    with torch.no_grad():
+        for i, p in enumerate(net.parameters()):
+            p.copy_(torch.linspace(-1, 1, p.numel()).reshape(p.shape) * (i + 1) / 7)
+    return net.eval()
+
+
+def test_a_detector_saved_by_an_earlier_version_loads():
+    """tests/data/detector-mvm.json was written by Detector.save before the settings were
+    declared once: its fingerprint and every setting must still be read the same."""
+    path = Path(__file__).parent / "data" / "detector-mvm.json"
+    saved = json.loads(path.read_text())
+    det = Detector.load(path, _kept_model(), progress=False)
+    assert det.config() == saved
+    scores = det.scores(torch.linspace(0, 1, 3 * 64).reshape(3, 1, 8, 8))
+    assert scores.shape == (3,) and bool(torch.isfinite(scores).all())

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .._digest import tensor_digest
 from .._files import first_os_error, write_atomically
 from .._progress import hide_bar
 from .exact import cross_entropy_grad
@@ -308,12 +309,7 @@ def cache_dir() -> Path:
 
 
 def _checksum(tensors: dict[str, Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return tensor_digest(sorted(tensors.items()))
 
 
 def _file_for(folder: str, key: str) -> Path:
