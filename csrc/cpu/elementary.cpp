@@ -4,19 +4,13 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "../elementary.h"
+#include "isa.h"
 
 namespace mvm::cpu {
 namespace {
-
-const bool kPlainIsa = [] {
-  const char* v = std::getenv("MVM_CPU_ISA");
-  return v != nullptr && std::strcmp(v, "default") == 0;
-}();
 
 template <typename F>
 __attribute__((always_inline)) inline void apply(const double* __restrict__ x, double* __restrict__ y, int64_t n,
@@ -26,15 +20,14 @@ __attribute__((always_inline)) inline void apply(const double* __restrict__ x, d
 
 template <typename F>
 void apply_plain(const double* x, double* y, int64_t n, F f) { apply(x, y, n, f); }
-#if defined(__GNUC__) && defined(__x86_64__)
+#ifdef MVM_X86_SIMD
 template <typename F>
 __attribute__((target("avx2"))) void apply_avx2(const double* x, double* y, int64_t n, F f) { apply(x, y, n, f); }
-const bool kHasAvx2 = !kPlainIsa && __builtin_cpu_supports("avx2");
 #endif
 
 template <typename F>
 void run(const double* x, double* y, int64_t n, F f) {
-#if defined(__GNUC__) && defined(__x86_64__)
+#ifdef MVM_X86_SIMD
   if (kHasAvx2) return apply_avx2(x, y, n, f);
 #endif
   apply_plain(x, y, n, f);
