@@ -124,6 +124,59 @@ MVM_MATH_INLINE Split split_log(double x) {
   return {m - 1.0, dk};
 }
 
+// Single precision, for warm starts only (kkt_solve's): a few float ulps,
+// enough to say where a float64 search starts, never what it returns.
+MVM_MATH_INLINE uint32_t bits32(float x) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  return u;
+}
+MVM_MATH_INLINE float from_bits32(uint32_t u) {
+  float x;
+  memcpy(&x, &u, sizeof x);
+  return x;
+}
+constexpr float kShiftF = 12582912.0f;                               // 1.5 * 2^23
+constexpr float kLn2HiF = 6.9314575195e-01f, kLn2LoF = 1.4286067653e-06f;  // fdlibm's e_expf.c split
+constexpr float kInvLn2F = 1.4426950216e+00f;
+
+// x <= 0 (clamped to [-87, 0], NaN passes) as 2^n (1 + em): 2^n is normal.
+struct ReducedF {
+  float s;   // 2^n
+  float em;  // expm1(r), |r| <= ln2 / 2: Taylor to r^7 (truncation below 2^-27)
+};
+MVM_MATH_INLINE ReducedF reduce_exp_neg_f(float x) {
+  x = x < -87.0f ? -87.0f : (x > 0.0f ? 0.0f : x);
+  const float nd = (x * kInvLn2F + kShiftF) - kShiftF;
+  const float r = (x - nd * kLn2HiF) - nd * kLn2LoF;
+  float q = 1.0f / 5040.0f;
+  q = q * r + 1.0f / 720.0f;
+  q = q * r + 1.0f / 120.0f;
+  q = q * r + 1.0f / 24.0f;
+  q = q * r + 1.0f / 6.0f;
+  q = q * r + 0.5f;
+  // n from the bits of nd + kShiftF (no float-to-int conversion: NaN stays defined).
+  const uint32_t n = bits32(nd + kShiftF) - bits32(kShiftF);
+  const float s = from_bits32((n + 127u) << 23);
+  return {s, r + (r * r) * q};
+}
+
+// log(1 + e) for e in [0, 1], given v = 1 + e rounded: fdlibm's logf kernel
+// on v = 2^k (1 + f), plus v's rounding error (e - (v - 1)) / v.
+MVM_MATH_INLINE float log1p_unit_f(float e, float v, float inv_v) {
+  constexpr float Lg1 = 0.66666662693f, Lg2 = 0.40000972152f, Lg3 = 0.28498786688f, Lg4 = 0.24279078841f;
+  const bool up = v >= 1.41421356f;
+  const float f = (up ? 0.5f * v : v) - 1.0f;
+  const float dk = up ? 1.0f : 0.0f;
+  const float lo = (e - (v - 1.0f)) * inv_v;
+  const float s = f / (2.0f + f);
+  const float z = s * s;
+  const float w = z * z;
+  const float R = z * (Lg1 + w * Lg3) + w * (Lg2 + w * Lg4);
+  const float hfsq = 0.5f * f * f;
+  return dk * kLn2HiF - ((hfsq - (s * (hfsq + R) + (dk * kLn2LoF + lo))) - f);
+}
+
 }  // namespace elementary_detail
 
 // e^x: 0 below about -745.13, inf above about 709.78, NaN for NaN.

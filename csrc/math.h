@@ -114,6 +114,34 @@ MVM_MATH_INLINE KktPoint kkt_point(double y, double target, const KktConst& k) {
   return {-em, h - target, inv_h, dp * inv_h};
 }
 
+// kkt_point in float, for kkt_solve's warm start: the same formulas.
+struct KktPointF {
+  float p, r, inv_h, w;
+};
+struct KktConstF {
+  float ic, lo, hi, inv_lo;
+  C10_HOST_DEVICE explicit KktConstF(const KktConst& k)
+      : ic(static_cast<float>(k.ic)), lo(static_cast<float>(k.lo)), hi(static_cast<float>(k.hi)),
+        inv_lo(static_cast<float>(k.inv_lo)) {}
+};
+MVM_MATH_INLINE KktPointF kkt_point_f(float y, float target, const KktConstF& k) {
+  using namespace elementary_detail;
+  const bool pos = y >= 0.0f;
+  const ReducedF x = reduce_exp_neg_f(pos ? -y : y);
+  const float e = x.s + x.s * x.em;  // e^-|y|
+  const float v = 1.0f + e;
+  const float inv_v = 1.0f / v;
+  const float l = log1p_unit_f(e, v, inv_v);
+  const float u = (pos ? y : 0.0f) + l;
+  const float sig = pos ? inv_v : e * inv_v;
+  const float h = (pos ? k.lo * y : 2.0f * y) - k.hi * l;
+  const float inv_h = 1.0f / (2.0f - k.hi * sig);
+  const ReducedF t = reduce_exp_neg_f(-u * k.ic);
+  const float em = (t.s - 1.0f) + t.s * t.em;  // expm1(-u / c)
+  const float dp = ((1.0f + em) * sig) * k.ic;
+  return {-em, h - target, inv_h, dp * inv_h};
+}
+
 // A start for the row's y at a given target: H's asymptotes, 2y for y << 0
 // and (1 - 1/c) y for y >> 0.
 MVM_MATH_INLINE double kkt_start(double target, const KktConst& k) {
@@ -192,24 +220,70 @@ MVM_MATH_INLINE SupportSums kkt_step(int64_t i, double target, double yi, const 
   return SupportSums{pt.p, pt.w, pt.w * pt.r, pt.r < 0.0 ? -pt.r : pt.r};
 }
 
+// kkt_solve's warm start: at most this many float steps, ending once every
+// residual and log(sum p) is below kWarmTol (the step from there lands near
+// float's resolution).
+constexpr int kWarmIters = 12;
+constexpr double kWarmTol = 1e-4;
 // Iterations of kkt_solve's joint Newton search before the fallback.
 constexpr int kJointIters = 40;
-// Residuals (in log lambda) below which one more joint Newton step is the last.
-constexpr double kJointTol = 1e-8;
+// Residuals (in log lambda) below which one more joint Newton step is the
+// last: its error is at most about 1.5 r^2 in y (H' >= 1 - 1/c, |H''| <= 3/8).
+constexpr double kJointTol = 1e-5;
+
+// kkt_solve's warm start: its joint Newton search in float, from H's
+// asymptotes, with y and 1 / H' in float in p's storage (2n floats fit in n
+// doubles). Returns s = log(lambda) at the last float step and that step's
+// ds (NaN if it failed): a row's float64 search starts at y_i - ds z_i.
+struct WarmStart {
+  double s, ds;
+};
+template <typename Over>
+C10_HOST_DEVICE inline WarmStart kkt_warm_start(const double* log_alpha, double* p, int64_t n, double log_c,
+                                                double s, const KktConst& k, Over over) {
+  float* y = reinterpret_cast<float*>(p);
+  float* z = y + n;
+  const KktConstF kf(k);
+  const auto step = [=](int64_t i, float target, float yi) {
+    const KktPointF pt = kkt_point_f(yi, target, kf);
+    y[i] = yi - pt.r * pt.inv_h;
+    z[i] = pt.inv_h;
+    return SupportSums{pt.p, pt.w, pt.w * pt.r, pt.r < 0.0f ? -pt.r : pt.r};
+  };
+  double ds = 0.0;
+  for (int it = 0; it < kWarmIters; ++it) {
+    s += ds;
+    const double s_now = s;
+    const float ds_now = static_cast<float>(ds);
+    const SupportSums t = it == 0 ? over([=](int64_t i) {
+      const float target = static_cast<float>(log_alpha[i] + log_c - s_now);
+      return step(i, target, target < 0.0f ? 0.5f * target : target * kf.inv_lo);
+    }) : over([=](int64_t i) {
+      return step(i, static_cast<float>(log_alpha[i] + log_c - s_now), y[i] - ds_now * z[i]);
+    });
+    const double log_sum = elem_log(t.a);
+    ds = (t.a * log_sum - t.c) / t.b;
+    if (!(ds > -INFINITY && ds < INFINITY)) return {NAN, NAN};
+    if (t.top <= kWarmTol && (log_sum < 0.0 ? -log_sum : log_sum) <= kWarmTol) break;
+  }
+  return {s, ds};
+}
 
 // The exact solver: alpha_i g(p_i) = lambda on the support, sum p = 1.
-// log_alpha holds log(alpha_i); y and z are work arrays, p the result.
+// log_alpha holds log(alpha_i); y and z are work arrays, p the result; each
+// holds n doubles, n at least the largest index `over` visits plus one.
 //
 // Newton's method on all rows' y_i and s = log(lambda) at once: one
 // evaluation per row per step. Linearising r_i = H(y_i) - log(c alpha_i) + s
 // and log(sum p) gives dy_i = -(r_i + ds) / H'_i and
 // ds = (S log S - sum w_i r_i) / sum w_i (S = sum p, w_i = p_i' / H'_i); a row
-// keeps y_i - r_i / H'_i and 1 / H'_i, and the next pass moves it by ds.
-// Once every residual is below kJointTol, a last step (quadratic) ends it.
+// keeps y_i - r_i / H'_i and 1 / H'_i, and the next pass moves it by ds. It
+// starts from kkt_warm_start's float solution (from H's asymptotes if that
+// failed); once every residual is below kJointTol, one more step ends it.
 // Should that not happen within kJointIters, the nested search takes over:
 // Newton on s in a bracket, each row solved exactly at each s.
 template <typename Over>
-C10_HOST_DEVICE inline void kkt_solve(const double* log_alpha, double* p, double* y, double* z, double c,
+C10_HOST_DEVICE inline void kkt_solve(const double* log_alpha, double* p, double* y, double* z, int64_t n, double c,
                                       int64_t max_iter, Over over) {
   const double log_c = elem_log(c);
   const SupportSums roots = over([&](int64_t i) { return SupportSums{elem_exp(0.5 * log_alpha[i])}; });
@@ -221,8 +295,24 @@ C10_HOST_DEVICE inline void kkt_solve(const double* log_alpha, double* p, double
     return;
   }
   const KktConst k(c);
-  // The small-c*p asymptote g ~ 1 / (c p^2); rows start at H's asymptotes.
-  double s = 2.0 * elem_log(roots.a) - log_c;
+  // The small-c*p asymptote g ~ 1 / (c p^2).
+  const double s_asymptote = 2.0 * elem_log(roots.a) - log_c;
+  const WarmStart warm = kkt_warm_start(log_alpha, p, n, log_c, s_asymptote, k, over);
+  double s = warm.s + warm.ds;
+  if (s > -INFINITY && s < INFINITY) {
+    const float* y32 = reinterpret_cast<const float*>(p);
+    const double ds = warm.ds;
+    over([=](int64_t i) {
+      y[i] = static_cast<double>(y32[i]) - ds * static_cast<double>(y32[n + i]);
+      return SupportSums{};
+    });
+  } else {  // rows start at H's asymptotes
+    s = s_asymptote;
+    over([=](int64_t i) {
+      y[i] = kkt_start(log_alpha[i] + log_c - s_asymptote, k);
+      return SupportSums{};
+    });
+  }
   double ds = 0.0, total = 0.0;
   bool done = false, last = false;
   for (int it = 0; it < kJointIters && !done; ++it) {
@@ -232,7 +322,7 @@ C10_HOST_DEVICE inline void kkt_solve(const double* log_alpha, double* p, double
     const double s_now = s, ds_now = ds;
     const SupportSums t = it == 0 ? over([=](int64_t i) {
       const double target = log_alpha[i] + log_c - s_now;
-      return kkt_step(i, target, kkt_start(target, k), k, p, y, z);
+      return kkt_step(i, target, y[i], k, p, y, z);
     }) : over([=](int64_t i) {
       const double target = log_alpha[i] + log_c - s_now;
       return kkt_step(i, target, y[i] - ds_now * z[i], k, p, y, z);

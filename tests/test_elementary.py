@@ -72,6 +72,20 @@ def test_inverse_inclusion(c):
     assert edge[:2].tolist() == [1.0, 1.0] and edge[2:4].tolist() == [math.inf, math.inf] and edge[4].isnan()
 
 
+@pytest.mark.parametrize("name,lo,hi,want", [
+    ("exp_neg_f", -87.0, 0.0, torch.exp), ("expm1_neg_f", -30.0, 0.0, torch.expm1),
+    ("log1p_unit_f", 0.0, 1.0, torch.log1p)])
+def test_float_warm_start_pieces(name, lo, hi, want):
+    # The solver's float warm start: within a few float ulps (its f32 steps
+    # then land near float's resolution), over the range the solver uses.
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([lo + (hi - lo) * torch.rand(100_000, generator=g, dtype=torch.float64),
+                   torch.tensor([lo, hi], dtype=torch.float64)]).float().double()
+    exact = want(x)
+    rel = ((ELEM(x, name) - exact) / exact.abs().clamp_min(torch.finfo(torch.float32).tiny)).abs()
+    assert rel.max() <= 2 * torch.finfo(torch.float32).eps
+
+
 def test_bad_name():
     with pytest.raises(RuntimeError, match="name must be"):
         ELEM(torch.zeros(2, dtype=torch.float64), "sin")
@@ -80,7 +94,8 @@ def test_bad_name():
 _BITS_SCRIPT = """
 import sys, torch, mvm_cuda
 x = torch.load(sys.argv[1])
-out = {n: torch.ops.mvm._elementary(x, n, 392.0) for n in ("exp", "expm1", "log", "log1p", "inverse_inclusion")}
+names = ("exp", "expm1", "log", "log1p", "inverse_inclusion", "exp_neg_f", "expm1_neg_f", "log1p_unit_f")
+out = {n: torch.ops.mvm._elementary(x, n, 392.0) for n in names}
 torch.save(out, sys.argv[2])
 """
 

@@ -46,7 +46,21 @@ at::Tensor elementary(const at::Tensor& x, c10::string_view name, double c) {
   else if (which == "log") run(src, dst, n, [](double v) { return elem_log(v); });
   else if (which == "log1p") run(src, dst, n, [](double v) { return elem_log1p(v); });
   else if (which == "inverse_inclusion") run(src, dst, n, [c](double v) { return inverse_inclusion(v, c); });
-  else TORCH_CHECK(false, "mvm::_elementary: name must be exp, expm1, log, log1p or inverse_inclusion, got ", which);
+  // The float warm start's pieces, on x rounded to float.
+  else if (which == "exp_neg_f") run(src, dst, n, [](double v) {
+    const elementary_detail::ReducedF r = elementary_detail::reduce_exp_neg_f(static_cast<float>(v));
+    return static_cast<double>(r.s + r.s * r.em);
+  });
+  else if (which == "expm1_neg_f") run(src, dst, n, [](double v) {
+    const elementary_detail::ReducedF r = elementary_detail::reduce_exp_neg_f(static_cast<float>(v));
+    return static_cast<double>((r.s - 1.0f) + r.s * r.em);
+  });
+  else if (which == "log1p_unit_f") run(src, dst, n, [](double v) {
+    const float e = static_cast<float>(v), u = 1.0f + e;
+    return static_cast<double>(elementary_detail::log1p_unit_f(e, u, 1.0f / u));
+  });
+  else TORCH_CHECK(false, "mvm::_elementary: name must be exp, expm1, log, log1p, inverse_inclusion, exp_neg_f, "
+                   "expm1_neg_f or log1p_unit_f, got ", which);
   return out;
 }
 

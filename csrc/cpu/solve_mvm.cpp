@@ -13,13 +13,14 @@ namespace mvm::cpu {
 namespace {
 
 // math.h's `over` on the CPU: f over blocks of the support, its results kept
-// in arrays and added afterwards in index order. The loop over f has no
-// dependence between entries, so the compiler vectorises it (the solvers'
-// per-entry math is branch-free); the sums stay in one fixed order.
+// in arrays and added afterwards in a fixed order: entry i into partial sum
+// i % 4, the partials added last. The loop over f has no dependence between
+// entries, so the compiler vectorises it (the solvers' per-entry math is
+// branch-free), and four partials are four independent chains of adds.
 constexpr int64_t kBlock = 64;
 template <typename F>
 __attribute__((always_inline)) inline SupportSums over_blocks(int64_t k, F& f) {
-  SupportSums total;
+  SupportSums part[4];
   double a[kBlock], b[kBlock], c[kBlock], top[kBlock];
   for (int64_t i0 = 0; i0 < k; i0 += kBlock) {
     const int64_t n = std::min(kBlock, k - i0);
@@ -32,9 +33,12 @@ __attribute__((always_inline)) inline SupportSums over_blocks(int64_t k, F& f) {
       c[j] = v.c;
       top[j] = v.top;
     }
-    for (int64_t j = 0; j < n; ++j) total.add(SupportSums{a[j], b[j], c[j], top[j]});
+    for (int64_t j = 0; j < n; ++j) part[j % 4].add(SupportSums{a[j], b[j], c[j], top[j]});
   }
-  return total;
+  part[0].add(part[1]);
+  part[2].add(part[3]);
+  part[0].add(part[2]);
+  return part[0];
 }
 
 // Two `over`s, one compiled for AVX2: the same plain operations, so the same bits.
@@ -64,7 +68,7 @@ void solve_support(double* w, int64_t k, double c, bool kkt, int64_t max_iter, d
       alpha[i] = elem_log(alpha[i]);  // kkt_solve takes log alpha
       return SupportSums{};
     });
-    kkt_solve(alpha, p, w + 2 * k, w + 3 * k, c, max_iter, over);
+    kkt_solve(alpha, p, w + 2 * k, w + 3 * k, k, c, max_iter, over);
   } else {
     pgd_solve(PgdRows{alpha, p, w + 2 * k, w + 3 * k}, k, c, max_iter, tol, over);
   }

@@ -87,7 +87,7 @@ solve_mvm_kernel(const scalar_t* __restrict__ alpha, scalar_t* __restrict__ out,
     }
     const BlockSupport over{a, m, scratch};
     if (kkt) {
-      kkt_solve(a, p, a + 2 * m, a + 3 * m, c, max_iter, over);
+      kkt_solve(a, p, a + 2 * m, a + 3 * m, m, c, max_iter, over);
     } else {
       pgd_solve(PgdRows{a, p, a + 2 * m, a + 3 * m}, static_cast<int64_t>(k), c, max_iter, tol, over);
     }
