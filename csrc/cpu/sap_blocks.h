@@ -314,7 +314,7 @@ __attribute__((target("avx2"))) void group_sums_avx2(const float* const* xs, dou
                            _mm256_extractf128_ps(v2, 1), _mm256_extractf128_ps(v3, 1)};
     for (int j = 0; j < 8; ++j) {
       s = _mm256_add_pd(s, _mm256_cvtps_pd(col[j]));
-      _mm256_store_pd(run[i + j], s);
+      _mm256_storeu_pd(run[i + j], s);
     }
   }
   _mm256_storeu_pd(total, s);
@@ -441,9 +441,44 @@ inline void inverse_inclusions_f(const double* p, double* out, int64_t n, double
     if (p[q] < 0x1.0p-100) out[q] = static_cast<float>(inverse_inclusion_positive(p[q], c));
 }
 
+// The running sums of an image's whole blocks, computed when a draw first
+// needs them and kept for the image's other copies: block b's sum i sits at
+// slab[at[b] + i * kGroup] (group_sums' layout).
+struct BlockSums {
+  std::vector<double> slab;  // groups of kBlock x kGroup sums
+  std::vector<int64_t> at;   // -1: not yet computed
+  std::vector<double> total;
+  std::vector<uint32_t> positive;
+
+  void reset(int64_t n_full) {
+    slab.clear();
+    at.assign(n_full, -1);
+    total.resize(n_full);
+    positive.resize(n_full);
+  }
+
+  // The sums of blocks[0, n), 0 < n <= kGroup (a short group repeats its last block).
+  template <bool Relu, typename T>
+  void add(const T* x, const int64_t* blocks, int n) {
+    const int64_t base = static_cast<int64_t>(slab.size());
+    slab.resize(base + kBlock * kGroup);
+    const T* xs[kGroup];
+    for (int c = 0; c < kGroup; ++c) xs[c] = x + blocks[std::min(c, n - 1)] * kBlock;
+    double totals[kGroup];
+    uint32_t bits[kGroup];
+    group_sums<Relu>(xs, reinterpret_cast<double (*)[kGroup]>(slab.data() + base), totals, bits);
+    for (int c = 0; c < n; ++c) {
+      at[blocks[c]] = base + c;
+      total[blocks[c]] = totals[c];
+      positive[blocks[c]] = bits[c];
+    }
+  }
+};
+
 // A thread's work space, reused across samples.
 struct Work {
   BlockTable table;
+  BlockSums sums;
   std::vector<int64_t> counts;
   std::vector<uint32_t> masks;
   std::vector<int64_t> entry;  // the drawn entries, packed
@@ -453,14 +488,20 @@ struct Work {
   ExactWork exact;
 };
 
-// The drawn entries of one sample (K entries at x, already scanned into
-// work.table.cdf by block_sums), packed into work.entry with their 1/pi in
-// work.scale; returns how many. `positive` entries have w > 0 (at least one).
+// Ready work for the copies of an image of K entries, once block_sums has
+// scanned it into work.table.cdf: the alias table, no running sums yet.
+inline void prepare_image(int64_t K, Work& work) {
+  work.table.build((K + kBlock - 1) / kBlock);
+  work.sums.reset(K / kBlock);
+}
+
+// The drawn entries of one sample of an image (K entries at x, prepared by
+// prepare_image), packed into work.entry with their 1/pi in work.scale;
+// returns how many. `positive` entries have w > 0 (at least one).
 template <bool Relu, bool Float32, typename T>
 int64_t draw_sample(const T* x, int64_t K, int64_t positive, int64_t r, SampleStream stream, Work& work) {
   const int64_t blocks = (K + kBlock - 1) / kBlock;
-  BlockTable& t = work.table;
-  t.build(blocks);
+  const BlockTable& t = work.table;
   int64_t k = 0;
   if (use_exact_draws(r, positive)) {  // r large against the entries: the drawn set at once (exact_draws.h)
     work.drawn.assign(K, 0);
@@ -472,33 +513,32 @@ int64_t draw_sample(const T* x, int64_t K, int64_t positive, int64_t r, SampleSt
   } else {
     work.counts.assign(blocks, 0);
     for (int64_t d = 0; d < r; ++d) ++work.counts[t.resolve(stream.uniform())];
-    // The whole blocks with draws, kGroup at a time (in order: the stream is
-    // read as one block after another), then any left over one by one.
+    // The running sums the whole blocks with draws lack, kGroup blocks at a time.
     const int64_t n_full = K / kBlock;
+    BlockSums& sums = work.sums;
     int64_t group[kGroup];
     int n_group = 0;
-    alignas(64) double run[kBlock][kGroup];
+    for (int64_t b = 0; b < n_full; ++b) {
+      if (work.counts[b] == 0 || sums.at[b] >= 0) continue;
+      group[n_group++] = b;
+      if (n_group == kGroup) {
+        sums.add<Relu>(x, group, n_group);
+        n_group = 0;
+      }
+    }
+    if (n_group > 0) sums.add<Relu>(x, group, n_group);
+    // The draws, block after block (the order the stream is read in), the
+    // last block (if partial) last.
     for (int64_t b = 0; b < n_full; ++b) {
       if (work.counts[b] == 0) continue;
-      group[n_group++] = b;
-      if (n_group < kGroup) continue;
-      const T* xs[kGroup];
-      for (int c = 0; c < kGroup; ++c) xs[c] = x + group[c] * kBlock;
-      double total[kGroup];
-      uint32_t positive_bits[kGroup];
-      group_sums<Relu>(xs, run, total, positive_bits);
-      for (int c = 0; c < kGroup; ++c)
-        for (uint32_t m = draws_in_block<kGroup>(&run[0][c], total[c], positive_bits[c], work.counts[group[c]], stream); m != 0;
-             m &= m - 1)
-          work.entry[k++] = group[c] * kBlock + __builtin_ctz(m);
-      n_group = 0;
+      const uint32_t mask =
+          draws_in_block<kGroup>(&sums.slab[sums.at[b]], sums.total[b], sums.positive[b], work.counts[b], stream);
+      for (uint32_t m = mask; m != 0; m &= m - 1) work.entry[k++] = b * kBlock + __builtin_ctz(m);
     }
-    if (n_full < blocks && work.counts[n_full] != 0) group[n_group++] = n_full;
-    for (int c = 0; c < n_group; ++c) {
-      const int64_t b = group[c];
-      const int64_t len = std::min(kBlock, K - b * kBlock);
-      for (uint32_t m = draw_in_block<Relu>(x + b * kBlock, len, work.counts[b], stream); m != 0; m &= m - 1)
-        work.entry[k++] = b * kBlock + __builtin_ctz(m);
+    if (n_full < blocks && work.counts[n_full] != 0) {
+      for (uint32_t m = draw_in_block<Relu>(x + n_full * kBlock, K - n_full * kBlock, work.counts[n_full], stream);
+           m != 0; m &= m - 1)
+        work.entry[k++] = n_full * kBlock + __builtin_ctz(m);
     }
   }
   if constexpr (Float32) {

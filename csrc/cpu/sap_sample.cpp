@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -16,23 +17,29 @@
 namespace mvm::cpu {
 namespace {
 
-// One sample: the scan (with its value checks), the draws (sap_blocks.h),
-// then the output, zeros with the drawn entries scaled by their 1/pi.
+// Copies [copy_begin, copy_end) of image n (sample copy * N + n of the output): the scan (with
+// its value checks) and the alias table once, then per sample the draws
+// (sap_blocks.h) and the output, zeros with the drawn entries scaled by 1/pi.
 template <bool Relu, typename scalar_t>
-void sap_one(const scalar_t* hs, scalar_t* os, int64_t K, int64_t r, bool scale_only, SampleStream stream,
-             int64_t sample, sap::Work& work) {
+void sap_image(const scalar_t* hs, scalar_t* od, int64_t n, int64_t N, int64_t K, int64_t copy_begin,
+               int64_t copy_end, int64_t r, bool scale_only, const SampleStreams& streams, sap::Work& work) {
   using acc_t = at::opmath_type<scalar_t>;
   const sap::Scan scan = sap::block_sums<Relu>(hs, K, work.table.cdf.data());
   // A total that is not finite: a NaN or inf in h, or a sum that overflows.
-  check_sap_values(scan.total <= std::numeric_limits<double>::max() || sap::all_finite<Relu>(hs, K), scan.total,
-                   sample);
-  std::fill_n(os, K, scalar_t(0));
-  if (scan.positive == 0) return;  // an all-zero sample stays zero
-  const int64_t k = sap::draw_sample<Relu, std::is_same_v<acc_t, float>>(hs, K, scan.positive, r, stream, work);
-  for (int64_t q = 0; q < k; ++q) {
-    const int64_t j = work.entry[q];
-    const auto s = static_cast<acc_t>(work.scale[q]);
-    os[j] = static_cast<scalar_t>(scale_only ? s : acc_t(hs[j]) * s);
+  check_sap_values(scan.total <= std::numeric_limits<double>::max() || sap::all_finite<Relu>(hs, K), scan.total, n);
+  if (scan.positive != 0) sap::prepare_image(K, work);
+  for (int64_t copy = copy_begin; copy < copy_end; ++copy) {
+    const int64_t sample = copy * N + n;
+    scalar_t* os = od + sample * K;
+    std::fill_n(os, K, scalar_t(0));
+    if (scan.positive == 0) continue;  // an all-zero sample stays zero
+    const int64_t k =
+        sap::draw_sample<Relu, std::is_same_v<acc_t, float>>(hs, K, scan.positive, r, streams(sample), work);
+    for (int64_t q = 0; q < k; ++q) {
+      const int64_t j = work.entry[q];
+      const auto s = static_cast<acc_t>(work.scale[q]);
+      os[j] = static_cast<scalar_t>(scale_only ? s : acc_t(hs[j]) * s);
+    }
   }
 }
 
@@ -52,23 +59,26 @@ at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, const std::optional<at:
   if (h.numel() == 0) return out;
 
   const SampleStreams streams(keys, generator);  // draws.h
-  const int64_t grain = std::max<int64_t>(1, 65536 / K);
+  // Tasks of an image and a run of its copies, which share the image's scan:
+  // enough runs per image to keep every thread busy.
+  const int64_t runs = std::min(copies, (at::get_num_threads() + N - 1) / N);
+  const int64_t per_run = (copies + runs - 1) / runs;
+  const int64_t grain = std::max<int64_t>(1, 65536 / (K * per_run));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "sap_sample", [&] {
     const scalar_t* hd = h.const_data_ptr<scalar_t>();
     scalar_t* od = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, copies * N, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * runs, grain, [&](int64_t begin, int64_t end) {
       sap::Work work;
       work.table.cdf.resize((K + sap::kBlock - 1) / sap::kBlock);
       work.entry.resize(K);
       work.p.resize(K);
       work.scale.resize(K);
-      for (int64_t n = begin; n < end; ++n) {
-        const scalar_t* hs = hd + (n % N) * K;
-        scalar_t* os = od + n * K;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / runs, first = task % runs * per_run, last = std::min(copies, first + per_run);
         if (relu) {
-          sap_one<true>(hs, os, K, r, scale_only, streams(n), n % N, work);
+          sap_image<true>(hd + n * K, od, n, N, K, first, last, r, scale_only, streams, work);
         } else {
-          sap_one<false>(hs, os, K, r, scale_only, streams(n), n % N, work);
+          sap_image<false>(hd + n * K, od, n, N, K, first, last, r, scale_only, streams, work);
         }
       }
     });
