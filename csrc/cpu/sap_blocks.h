@@ -375,42 +375,23 @@ inline void inverse_inclusions(const double* p, double* out, int64_t n, double c
 // 2^-100 (a float subnormal ahead) is left to the double path by the caller.
 // Plain float operations in a fixed order: the same bits in every vector width.
 __attribute__((always_inline)) inline float inverse_inclusion_positive_f(float p, float c) {
-  auto fbits = [](float v) {
-    uint32_t b;
-    std::memcpy(&b, &v, sizeof b);
-    return b;
-  };
-  auto ffrom = [](uint32_t b) {
-    float v;
-    std::memcpy(&v, &b, sizeof v);
-    return v;
-  };
-  constexpr float kLn2HiF = 0.693145751953125f;       // 15 bits: k * kLn2HiF exact for |k| < 2^9
-  constexpr float kLn2LoF = 1.428606765330187045e-06f;
-  constexpr float kShiftF = 12582912.0f;              // 1.5 * 2^23
+  namespace ed = elementary_detail;
   const float pp = p < 1.0f ? p : 0.5f;
   const float x = -pp;
   const float u = 1.0f + x;  // in [2^-24, 1): log1p(x) = log(u) + lo
   const float lo = (x - (u - 1.0f)) / u;
   // u = 2^k m with m in [sqrt(1/2), sqrt(2)).
-  const uint32_t ub = fbits(u) + (0x3f800000u - 0x3f3504f3u);
+  const uint32_t ub = ed::bits32(u) + (0x3f800000u - 0x3f3504f3u);
   const float k = static_cast<float>(static_cast<int32_t>(ub >> 23) - 127);
-  const float f = ffrom((ub & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
+  const float f = ed::from_bits32((ub & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
   // log(1 + f) = 2 atanh(s), s = f / (2 + f), |s| < 0.172: to s^7.
   const float s = f / (2.0f + f);
   const float z = s * s;
   const float log_m = s * 2.0f + (s * 2.0f) * (z * (1.0f / 3.0f + z * (1.0f / 5.0f + z * (1.0f / 7.0f))));
-  const float L = k * kLn2HiF + (log_m + (lo + k * kLn2LoF));
-  // expm1(y) for y in [-87, 0]: y = n ln2 + t, |t| <= ln2 / 2, Taylor to t^7.
-  float y = c * L;
-  y = y < -87.0f ? -87.0f : y;
-  const float nd = (y * 1.44269504088896341f + kShiftF) - kShiftF;
-  const float t = (y - nd * kLn2HiF) - nd * kLn2LoF;
-  const float em =
-      t + (t * t) * (0.5f + t * (1.0f / 6.0f + t * (1.0f / 24.0f + t * (1.0f / 120.0f + t * (1.0f / 720.0f + t * (1.0f / 5040.0f))))));
-  const uint32_t n = fbits(nd + kShiftF) - fbits(kShiftF);  // two's complement, in [-126, 0]
-  const float two_n = ffrom((n + 127u) << 23);
-  const float pi = -((two_n - 1.0f) + two_n * em);
+  const float L = k * ed::kLn2HiF + (log_m + (lo + k * ed::kLn2LoF));
+  // pi = -expm1(c L), c L in [-87, 0] after the clamp.
+  const ed::ReducedF e = ed::reduce_exp_neg_f(c * L);
+  const float pi = -((e.s - 1.0f) + e.s * e.em);
   const float r = 1.0f / pi;
   return p < 1.0f ? r : 1.0f;
 }
