@@ -351,24 +351,6 @@ __attribute__((always_inline)) inline double inverse_inclusion_positive(double p
   return p < 1.0 ? r : 1.0;
 }
 
-// 1/pi for each p (packed): one body compiled twice.
-__attribute__((always_inline)) inline void inverse_inclusions_body(const double* __restrict__ p,
-                                                                   double* __restrict__ out, int64_t n, double c) {
-  for (int64_t q = 0; q < n; ++q) out[q] = inverse_inclusion_positive(p[q], c);
-}
-#ifdef MVM_X86_SIMD
-__attribute__((target("avx2"))) inline void inverse_inclusions_avx2(const double* p, double* out, int64_t n,
-                                                                    double c) {
-  inverse_inclusions_body(p, out, n, c);
-}
-#endif
-inline void inverse_inclusions(const double* p, double* out, int64_t n, double c) {
-#ifdef MVM_X86_SIMD
-  if (kHasAvx2) return inverse_inclusions_avx2(p, out, n, c);
-#endif
-  inverse_inclusions_body(p, out, n, c);
-}
-
 // 1/pi = 1 / (1 - (1 - p)^c) in float32, for outputs whose scale is a float
 // (float32, float16, bfloat16): within a few float32 ulps, at a third of the
 // double's cost (eight lanes, shorter series). p in (0, 1], c >= 1; p below
@@ -396,30 +378,39 @@ __attribute__((always_inline)) inline float inverse_inclusion_positive_f(float p
   return p < 1.0f ? r : 1.0f;
 }
 
-// 1/pi for each p (packed) in float32 (stored as doubles), p below 2^-100 in
-// double (rounded to float).
-__attribute__((always_inline)) inline void inverse_inclusions_f_body(const double* __restrict__ p,
-                                                                     double* __restrict__ out, int64_t n, double c) {
-  const float cf = static_cast<float>(c);
-  for (int64_t q = 0; q < n; ++q) out[q] = inverse_inclusion_positive_f(static_cast<float>(p[q]), cf);
+// 1/pi for each p (packed), in float64 or in float32 (stored as doubles; p
+// below 2^-100 in float64, rounded to float): one body compiled twice.
+template <bool Float32>
+__attribute__((always_inline)) inline void inverse_inclusions_body(const double* __restrict__ p,
+                                                                   double* __restrict__ out, int64_t n, double c) {
+  if constexpr (Float32) {
+    const float cf = static_cast<float>(c);
+    for (int64_t q = 0; q < n; ++q) out[q] = inverse_inclusion_positive_f(static_cast<float>(p[q]), cf);
+  } else {
+    for (int64_t q = 0; q < n; ++q) out[q] = inverse_inclusion_positive(p[q], c);
+  }
 }
 #ifdef MVM_X86_SIMD
-__attribute__((target("avx2"))) inline void inverse_inclusions_f_avx2(const double* p, double* out, int64_t n,
-                                                                      double c) {
-  inverse_inclusions_f_body(p, out, n, c);
+template <bool Float32>
+__attribute__((target("avx2"))) inline void inverse_inclusions_avx2(const double* p, double* out, int64_t n,
+                                                                    double c) {
+  inverse_inclusions_body<Float32>(p, out, n, c);
 }
 #endif
-inline void inverse_inclusions_f(const double* p, double* out, int64_t n, double c) {
+template <bool Float32>
+inline void inverse_inclusions(const double* p, double* out, int64_t n, double c) {
 #ifdef MVM_X86_SIMD
   if (kHasAvx2) {
-    inverse_inclusions_f_avx2(p, out, n, c);
+    inverse_inclusions_avx2<Float32>(p, out, n, c);
   } else
 #endif
   {
-    inverse_inclusions_f_body(p, out, n, c);
+    inverse_inclusions_body<Float32>(p, out, n, c);
   }
-  for (int64_t q = 0; q < n; ++q)
-    if (p[q] < 0x1.0p-100) out[q] = static_cast<float>(inverse_inclusion_positive(p[q], c));
+  if constexpr (Float32) {
+    for (int64_t q = 0; q < n; ++q)
+      if (p[q] < 0x1.0p-100) out[q] = static_cast<float>(inverse_inclusion_positive(p[q], c));
+  }
 }
 
 // The running sums of an image's whole blocks, computed when a draw first
@@ -526,10 +517,10 @@ int64_t draw_sample(const T* x, int64_t K, int64_t positive, int64_t r, SampleSt
     // p is rounded to float32 anyway: a product, not a division per entry.
     const double inv_total = 1.0 / t.total;
     for (int64_t q = 0; q < k; ++q) work.p[q] = weight<Relu>(x[work.entry[q]]) * inv_total;
-    inverse_inclusions_f(work.p.data(), work.scale.data(), k, static_cast<double>(r));
+    inverse_inclusions<true>(work.p.data(), work.scale.data(), k, static_cast<double>(r));
   } else {
     for (int64_t q = 0; q < k; ++q) work.p[q] = weight<Relu>(x[work.entry[q]]) / t.total;
-    inverse_inclusions(work.p.data(), work.scale.data(), k, static_cast<double>(r));
+    inverse_inclusions<false>(work.p.data(), work.scale.data(), k, static_cast<double>(r));
   }
   return k;
 }
