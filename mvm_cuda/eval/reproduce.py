@@ -460,14 +460,14 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
     attack_setting = args.dataset if args.dataset in attacks.SETTINGS else dict(settings)
     # The key names everything the crafted images depend on, the attack code included
     # (its defaults, e.g. BIM's step count, live there), so no stale set is ever reused.
-    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (attacks, exact))).hexdigest()[:8]
+    attack_code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (attacks, exact))).hexdigest()[:8]
     t = time.perf_counter()
     adversarial, success, table2 = {}, {}, {}
 
     def crafted(name, xs=None, ys=None):
         """Attack `name` on images xs, labels ys (default: the attacked set x, y)."""
         xs, ys = (x, y) if xs is None else (xs, ys)
-        key = (f"adv-{args.dataset}-{model_name}-{name}-{json.dumps(settings, sort_keys=True)}-code{code}"
+        key = (f"adv-{args.dataset}-{model_name}-{name}-{json.dumps(settings, sort_keys=True)}-code{attack_code}"
                f"-model{model_hash}-x{_hash([xs, ys])}-s{args.seed}-chunk{CHUNK}")
         with distributed.agree(f"reading the {name} attack from the cache"):
             found = models.load_cached(key) if lead else None
@@ -528,7 +528,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
         rows += [(row, det, {**search, "val_test_images": val_range}) for row, det, search in found]
         timings["calibration"] = time.perf_counter() - t
 
-    code = _code_hash()
+    score_code = _code_hash()
     results, detector_seconds, cached = {}, {}, {}
     for row, det, search in rows:
         t = time.perf_counter()
@@ -540,7 +540,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
                                   sort_keys=True)
 
         def scores(images, label):
-            key = (f"scores-{args.dataset}-{settings_key}-{device.type}-code{code}-model{model_hash}"
+            key = (f"scores-{args.dataset}-{settings_key}-{device.type}-code{score_code}-model{model_hash}"
                    f"-x{_hash([images])}-chunk{CHUNK}")
             with distributed.agree(f"reading the {row} scores of {label} from the cache"):
                 found = models.load_cached(key) if lead else None
