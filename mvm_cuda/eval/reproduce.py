@@ -483,9 +483,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
             # on how many processes share the set; every chunk is crafted as one batch.
             target = None
             if name == "jsma":
-                with torch.no_grad():
-                    num_classes = model(xs[:1].to(device)).shape[1]
-                target = attacks.random_targets(ys, num_classes, torch.Generator().manual_seed(args.seed))
+                target = attacks.jsma_targets(model, xs, ys, torch.Generator().manual_seed(args.seed))
             for lo, hi in chunks:
                 parts.append(attacks.craft(name, model, xs[lo:hi], ys[lo:hi], attack_setting, batch_size=hi - lo,
                                            progress=False, target=None if target is None else target[lo:hi]))
