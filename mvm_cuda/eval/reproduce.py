@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__, distributed
+from .._digest import tensor_digest
 from .._files import write_atomically
 from .._progress import hide_bar
 from ..detector import MAX_BATCH, MAX_R, Detector, roc_report
@@ -248,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _source_hash(paths) -> str:
+    """8 hex digits of the SHA-256 of the files' bytes, in the order given."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()[:8]
+
+
 def _code_hash() -> str:
     """A hash of the code a detector's scores depend on besides its settings and
     inputs: the package's Python modules and its compiled kernels (whose random
@@ -255,19 +264,13 @@ def _code_hash() -> str:
     from .. import _C
 
     pkg = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for path in sorted(pkg.glob("*.py")) + [Path(_C.__file__)]:
-        h.update(path.read_bytes())
-    return h.hexdigest()[:8]
+    return _source_hash(sorted(pkg.glob("*.py")) + [Path(_C.__file__)])
 
 
-def _hash(tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:12]
+def _attack_code_hash() -> str:
+    """A hash of the code crafted images depend on besides their key's settings: the
+    attacks (whose defaults, e.g. BIM's step count, live there) and the exact math they use."""
+    return _source_hash(m.__file__ for m in (attacks, exact))
 
 
 def _json_ready(obj):
@@ -441,7 +444,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
         clean_accuracy = models.accuracy(model, dataset.x_test, dataset.y_test) if lead else None
         correct = models.predict(model, dataset.x_test[:n_test]) == dataset.y_test[:n_test] if lead else None
     timings["model"] = time.perf_counter() - t
-    model_hash = _hash(model.state_dict().values())
+    model_hash = tensor_digest(model.state_dict().items())[:12]
 
     x, y = dataset.x_test[:n_test], dataset.y_test[:n_test]
     correct = distributed.broadcast(correct)
@@ -458,9 +461,9 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
     # Feinman et al.'s settings; digits (not in the paper) borrows MNIST's, both in [0, 1].
     settings = attacks.SETTINGS.get(args.dataset, attacks.SETTINGS["mnist"])
     attack_setting = args.dataset if args.dataset in attacks.SETTINGS else dict(settings)
-    # The key names everything the crafted images depend on, the attack code included
-    # (its defaults, e.g. BIM's step count, live there), so no stale set is ever reused.
-    attack_code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (attacks, exact))).hexdigest()[:8]
+    # The key names everything the crafted images depend on, the attack code included,
+    # so no stale set is ever reused.
+    attack_code = _attack_code_hash()
     t = time.perf_counter()
     adversarial, success, table2 = {}, {}, {}
 
@@ -468,7 +471,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
         """Attack `name` on images xs, labels ys (default: the attacked set x, y)."""
         xs, ys = (x, y) if xs is None else (xs, ys)
         key = (f"adv-{args.dataset}-{model_name}-{name}-{json.dumps(settings, sort_keys=True)}-code{attack_code}"
-               f"-model{model_hash}-x{_hash([xs, ys])}-s{args.seed}-chunk{CHUNK}")
+               f"-model{model_hash}-x{tensor_digest([('x', xs), ('y', ys)])[:12]}-s{args.seed}-chunk{CHUNK}")
         with distributed.agree(f"reading the {name} attack from the cache"):
             found = models.load_cached(key) if lead else None
         found = distributed.broadcast(found)
@@ -539,7 +542,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
 
         def scores(images, label):
             key = (f"scores-{args.dataset}-{settings_key}-{device.type}-code{score_code}-model{model_hash}"
-                   f"-x{_hash([images])}-chunk{CHUNK}")
+                   f"-x{tensor_digest([('x', images)])[:12]}-chunk{CHUNK}")
             with distributed.agree(f"reading the {row} scores of {label} from the cache"):
                 found = models.load_cached(key) if lead else None
             if distributed.broadcast(found is not None):
