@@ -314,8 +314,8 @@ def test_adaptive_baseline_is_keyed_by_the_attack_code(tmp_path, cache, monkeypa
 
     attack_code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (attacks, exact))).hexdigest()[:8]
     keys = []
-    real_load = reproduce.models.load_cached
-    monkeypatch.setattr(reproduce.models, "load_cached", lambda key: keys.append(key) or real_load(key))
+    real_load = reproduce.cache.load_cached
+    monkeypatch.setattr(reproduce.cache, "load_cached", lambda key: keys.append(key) or real_load(key))
     monkeypatch.setattr(reproduce, "DETECTORS", reproduce.DETECTORS[:1])  # one row is enough to reach the end
     tiny = ["--dataset", "digits", "--n-test", "40", "--R", "2", "--epochs", "2", "--n-boot", "10", "--no-progress",
             "--adaptive", "--adaptive-images", "2", "--adaptive-steps", "1", "--adaptive-eot", "1"]

@@ -45,7 +45,7 @@ from .._digest import tensor_digest
 from .._files import write_atomically
 from .._progress import hide_bar
 from ..detector import MAX_BATCH, MAX_R, Detector, roc_report
-from . import adaptive, attacks, calibrated, data, exact, models
+from . import adaptive, attacks, cache, calibrated, data, exact, models
 from ..malloc import keep_freed_memory
 
 __all__ = ["DETECTORS", "PAPER", "DEFAULTS", "FULL", "CHUNK", "build_parser", "run", "main"]
@@ -473,7 +473,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
         key = (f"adv-{args.dataset}-{model_name}-{name}-{json.dumps(settings, sort_keys=True)}-code{attack_code}"
                f"-model{model_hash}-x{tensor_digest([('x', xs), ('y', ys)])[:12]}-s{args.seed}-chunk{CHUNK}")
         with distributed.agree(f"reading the {name} attack from the cache"):
-            found = models.load_cached(key) if lead else None
+            found = cache.load_cached(key) if lead else None
         found = distributed.broadcast(found)
         if found is not None:
             return found["x"]
@@ -494,7 +494,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
         x_adv = distributed.all_gather_chunks(parts)
         with distributed.agree(f"writing the {name} attack to the cache"):
             if lead:
-                models.save_cached(key, {"x": x_adv})
+                cache.save_cached(key, {"x": x_adv})
         return x_adv
 
     for name in attack_names:
@@ -544,14 +544,14 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
             key = (f"scores-{args.dataset}-{settings_key}-{device.type}-code{score_code}-model{model_hash}"
                    f"-x{tensor_digest([('x', images)])[:12]}-chunk{CHUNK}")
             with distributed.agree(f"reading the {row} scores of {label} from the cache"):
-                found = models.load_cached(key) if lead else None
+                found = cache.load_cached(key) if lead else None
             if distributed.broadcast(found is not None):
                 cached[row].append(label)
                 return found["s"] if lead else None
             s = distributed.score_dataset(det, images, chunk_size=CHUNK)
             with distributed.agree(f"writing the {row} scores of {label} to the cache"):
                 if lead:
-                    models.save_cached(key, {"s": s})
+                    cache.save_cached(key, {"s": s})
             return s
 
         clean_scores = scores(x, "clean")
