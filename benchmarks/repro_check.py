@@ -57,7 +57,7 @@ def differences(a, b, path="") -> list[str]:
 
 
 def model_checksums(cache: Path) -> str:
-    """The checksums (SHA-256 of the tensors) that eval.models stored with the cached weights."""
+    """The checksums (SHA-256 of the tensors) that eval.cache stored with the cached weights."""
     import torch
 
     sums = []

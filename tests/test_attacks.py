@@ -272,6 +272,11 @@ def test_craft_batches_and_settings(trained):
     b = attacks.craft("jsma", model, x, y, "mnist", generator=torch.Generator().manual_seed(3),
                       batch_size=20, progress=False)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # jsma_targets draws them as craft does, so a shard crafted with target= matches.
+    target = attacks.jsma_targets(model, x, y, torch.Generator().manual_seed(3))
+    assert torch.equal(target, attacks.random_targets(y, 10, torch.Generator().manual_seed(3))) and (target != y).all()
+    shard = attacks.craft("jsma", model, x[5:], y[5:], "mnist", target=target[5:], progress=False)
+    torch.testing.assert_close(shard, a[5:], rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="unknown attack"):
         attacks.craft("pgd", model, x, y, "mnist")
     with pytest.raises(ValueError, match="no attack settings"):

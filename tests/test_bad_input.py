@@ -43,7 +43,7 @@ from torch import nn
 import mvm_cuda
 from mvm_cuda.detector import Detector
 from mvm_cuda import distributed
-from mvm_cuda.eval import attacks, data, models
+from mvm_cuda.eval import attacks, cache as tensor_cache, data, models
 from mvm_cuda.nn import DropoutUnit, insert_units
 
 F64 = dict(dtype=torch.float64)
@@ -375,7 +375,7 @@ def _cache_dir_env(value):
     from unittest import mock
 
     with mock.patch.dict(os.environ, {"MVM_CUDA_CACHE": value}):
-        return models.cache_dir()
+        return tensor_cache.cache_dir()
 
 
 def _uniform_half(n, k, value=0.01):
@@ -1001,7 +1001,7 @@ CASES = [
          you_get="ValueError `load_dataset: svhn is read from local files; pass root= or set MVM_CUDA_DATA`"),
     # ---- issue 16 (reliability, round 2): one block, in the issue's order
     # a full disk (torch.save's RuntimeError over an OSError) costs only the caching
-    Case("cache-disk-full", lambda c: (_full_disk(c, lambda: models.cached_tensors("k", lambda: {"x": torch.ones(2)})),
+    Case("cache-disk-full", lambda c: (_full_disk(c, lambda: tensor_cache.cached_tensors("k", lambda: {"x": torch.ones(2)})),
                                        _cache_files(c)),
          Warns(UserWarning, r"mvm_cuda cache: could not write .*: OSError: \[Errno 28\] No space left on device",
                lambda r, c: torch.equal(r[0]["x"], torch.ones(2)) and r[1] == []),
@@ -1501,7 +1501,7 @@ class Crafter:
 
 
 def _cached(fn, key="mnist/fgsm eps=0.3"):
-    return models.cached_tensors(key, fn)
+    return tensor_cache.cached_tensors(key, fn)
 
 
 def _truncate(path):
@@ -1605,12 +1605,12 @@ def test_cache_crash_mid_write_leaves_no_partial_file(cache, monkeypatch):
         raise KeyboardInterrupt  # a Ctrl-C half-way through the write
 
     fn = Crafter()
-    monkeypatch.setattr(models.torch, "save", half_save)
+    monkeypatch.setattr(tensor_cache.torch, "save", half_save)
     with pytest.raises(KeyboardInterrupt):
         _cached(fn)
     assert list((cache / "tensors").iterdir()) == []  # the temp file is removed too
     # A hard kill runs no cleanup: the temp file stays, the final name never appears.
-    monkeypatch.setattr(models.os, "unlink", lambda path: None)
+    monkeypatch.setattr(tensor_cache.os, "unlink", lambda path: None)
     with pytest.raises(KeyboardInterrupt):
         _cached(fn)
     (leftover,) = (cache / "tensors").iterdir()
@@ -1623,9 +1623,9 @@ def test_cache_crash_mid_write_leaves_no_partial_file(cache, monkeypatch):
     assert fn.calls == 3
     (final,) = [p for p in (cache / "tensors").iterdir() if p.suffix == ".pt"]
     # Dying while replacing a good file keeps the good file.
-    monkeypatch.setattr(models.torch, "save", half_save)
+    monkeypatch.setattr(tensor_cache.torch, "save", half_save)
     with pytest.raises(KeyboardInterrupt):
-        models._save(final, "mnist/fgsm eps=0.3", {"x": torch.zeros(2)})
+        tensor_cache._save(final, "mnist/fgsm eps=0.3", {"x": torch.zeros(2)})
     monkeypatch.undo()
     monkeypatch.setenv("MVM_CUDA_CACHE", str(cache))
     again = _cached(fn)
@@ -1657,7 +1657,7 @@ def test_model_cache_of_another_architecture_retrains(cache):
     first = models.load_or_train("digits", small, **kwargs)
     (path,) = (cache / "models").iterdir()
     key = torch.load(path, weights_only=True)["key"]
-    models._save(path, key, {"0.weight": torch.zeros(3)})
+    tensor_cache._save(path, key, {"0.weight": torch.zeros(3)})
     with pytest.warns(UserWarning, match=r"does not fit model 'digits', retraining"):
         again = models.load_or_train("digits", small, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))

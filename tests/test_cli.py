@@ -1,4 +1,5 @@
 """The `mvm-cuda reproduce` command line, end to end with tiny settings on 8x8 digits."""
+import hashlib
 import json
 import platform
 import re
@@ -304,3 +305,24 @@ def test_report_prints_n_a_for_a_null_auc(capsys, tmp_path):
     printed = capsys.readouterr().out
     assert "| MVM c=0.5N | n/a | 0.500 |" in printed and "| MVM c=0.5N | n/a | 0.500 [0.400, 0.600] |" in printed
     assert "| c_rel=0.2 | n/a | n/a | 0.700 |" in printed
+
+
+def test_adaptive_baseline_is_keyed_by_the_attack_code(tmp_path, cache, monkeypatch):
+    """--adaptive crafts BIM-A even when --attacks leaves it out: under the same cache key
+    as a run that names it, a key that covers the attack code (eval/attacks.py, eval/exact.py)."""
+    from mvm_cuda.eval import attacks, exact
+
+    attack_code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (attacks, exact))).hexdigest()[:8]
+    keys = []
+    real_load = reproduce.cache.load_cached
+    monkeypatch.setattr(reproduce.cache, "load_cached", lambda key: keys.append(key) or real_load(key))
+    monkeypatch.setattr(reproduce, "DETECTORS", reproduce.DETECTORS[:1])  # one row is enough to reach the end
+    tiny = ["--dataset", "digits", "--n-test", "40", "--R", "2", "--epochs", "2", "--n-boot", "10", "--no-progress",
+            "--adaptive", "--adaptive-images", "2", "--adaptive-steps", "1", "--adaptive-eot", "1"]
+    bim_a_keys = []
+    for named in ("fgsm", "fgsm,bim-a"):
+        keys.clear()
+        assert reproduce.main(["reproduce", *tiny, "--attacks", named, "--out", str(tmp_path / named)]) == 0
+        bim_a_keys.append([k for k in keys if k.startswith("adv-") and "-bim-a-" in k])
+    assert len(bim_a_keys[0]) == 1 and bim_a_keys[0] == bim_a_keys[1]
+    assert f"-code{attack_code}-" in bim_a_keys[0][0]

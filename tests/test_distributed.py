@@ -109,6 +109,27 @@ def test_single_process_scores_chunk_by_chunk_with_global_indices():
     assert distributed.vote_dataset(det, x[:0]).shape == (0, 9)
 
 
+def test_numpy_input_of_any_byte_order_and_stride_scores_as_the_tensor():
+    """score_dataset reads numpy through detector.from_numpy, as Detector.scores does:
+    big-endian, read-only and negative-stride arrays, whole or as items, give the
+    tensor's scores bit for bit."""
+    model = models.build_model("digits", seed=0).eval()
+    x = torch.rand(19, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    det = Detector(model, "mvm", c_rel=0.25, R=7, seed=2, progress=False)
+    expected = distributed.score_dataset(det, x, chunk_size=8)
+    assert (expected > 0).any()
+    big_endian = x.numpy().astype(">f4")
+    read_only = x.numpy().copy()
+    read_only.flags.writeable = False
+    reversed_copy = x.numpy()[::-1].copy()[::-1]  # the same images, every stride of dim 0 negative
+    for array in (big_endian, read_only, reversed_copy, big_endian[::-1].copy()[::-1]):
+        assert torch.equal(distributed.score_dataset(det, array, chunk_size=8), expected)
+        assert torch.equal(distributed.score_dataset(det, [(a, 0) for a in array], chunk_size=8), expected)
+    flipped_rows = [(a[:, ::-1].copy()[:, ::-1], 0) for a in big_endian]  # each image's H stride negative
+    assert torch.equal(distributed.score_dataset(det, flipped_rows, chunk_size=8), expected)
+    assert torch.equal(det.scores(big_endian[::-1].copy()[::-1], index=torch.arange(19)), expected)
+
+
 # Few draws: on this untrained network MVM c = N and SAP 50% keep almost every vote.
 @pytest.mark.parametrize("method,kwargs", [("mvm", dict(c_rel=0.25)), ("sap", dict(frac=0.1)),
                                            ("dropout", dict(p_drop=0.5))])

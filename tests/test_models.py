@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mvm_cuda.eval import data, models
+from mvm_cuda.eval import cache as tensor_cache, data, models
 from conftest import installed_package_env
 
 # (C, H, W) after every ReLU of the conv part, as documented in build_model.
@@ -81,12 +81,12 @@ def test_training_is_deterministic_and_leaves_the_rng_alone(digits):
 # thread count after training (the caller's, restored).
 _TRAIN_AND_HASH = """
 import torch
-from mvm_cuda.eval import data, models
+from mvm_cuda.eval import cache as tensor_cache, data, models
 torch.set_num_threads({threads})
 d = data.load_digits(seed=0)
 model = models.train(models.build_model("digits", seed=0), d.x_train[:300], d.y_train[:300], epochs=2,
                      batch_size=32, progress=False)
-print(models._checksum(model.state_dict()), torch.get_num_threads())
+print(tensor_cache._checksum(model.state_dict()), torch.get_num_threads())
 """
 
 
@@ -113,12 +113,12 @@ def test_digits_reach_a_sensible_accuracy(digits):
 def test_cache_dir_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("MVM_CUDA_CACHE", str(tmp_path / "a"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "b"))
-    assert models.cache_dir() == tmp_path / "a"
+    assert tensor_cache.cache_dir() == tmp_path / "a"
     monkeypatch.delenv("MVM_CUDA_CACHE")
-    assert models.cache_dir() == tmp_path / "b" / "mvm_cuda"
+    assert tensor_cache.cache_dir() == tmp_path / "b" / "mvm_cuda"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert models.cache_dir() == tmp_path / "home" / ".cache" / "mvm_cuda"
+    assert tensor_cache.cache_dir() == tmp_path / "home" / ".cache" / "mvm_cuda"
     assert not (tmp_path / "a").exists()  # naming the folder does not create it
 
 
@@ -169,16 +169,16 @@ def test_cached_tensors(cache):
         return {"x": torch.arange(6.0).reshape(2, 3), "y": torch.tensor([1, 2])}
 
     key = "mnist/fgsm eps=0.3 seed=0"
-    first = models.cached_tensors(key, craft)
-    second = models.cached_tensors(key, craft)
+    first = tensor_cache.cached_tensors(key, craft)
+    second = tensor_cache.cached_tensors(key, craft)
     assert len(calls) == 1
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     (path,) = (cache / "tensors").iterdir()
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 10)
     with pytest.warns(UserWarning, match="rebuilding"):
-        third = models.cached_tensors(key, craft)
+        third = tensor_cache.cached_tensors(key, craft)
     assert len(calls) == 2 and torch.equal(third["x"], first["x"])
-    assert len(models.cached_tensors("another key", craft)) == 2 and len(calls) == 3
+    assert len(tensor_cache.cached_tensors("another key", craft)) == 2 and len(calls) == 3
     with pytest.raises(TypeError, match="dict of tensors"):
-        models.cached_tensors("bad", lambda: torch.zeros(2))
+        tensor_cache.cached_tensors("bad", lambda: torch.zeros(2))

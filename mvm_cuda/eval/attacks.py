@@ -30,6 +30,7 @@ __all__ = [
     "bim_b",
     "jsma",
     "random_targets",
+    "jsma_targets",
     "attack_stats",
     "craft",
 ]
@@ -166,6 +167,18 @@ def random_targets(y: Tensor, num_classes: int, generator: torch.Generator | Non
     return (y.to(gen_device) + offset).remainder(num_classes).to(y.device)
 
 
+def jsma_targets(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """JSMA's random targets for a whole set: `random_targets` over the model's classes
+    (the width of its output on x[:1]), drawn from `generator`.
+
+    x: (N, C, H, W) with N >= 1, on any device (x[:1] moves to the model's); y: (N,) int64.
+    Returns (N,) int64 on y's device, each != y[i].
+    """
+    with torch.no_grad():
+        num_classes = model(x[:1].to(_model_device(model, x.device))).shape[1]
+    return random_targets(y, num_classes, generator)
+
+
 def _best_pairs(g_target: Tensor, g_other: Tensor, domain: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """JSMA's saliency map over pairs: the best pair (p, q) per image, and whether one exists.
 
@@ -233,9 +246,7 @@ def jsma(
     if n == 0:
         return x.clone()
     if target is None:
-        with torch.no_grad():
-            num_classes = model(x[:1]).shape[1]
-        target = random_targets(y, num_classes, generator)
+        target = jsma_targets(model, x, y, generator)
     elif target.shape != y.shape:
         raise ValueError(f"jsma: target must have shape {tuple(y.shape)}, got {tuple(target.shape)}")
     target = target.to(x.device)
@@ -386,9 +397,7 @@ def craft(
             raise ValueError(f"craft: target (N,) is for jsma only, got {key} with target {tuple(target.shape)}")
         targets = target
     elif key == "jsma":
-        with torch.no_grad():
-            num_classes = model(x[:1].to(device)).shape[1]
-        targets = random_targets(y, num_classes, generator)
+        targets = jsma_targets(model, x, y, generator)
     attack = {"fgsm": fgsm, "bim-a": bim_a, "bim-b": bim_b, "jsma": jsma}[key]
     out = []
     for s in tqdm(range(0, x.shape[0], batch_size), desc=f"{key} ({label})", disable=hide_bar(progress)):

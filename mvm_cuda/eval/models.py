@@ -1,25 +1,19 @@
-"""The evaluated networks (Feinman et al. 2017), their training, and an on-disk cache.
+"""The evaluated networks (Feinman et al. 2017) and their training.
 
 Every model is an nn.Sequential of plain layers: a conv part (Conv2d, nn.ReLU without
 inplace, MaxPool2d, Dropout), one nn.Flatten, then a dense part, ending in logits
 (N, 10). Training gives the same bits for a given seed whatever the caller's thread count
-and ATen's CPU capability (see `train`). Trained weights
-and crafted tensors are cached under `cache_dir()`, written atomically and checked on
-load, so an interrupted run never leaves a file that is later loaded as garbage.
+and ATen's CPU capability (see `train`). Trained weights are kept in the on-disk cache
+(`eval.cache`) by `load_or_train`.
 
 This module knows nothing of the defense.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import re
 import warnings
-import zipfile
-from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +21,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._digest import tensor_digest
-from .._files import first_os_error, write_atomically
 from .._progress import hide_bar
+from . import cache
 from .exact import cross_entropy_grad
 
 __all__ = [
@@ -39,11 +33,7 @@ __all__ = [
     "train",
     "accuracy",
     "predict",
-    "cache_dir",
     "load_or_train",
-    "cached_tensors",
-    "load_cached",
-    "save_cached",
     "TRAIN_THREADS",
 ]
 
@@ -56,7 +46,6 @@ DEFAULT_EPOCHS = {"mnist": 10, "mnist-pool": 10, "cifar10": 20, "svhn": 10, "dig
 # reductions split by thread, so another count gives other bits.
 TRAIN_THREADS = 1
 
-_FORMAT = "mvm_cuda-cache-v1"
 # In every model cache key: bump when initialisation or training changes the trained bits.
 _TRAINING = "train2"
 
@@ -81,6 +70,33 @@ def _cifar_block(in_channels: int, channels: int) -> list[nn.Module]:
         nn.ReLU(),
         nn.MaxPool2d(2),
     ]
+
+
+def _dense_head(*widths: int) -> list[nn.Module]:
+    """Linear layers from widths[0] to widths[-1] features, each but the last followed by
+    ReLU and Dropout(0.5)."""
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(widths, widths[1:])):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if i < len(widths) - 2:
+            layers += [nn.ReLU(), nn.Dropout(0.5)]
+    return layers
+
+
+def _layers(name: str) -> list[nn.Module]:
+    """The layers of network `name`, in order (see `build_model`)."""
+    if name == "mnist":
+        return _mnist_conv(1) + _dense_head(64 * 12 * 12, 128, 10)
+    if name == "mnist-pool":
+        return [nn.Conv2d(1, 32, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 5), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Flatten()] + _dense_head(64 * 4 * 4, 128, 10)
+    if name == "svhn":
+        return _mnist_conv(3) + _dense_head(64 * 14 * 14, 512, 128, 10)
+    if name == "cifar10":
+        return (_cifar_block(3, 32) + _cifar_block(32, 64) + _cifar_block(64, 128) + [nn.Flatten()]
+                + _dense_head(128 * 4 * 4, 1024, 512, 10))
+    return [nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Dropout(0.5), nn.Flatten()] + _dense_head(32 * 4 * 4, 64, 10)
 
 
 def _init_uniform(model: nn.Module, generator: torch.Generator | None) -> None:
@@ -122,63 +138,7 @@ def build_model(name: str, seed: int | None = None) -> nn.Sequential:
     # The layers' own initialisation is overwritten below: it runs in a forked RNG so that
     # it does not move the caller's.
     with torch.random.fork_rng(devices=[]):
-        if name == "mnist":
-            layers = _mnist_conv(1) + [
-                nn.Linear(64 * 12 * 12, 128),
-                nn.ReLU(),
-                nn.Dropout(0.5),
-                nn.Linear(128, 10),
-            ]
-        elif name == "mnist-pool":
-            layers = [
-                nn.Conv2d(1, 32, 5),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-                nn.Conv2d(32, 64, 5),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-                nn.Flatten(),
-                nn.Linear(64 * 4 * 4, 128),
-                nn.ReLU(),
-                nn.Dropout(0.5),
-                nn.Linear(128, 10),
-            ]
-        elif name == "svhn":
-            layers = _mnist_conv(3) + [
-                nn.Linear(64 * 14 * 14, 512),
-                nn.ReLU(),
-                nn.Dropout(0.5),
-                nn.Linear(512, 128),
-                nn.ReLU(),
-                nn.Dropout(0.5),
-                nn.Linear(128, 10),
-            ]
-        elif name == "cifar10":
-            layers = _cifar_block(3, 32) + _cifar_block(32, 64) + _cifar_block(64, 128)
-            layers += [
-                nn.Flatten(),
-                nn.Linear(128 * 4 * 4, 1024),
-                nn.ReLU(),
-                nn.Dropout(0.5),
-                nn.Linear(1024, 512),
-                nn.ReLU(),
-                nn.Dropout(0.5),
-                nn.Linear(512, 10),
-            ]
-        else:
-            layers = [
-                nn.Conv2d(1, 32, 3, padding=1),
-                nn.ReLU(),
-                nn.Conv2d(32, 32, 3, padding=1),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-                nn.Dropout(0.5),
-                nn.Flatten(),
-                nn.Linear(32 * 4 * 4, 64),
-                nn.ReLU(),
-                nn.Dropout(0.5),
-                nn.Linear(64, 10),
-            ]
+        layers = _layers(name)
     model = nn.Sequential(*layers)
     _init_uniform(model, torch.Generator().manual_seed(seed) if seed is not None else None)
     return model
@@ -294,147 +254,8 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> f
     return (predict(model, x, batch_size) == y.to(x.device)).double().mean().item()
 
 
-def cache_dir() -> Path:
-    """The cache folder: $MVM_CUDA_CACHE, else $XDG_CACHE_HOME/mvm_cuda, else ~/.cache/mvm_cuda
-    (a leading ~ is the home folder, as in a shell).
-
-    Only named here; it is created on the first write.
-    """
-    if os.environ.get("MVM_CUDA_CACHE"):
-        return Path(os.environ["MVM_CUDA_CACHE"]).expanduser()
-    # A relative XDG_CACHE_HOME is invalid by the XDG spec: ignore it, as the spec says.
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg and Path(xdg).expanduser().is_absolute() else Path.home() / ".cache"
-    return base / "mvm_cuda"
-
-
-def _checksum(tensors: dict[str, Tensor]) -> str:
-    return tensor_digest(sorted(tensors.items()))
-
-
-def _file_for(folder: str, key: str) -> Path:
-    # Keys may hold any characters; a readable prefix plus a hash names the file safely.
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", key)[:80]
-    return cache_dir() / folder / f"{safe}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
-
-
-def _dense(t: Tensor) -> Tensor:
-    """t on the CPU, copied if it is a view: torch.save writes a view's whole storage, and
-    `_load` accepts only tensors that fill their own."""
-    t = t.detach().cpu()
-    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
-
-
-def _save(path: Path, key: str, tensors: dict[str, Tensor]) -> None:
-    tensors = {k: _dense(v) for k, v in tensors.items()}
-    record = {"format": _FORMAT, "key": key, "tensors": tensors, "checksum": _checksum(tensors)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Readers see the old file or the complete new one, never a half-written one.
-    write_atomically(path, lambda f: torch.save(record, f))
-
-
-def _try_save(path: Path, key: str, tensors: dict[str, Tensor]) -> None:
-    """_save, but a cache that cannot be written (read-only or full disk, a folder in
-    the way) costs only the caching: a warning, and the caller keeps its result."""
-    try:
-        _save(path, key, tensors)
-    except (OSError, RuntimeError) as e:
-        # torch.save reports a failed write (ENOSPC included) as a RuntimeError whose
-        # context is the OSError; other RuntimeErrors are not the disk's and propagate.
-        cause = first_os_error(e)
-        if cause is None:
-            raise
-        what = f"{type(e).__name__}: {e}" if cause is e else f"{type(cause).__name__}: {cause} ({type(e).__name__}: {e})"
-        warnings.warn(f"mvm_cuda cache: could not write {path}: {what}", stacklevel=3)
-
-
-def _check_layout(tensors) -> None:
-    """Raise ValueError unless tensors is a dict of names to dense tensors, each within
-    its own stored bytes: checked before the checksum reads any data, since a crafted
-    view (a stride-0 expand of one element) would make it materialise gigabytes."""
-    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
-                                                 for k, v in tensors.items()):
-        raise ValueError("the file's tensors are not a dict of names to tensors")
-    for name, t in tensors.items():
-        stored = t.untyped_storage().nbytes()
-        if not t.is_contiguous() or (t.storage_offset() + t.numel()) * t.element_size() > stored:
-            raise ValueError(f"tensor {name!r} of shape {tuple(t.shape)} and strides {t.stride()} does not lie "
-                             f"densely within its {stored} stored bytes")
-
-
-def _stored_uncompressed(path: Path) -> None:
-    """Raise ValueError unless every entry of the zip file at path is stored uncompressed
-    (as torch.save writes them), so that loading it takes no more memory than its size.
-    Other files are left to torch.load, which refuses them."""
-    if not zipfile.is_zipfile(path):
-        return
-    with zipfile.ZipFile(path) as archive:
-        packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
-    if packed:
-        raise ValueError(f"compressed entries ({', '.join(packed[:3])}), which torch.save never writes")
-
-
-def _load(path: Path, key: str) -> dict[str, Tensor] | None:
-    """The tensors stored under `key` at `path`, or None (with a warning if the file is bad)."""
-    if not path.is_file():
-        return None
-    try:
-        _stored_uncompressed(path)
-        record = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(record, dict) or record.get("format") != _FORMAT:
-            raise ValueError("not an mvm_cuda cache file")
-        if record.get("key") != key:
-            raise ValueError(f"stored key {record.get('key')!r} differs from {key!r}")
-        tensors = record["tensors"]
-        _check_layout(tensors)
-        if _checksum(tensors) != record["checksum"]:
-            raise ValueError("checksum mismatch")
-    except Exception as e:
-        warnings.warn(
-            f"mvm_cuda cache: ignoring and rebuilding {path}: {type(e).__name__}: {e}", stacklevel=3
-        )
-        return None
-    return tensors
-
-
-def cached_tensors(key: str, fn: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
-    """A dict of tensors computed once by fn() and cached on disk under `key`.
-
-    For crafted adversarial sets and the like: the key should name everything the result
-    depends on (dataset, model key, attack, parameters, seed). The file lives in
-    cache_dir()/tensors, is written atomically, loaded with weights_only=True, and
-    checked (format, key and a SHA-256 of the tensors); a corrupt or truncated file is
-    reported with a warning and rebuilt by calling fn() again, and a file that cannot be
-    written is reported with a warning (the result is still returned). Returns the dict, its
-    tensors on the CPU, whether loaded or freshly computed.
-    """
-    path = _file_for("tensors", key)
-    tensors = _load(path, key)
-    if tensors is None:
-        tensors = fn()
-        if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
-            raise TypeError(f"cached_tensors: fn must return a dict of tensors, got {type(tensors).__name__}")
-        _try_save(path, key, tensors)
-        tensors = {k: v.detach().cpu() for k, v in tensors.items()}
-    return tensors
-
-
-def load_cached(key: str) -> dict[str, Tensor] | None:
-    """The tensors `cached_tensors` stored under `key`, on the CPU, or None (a bad file
-    warns); for a computation split over processes, which looks before it computes."""
-    return _load(_file_for("tensors", key), key)
-
-
-def save_cached(key: str, tensors: dict[str, Tensor]) -> None:
-    """Store tensors under `key` as `cached_tensors` does (atomically; a cache that cannot
-    be written only warns)."""
-    _try_save(_file_for("tensors", key), key, tensors)
-
-
 def _fingerprint(x: Tensor, y: Tensor) -> str:
-    return _checksum({"x": x, "y": y})[:12]
+    return tensor_digest([("x", x), ("y", y)])[:12]
 
 
 def load_or_train(
@@ -462,9 +283,9 @@ def load_or_train(
     epochs = DEFAULT_EPOCHS[name] if epochs is None else epochs
     device = torch.device(device) if device is not None else torch.device("cpu")
     key = f"{name}-e{epochs}-s{seed}-b{batch_size}-lr{lr:g}-n{x.shape[0]}-{_fingerprint(x, y)}-{_TRAINING}"
-    path = _file_for("models", key)
+    path = cache.file_for("models", key)
     model = build_model(name, seed=seed)
-    state = _load(path, key)
+    state = cache.load_file(path, key)
     if state is not None:
         try:
             model.load_state_dict(state)
@@ -475,5 +296,5 @@ def load_or_train(
             )
             model = build_model(name, seed=seed)
     train(model, x, y, epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress)
-    _try_save(path, key, model.state_dict())
+    cache.save_file(path, key, model.state_dict())
     return model

@@ -1,8 +1,8 @@
 """The command line: `mvm-cuda reproduce` re-runs the paper's evaluation (Tables 2 and 3).
 
-Steps: load the dataset; train the network or load it from the cache (`eval.models`);
-keep the test images (of the first --n-test) that it classifies correctly; craft the
-attacks on them (cached); score clean and adversarial images with every detector of
+Steps: load the dataset; train the network or load it from the cache (`eval.models`,
+`eval.cache`); keep the test images (of the first --n-test) that it classifies correctly;
+craft the attacks on them (cached); score clean and adversarial images with every detector of
 the paper's Table 3 (MVM c = 0.5, 1, 2 N_pixel; SAP 50, 80, 100 %; dropout 0.5),
 R stochastic passes each; report the ROC-AUC with a bootstrap 95% interval, with the
 successful adversarial images as positives (the headline, as in Feinman et al.) and
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -33,18 +34,21 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import __version__, distributed
+from .._digest import tensor_digest
 from .._files import write_atomically
 from .._progress import hide_bar
 from ..detector import MAX_BATCH, MAX_R, Detector, roc_report
-from . import adaptive, attacks, calibrated, data, exact, models
+from . import adaptive, attacks, cache, calibrated, data, exact, models, tables
 from ..malloc import keep_freed_memory
 
 __all__ = ["DETECTORS", "PAPER", "DEFAULTS", "FULL", "CHUNK", "build_parser", "run", "main"]
@@ -248,6 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _source_hash(paths) -> str:
+    """8 hex digits of the SHA-256 of the files' bytes, in the order given."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()[:8]
+
+
 def _code_hash() -> str:
     """A hash of the code a detector's scores depend on besides its settings and
     inputs: the package's Python modules and its compiled kernels (whose random
@@ -255,19 +267,13 @@ def _code_hash() -> str:
     from .. import _C
 
     pkg = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for path in sorted(pkg.glob("*.py")) + [Path(_C.__file__)]:
-        h.update(path.read_bytes())
-    return h.hexdigest()[:8]
+    return _source_hash(sorted(pkg.glob("*.py")) + [Path(_C.__file__)])
 
 
-def _hash(tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:12]
+def _attack_code_hash() -> str:
+    """A hash of the code crafted images depend on besides their key's settings: the
+    attacks (whose defaults, e.g. BIM's step count, live there) and the exact math they use."""
+    return _source_hash(m.__file__ for m in (attacks, exact))
 
 
 def _json_ready(obj):
@@ -279,28 +285,6 @@ def _json_ready(obj):
     if isinstance(obj, (list, tuple)):
         return [_json_ready(v) for v in obj]
     return obj
-
-
-def _pct(value: float, digits: int = 2) -> str:
-    return "n/a" if math.isnan(value) else f"{100 * value:.{digits}f}%"
-
-
-def _num(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.3f}"
-
-
-def _fmt_auc(auc: float, ci) -> str:
-    if math.isnan(auc):
-        return "n/a"
-    return f"{auc:.3f} [{ci[0]:.3f},{ci[1]:.3f}]"
-
-
-def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
-    print(f"\n{title}\n{line}\n{'-' * len(line)}")
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 
 def _write_json(path: Path, record: dict) -> None:
@@ -401,281 +385,347 @@ def run(args: argparse.Namespace) -> dict | None:
         return _run(args, device)
 
 
+@dataclass
+class _Run:
+    """What the stages of one run share: its settings (`_start`), then what each stage
+    adds: the model and the attacked images (`_load_model`, `_attacked_set`), the
+    adversarial sets and their statistics (`_attack`), each detector's results
+    (`_score`), and the seconds each stage took."""
+    args: argparse.Namespace
+    device: torch.device
+    rank: int
+    world: int
+    n_test: int
+    R: int
+    attack_names: tuple[str, ...]
+    progress: bool | None  # None: bars on a terminal
+    out: Path
+    model_name: str
+    tag: str  # names the output files: the dataset, or the model where it is another
+    epochs: int
+    attack_settings: dict  # eps and eps_iter, as recorded
+    attack_code: str  # in every attack's cache key
+    t_start: float
+    timings: dict = field(default_factory=dict)
+    dataset: data.Dataset | None = None
+    model: nn.Module | None = None
+    model_hash: str = ""
+    clean_accuracy: float | None = None
+    x: Tensor | None = None  # the attacked images: the first --n-test classified correctly
+    y: Tensor | None = None
+    adversarial: dict = field(default_factory=dict)
+    success: dict = field(default_factory=dict)  # rank 0's
+    table2: dict = field(default_factory=dict)  # rank 0's
+    results: dict = field(default_factory=dict)  # rank 0's: Table 3, by detector
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def n_pixel(self) -> int:
+        return self.x.shape[2] * self.x.shape[3]
+
+
 def _run(args: argparse.Namespace, device: torch.device) -> dict | None:
+    """The stages of a run, in order, on every process; each collective step is entered by
+    every rank in the same order (see `distributed.agree`)."""
+    run = _start(args, device)
+    _attacked_set(run, _load_model(run))
+    _attack(run)
+    _score(run, _detector_rows(run))
+    # BIM-A is the adaptive attack's non-adaptive reference on the same images: crafted
+    # (or read from the cache) by every process even when --attacks leaves it out.
+    baseline = None
+    if args.adaptive:
+        baseline = run.adversarial["bim-a"] if "bim-a" in run.adversarial else _crafted(run, "bim-a")
+    # The adaptive attack and the report are rank 0's; the others wait for its outcome,
+    # so that every process ends with the run's status.
+    with distributed.agree("the adaptive attack and the report (rank 0)"):
+        if not run.lead:
+            return None
+        adaptive_results = _adaptive(run, baseline) if args.adaptive else None
+        run.timings["total"] = time.perf_counter() - run.t_start
+        return _report(run, adaptive_results)
+
+
+def _start(args: argparse.Namespace, device: torch.device) -> _Run:
+    """The run's settings, the presets filled in; stops if --out cannot be written."""
     t_start = time.perf_counter()
-    timings = {}
     rank, world = distributed.rank_and_size()
-    lead = rank == 0
     preset = FULL if args.full else DEFAULTS
-    n_test = args.n_test if args.n_test is not None else preset["n_test"]
-    R = args.R if args.R is not None else preset["R"]
     attack_names = preset["attacks"] if args.attacks is None else args.attacks
     if isinstance(attack_names, str):  # a Namespace built by hand, not by the parser
         attack_names = tuple(attack_names.split(","))
     bad = [a for a in attack_names if a not in attacks.ATTACKS]
     if bad or not attack_names:
         raise SystemExit(f"mvm-cuda: unknown attack(s) {bad}; choose from {attacks.ATTACKS}")
-    progress = (False if args.no_progress else None) if lead else False  # None: bars on a terminal
     out = Path(args.out).expanduser()
     problem = _out_problem(out)
     if problem is not None:
         raise SystemExit(f"mvm-cuda: {problem}")
     torch.manual_seed(args.seed)
-
-    # Rank 0 trains (or loads) the model and writes its cache file; the others get its
-    # weights, so no two processes write one file and all score the same network.
-    t = time.perf_counter()
     model_name = _model_name(args)
-    tag = args.dataset if model_name == args.dataset else model_name  # names the output files
-    epochs = args.epochs if args.epochs is not None else models.DEFAULT_EPOCHS[model_name]
+    return _Run(
+        args=args, device=device, rank=rank, world=world,
+        n_test=args.n_test if args.n_test is not None else preset["n_test"],
+        R=args.R if args.R is not None else preset["R"], attack_names=attack_names,
+        progress=(False if args.no_progress else None) if rank == 0 else False, out=out,
+        model_name=model_name, tag=args.dataset if model_name == args.dataset else model_name,
+        epochs=args.epochs if args.epochs is not None else models.DEFAULT_EPOCHS[model_name],
+        # Feinman et al.'s settings; digits (not in the paper) borrows MNIST's, both in [0, 1].
+        attack_settings=attacks.SETTINGS.get(args.dataset, attacks.SETTINGS["mnist"]),
+        attack_code=_attack_code_hash(), t_start=t_start)
+
+
+def _load_model(run: _Run) -> Tensor | None:
+    """Load the data; rank 0 trains (or loads) the model and writes its cache file, the
+    others get its weights, so no two processes write one file and all score the same
+    network. Returns which of the first n_test test images it classifies correctly."""
+    t = time.perf_counter()
+    args, lead = run.args, run.lead
     with distributed.agree("loading the data and the model"):
-        dataset = data.load_dataset(args.dataset, args.data_root, seed=args.seed)
-        model = models.load_or_train(model_name, dataset, epochs=epochs, seed=args.seed, device=device,
-                                     progress=progress) if lead else None
-    state = distributed.broadcast({k: v.cpu() for k, v in model.state_dict().items()} if lead else None)
+        run.dataset = data.load_dataset(args.dataset, args.data_root, seed=args.seed)
+        run.model = models.load_or_train(run.model_name, run.dataset, epochs=run.epochs, seed=args.seed,
+                                         device=run.device, progress=run.progress) if lead else None
+    state = distributed.broadcast({k: v.cpu() for k, v in run.model.state_dict().items()} if lead else None)
+    x_test, y_test = run.dataset.x_test, run.dataset.y_test
     with distributed.agree("loading the model's weights from rank 0"):
         if not lead:
-            model = models.build_model(model_name, seed=args.seed)
-            model.load_state_dict(state)
-            model = model.to(device).eval()
-        clean_accuracy = models.accuracy(model, dataset.x_test, dataset.y_test) if lead else None
-        correct = models.predict(model, dataset.x_test[:n_test]) == dataset.y_test[:n_test] if lead else None
-    timings["model"] = time.perf_counter() - t
-    model_hash = _hash(model.state_dict().values())
+            run.model = models.build_model(run.model_name, seed=args.seed)
+            run.model.load_state_dict(state)
+            run.model = run.model.to(run.device).eval()
+        run.clean_accuracy = models.accuracy(run.model, x_test, y_test) if lead else None
+        correct = models.predict(run.model, x_test[:run.n_test]) == y_test[:run.n_test] if lead else None
+    run.timings["model"] = time.perf_counter() - t
+    run.model_hash = tensor_digest(run.model.state_dict().items())[:12]
+    return correct
 
-    x, y = dataset.x_test[:n_test], dataset.y_test[:n_test]
+
+def _attacked_set(run: _Run, correct: Tensor | None) -> None:
+    """The images to attack: of the first n_test, those rank 0 found classified correctly."""
+    x, y = run.dataset.x_test[:run.n_test], run.dataset.y_test[:run.n_test]
     correct = distributed.broadcast(correct)
-    x, y = x[correct], y[correct]
-    if x.shape[0] == 0:
-        raise SystemExit(f"mvm-cuda: the model classifies none of the first {n_test} test images correctly; "
+    run.x, run.y = x[correct], y[correct]
+    if run.x.shape[0] == 0:
+        raise SystemExit(f"mvm-cuda: the model classifies none of the first {run.n_test} test images correctly; "
                          "nothing to attack")
-    n_pixel = x.shape[2] * x.shape[3]
-    if lead:
-        print(f"{args.dataset}: clean test accuracy {clean_accuracy:.4f} on {dataset.x_test.shape[0]} images; "
-              f"attacking the {x.shape[0]} of the first {min(n_test, dataset.x_test.shape[0])} classified "
-              f"correctly; N_pixel = {n_pixel}, R = {R}" + (f"; {world} processes" if world > 1 else ""), flush=True)
+    if run.lead:
+        n_test_images = run.dataset.x_test.shape[0]
+        print(f"{run.args.dataset}: clean test accuracy {run.clean_accuracy:.4f} on {n_test_images} images; "
+              f"attacking the {run.x.shape[0]} of the first {min(run.n_test, n_test_images)} classified "
+              f"correctly; N_pixel = {run.n_pixel}, R = {run.R}"
+              + (f"; {run.world} processes" if run.world > 1 else ""), flush=True)
 
-    # Feinman et al.'s settings; digits (not in the paper) borrows MNIST's, both in [0, 1].
-    settings = attacks.SETTINGS.get(args.dataset, attacks.SETTINGS["mnist"])
-    attack_setting = args.dataset if args.dataset in attacks.SETTINGS else dict(settings)
-    # The key names everything the crafted images depend on, the attack code included
-    # (its defaults, e.g. BIM's step count, live there), so no stale set is ever reused.
-    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (attacks, exact))).hexdigest()[:8]
+
+def _crafted(run: _Run, name: str, xs: Tensor | None = None, ys: Tensor | None = None) -> Tensor:
+    """Attack `name` on images xs, labels ys (default: the attacked set), from the cache,
+    else crafted in chunks shared by the processes (rank 0 writes the cache file). The key
+    names everything the crafted images depend on, the attack code included, so no stale
+    set is ever reused."""
+    args, settings = run.args, run.attack_settings
+    xs, ys = (run.x, run.y) if xs is None else (xs, ys)
+    key = (f"adv-{args.dataset}-{run.model_name}-{name}-{json.dumps(settings, sort_keys=True)}-code{run.attack_code}"
+           f"-model{run.model_hash}-x{tensor_digest([('x', xs), ('y', ys)])[:12]}-s{args.seed}-chunk{CHUNK}")
+    with distributed.agree(f"reading the {name} attack from the cache"):
+        found = cache.load_cached(key) if run.lead else None
+    found = distributed.broadcast(found)
+    if found is not None:
+        return found["x"]
+    parts = []
+    chunks = distributed.chunk_ranges(xs.shape[0], CHUNK)
+    share = sum(hi - lo for lo, hi in chunks)
+    desc = f"{name} ({args.dataset})" + (", rank 0's share" if run.world > 1 else "")
+    setting = args.dataset if args.dataset in attacks.SETTINGS else dict(settings)
+    with distributed.agree(f"crafting {name}"), tqdm(total=share, desc=desc, disable=hide_bar(run.progress)) as bar:
+        # JSMA's random targets are drawn for the whole set, so a shard's do not depend
+        # on how many processes share the set; every chunk is crafted as one batch.
+        target = None
+        if name == "jsma":
+            target = attacks.jsma_targets(run.model, xs, ys, torch.Generator().manual_seed(args.seed))
+        for lo, hi in chunks:
+            parts.append(attacks.craft(name, run.model, xs[lo:hi], ys[lo:hi], setting, batch_size=hi - lo,
+                                       progress=False, target=None if target is None else target[lo:hi]))
+            bar.update(hi - lo)
+    x_adv = distributed.all_gather_chunks(parts)
+    with distributed.agree(f"writing the {name} attack to the cache"):
+        if run.lead:
+            cache.save_cached(key, {"x": x_adv})
+    return x_adv
+
+
+def _attack(run: _Run) -> None:
+    """Craft (or read) every attack of the run; rank 0 keeps which images each fools and
+    Table 2's statistics."""
     t = time.perf_counter()
-    adversarial, success, table2 = {}, {}, {}
-
-    def crafted(name, xs=None, ys=None):
-        """Attack `name` on images xs, labels ys (default: the attacked set x, y)."""
-        xs, ys = (x, y) if xs is None else (xs, ys)
-        key = (f"adv-{args.dataset}-{model_name}-{name}-{json.dumps(settings, sort_keys=True)}-code{code}"
-               f"-model{model_hash}-x{_hash([xs, ys])}-s{args.seed}-chunk{CHUNK}")
-        with distributed.agree(f"reading the {name} attack from the cache"):
-            found = models.load_cached(key) if lead else None
-        found = distributed.broadcast(found)
-        if found is not None:
-            return found["x"]
-        parts = []
-        chunks = distributed.chunk_ranges(xs.shape[0], CHUNK)
-        share = sum(hi - lo for lo, hi in chunks)
-        desc = f"{name} ({args.dataset})" + (", rank 0's share" if world > 1 else "")
-        with distributed.agree(f"crafting {name}"), tqdm(total=share, desc=desc, disable=hide_bar(progress)) as bar:
-            # JSMA's random targets are drawn for the whole set, so a shard's do not depend
-            # on how many processes share the set; every chunk is crafted as one batch.
-            target = None
-            if name == "jsma":
-                with torch.no_grad():
-                    num_classes = model(xs[:1].to(device)).shape[1]
-                target = attacks.random_targets(ys, num_classes, torch.Generator().manual_seed(args.seed))
-            for lo, hi in chunks:
-                parts.append(attacks.craft(name, model, xs[lo:hi], ys[lo:hi], attack_setting, batch_size=hi - lo,
-                                           progress=False, target=None if target is None else target[lo:hi]))
-                bar.update(hi - lo)
-        x_adv = distributed.all_gather_chunks(parts)
-        with distributed.agree(f"writing the {name} attack to the cache"):
-            if lead:
-                models.save_cached(key, {"x": x_adv})
-        return x_adv
-
-    for name in attack_names:
-        adversarial[name] = crafted(name)
+    for name in run.attack_names:
+        run.adversarial[name] = _crafted(run, name)
         with distributed.agree(f"the {name} attack's statistics (rank 0)"):
-            if lead:
-                success[name] = models.predict(model, adversarial[name]) != y
-                table2[name] = attacks.attack_stats(model, x, adversarial[name], y)
-    timings["attacks"] = time.perf_counter() - t
+            if run.lead:
+                run.success[name] = models.predict(run.model, run.adversarial[name]) != run.y
+                run.table2[name] = attacks.attack_stats(run.model, run.x, run.adversarial[name], run.y)
+    run.timings["attacks"] = time.perf_counter() - t
 
-    # Scores are cached like the attacks (a long run that stops resumes where it
-    # was): with a seed, an image's score depends only on the seed, the settings and
-    # its index, so a set's scores depend only on the key below, not on what ran
-    # before nor on how many processes shared it.
+
+def _detector_rows(run: _Run) -> list[tuple[str, Detector, dict | None]]:
+    """(row name, detector, calibration record or None): the paper's Table 3 detectors,
+    then with --calibrate the calibrated ones."""
+    args = run.args
     rows = [(det.name, det, None) for det in (
-        Detector(model, method, R=R, max_batch=args.max_batch, seed=args.seed, progress=progress, **kwargs)
+        Detector(run.model, method, R=run.R, max_batch=args.max_batch, seed=args.seed, progress=run.progress,
+                 **kwargs)
         for method, kwargs in DETECTORS)]
     if args.calibrate:
-        # The validation images follow the evaluated ones in the test split: never trained
-        # on, never scored by the evaluation. Every process runs the same searches.
-        t = time.perf_counter()
-        xv, yv = dataset.x_test[n_test:n_test + calibrated.N_VAL], dataset.y_test[n_test:n_test + calibrated.N_VAL]
-        right = models.predict(model, xv) == yv
-        xv, yv = xv[right], yv[right]
-        if xv.shape[0] < 20:
-            raise SystemExit(f"mvm-cuda: --calibrate needs at least 20 correctly classified test images after the "
-                             f"first --n-test {n_test}; the test split has {dataset.x_test.shape[0]}")
-        found = calibrated.calibrated_detectors(model, xv, yv, crafted, attack_names, R=R, seed=args.seed,
-                                                max_batch=args.max_batch, per_unit=args.per_unit,
-                                                progress=progress)
-        val_range = [n_test, min(n_test + calibrated.N_VAL, dataset.x_test.shape[0])]
-        rows += [(row, det, {**search, "val_test_images": val_range}) for row, det, search in found]
-        timings["calibration"] = time.perf_counter() - t
+        rows += _calibrated_rows(run)
+    return rows
 
-    code = _code_hash()
-    results, detector_seconds, cached = {}, {}, {}
+
+def _calibrated_rows(run: _Run) -> list[tuple[str, Detector, dict]]:
+    """Each method's detector calibrated on validation images that follow the evaluated
+    ones in the test split: never trained on, never scored by the evaluation. Every
+    process runs the same searches."""
+    t = time.perf_counter()
+    args, n_test, x_test, y_test = run.args, run.n_test, run.dataset.x_test, run.dataset.y_test
+    xv, yv = x_test[n_test:n_test + calibrated.N_VAL], y_test[n_test:n_test + calibrated.N_VAL]
+    right = models.predict(run.model, xv) == yv
+    xv, yv = xv[right], yv[right]
+    if xv.shape[0] < 20:
+        raise SystemExit(f"mvm-cuda: --calibrate needs at least 20 correctly classified test images after the "
+                         f"first --n-test {n_test}; the test split has {x_test.shape[0]}")
+    found = calibrated.calibrated_detectors(run.model, xv, yv, functools.partial(_crafted, run), run.attack_names,
+                                            R=run.R, seed=args.seed, max_batch=args.max_batch,
+                                            per_unit=args.per_unit, progress=run.progress)
+    val_range = [n_test, min(n_test + calibrated.N_VAL, x_test.shape[0])]
+    run.timings["calibration"] = time.perf_counter() - t
+    return [(row, det, {**search, "val_test_images": val_range}) for row, det, search in found]
+
+
+def _score(run: _Run, rows) -> None:
+    """Score the clean and the adversarial images with every detector and, on rank 0, put
+    each detector's ROC analysis in run.results. Scores are cached like the attacks (a
+    long run that stops resumes where it was): with a seed, an image's score depends only
+    on the seed, the settings and its index, so a set's scores depend only on their key,
+    not on what ran before nor on how many processes shared it."""
+    score_code = _code_hash()
+    detector_seconds = {}
     for row, det, search in rows:
-        t = time.perf_counter()
-        cached[row] = []
+        seconds = _score_row(run, row, det, search, score_code)
+        if seconds is not None:
+            detector_seconds[row] = seconds
+    run.timings["detectors"] = sum(detector_seconds.values())
 
-        # The settings that change scores (not the threshold, nor what scoring records).
-        settings_key = json.dumps({k: v for k, v in det.config().items()
-                                   if k not in ("threshold", "fpr", "input_shape", "model_fingerprint")},
-                                  sort_keys=True)
 
-        def scores(images, label):
-            key = (f"scores-{args.dataset}-{settings_key}-{device.type}-code{code}-model{model_hash}"
-                   f"-x{_hash([images])}-chunk{CHUNK}")
-            with distributed.agree(f"reading the {row} scores of {label} from the cache"):
-                found = models.load_cached(key) if lead else None
-            if distributed.broadcast(found is not None):
-                cached[row].append(label)
-                return found["s"] if lead else None
-            s = distributed.score_dataset(det, images, chunk_size=CHUNK)
-            with distributed.agree(f"writing the {row} scores of {label} to the cache"):
-                if lead:
-                    models.save_cached(key, {"s": s})
-            return s
-
-        clean_scores = scores(x, "clean")
-        adv_scores = {name: scores(adversarial[name], name) for name in attack_names}
-        with distributed.agree(f"the ROC analysis of {row} (rank 0)"):
-            if not lead:
-                continue
-            per_attack = {}
-            for name in attack_names:
-                per_attack[name] = {
-                    "successful": roc_report(clean_scores, adv_scores[name][success[name]], n_boot=args.n_boot,
-                                             seed=args.seed).to_dict(),
-                    "all": roc_report(clean_scores, adv_scores[name], n_boot=args.n_boot, seed=args.seed).to_dict(),
-                    "mean_score_adv": float(adv_scores[name].mean()),
-                }
-            per_attack["mean_score_clean"] = float(clean_scores.mean())
-            detector_seconds[row] = time.perf_counter() - t
-            per_attack["seconds"] = detector_seconds[row]
-            per_attack["cached"] = cached[row]
-            # input_shape as a scoring run records it, also where every score came from the cache
-            per_attack["config"] = {**det.config(), "input_shape": list(x.shape[1:])}
-            if search is not None:
-                per_attack["calibration"] = search
-            results[row] = per_attack
-            summary = ", ".join(f"{a} {per_attack[a]['successful']['auc']:.3f}" for a in attack_names)
-            note = f"; scores of {', '.join(cached[row])} from the cache" if cached[row] else ""
-            print(f"{row}: AUC {summary} ({detector_seconds[row]:.0f} s{note})", flush=True)
-    timings["detectors"] = sum(detector_seconds.values())
-
-    # BIM-A is the adaptive attack's non-adaptive reference on the same images: crafted
-    # (or read from the cache) by every process even when --attacks leaves it out.
-    baseline = None
-    if args.adaptive:
-        baseline = adversarial["bim-a"] if "bim-a" in adversarial else crafted("bim-a")
-
-    # The adaptive attack and the report are rank 0's; the others wait for its outcome,
-    # so that every process ends with the run's status.
-    with distributed.agree("the adaptive attack and the report (rank 0)"):
-        if not lead:
+def _score_row(run: _Run, row: str, det: Detector, search: dict | None, score_code: str) -> float | None:
+    """One detector's scores and, on rank 0, its entry of run.results; returns the seconds
+    it took on rank 0, None on the others."""
+    t = time.perf_counter()
+    args, cached = run.args, []
+    # The settings that change scores (not the threshold, nor what scoring records).
+    settings_key = json.dumps({k: v for k, v in det.config().items()
+                               if k not in ("threshold", "fpr", "input_shape", "model_fingerprint")},
+                              sort_keys=True)
+    prefix = f"scores-{args.dataset}-{settings_key}-{run.device.type}-code{score_code}-model{run.model_hash}"
+    clean_scores = _scores(run, det, row, prefix, run.x, "clean", cached)
+    adv_scores = {name: _scores(run, det, row, prefix, run.adversarial[name], name, cached)
+                  for name in run.attack_names}
+    with distributed.agree(f"the ROC analysis of {row} (rank 0)"):
+        if not run.lead:
             return None
-        adaptive_results = None
-        if args.adaptive:
-            t = time.perf_counter()
-            adaptive_results = adaptive.evaluate_adaptive(
-                model, x, y, {"bim-a": baseline}, settings["eps"], settings["eps_iter"], R=R,
-                n_images=args.adaptive_images, n_iter=args.adaptive_steps, K=args.adaptive_eot,
-                max_batch=args.max_batch, seed=args.seed, n_boot=args.n_boot, progress=progress)
-            timings["adaptive"] = time.perf_counter() - t
+        per_attack = {}
+        for name in run.attack_names:
+            per_attack[name] = {
+                "successful": roc_report(clean_scores, adv_scores[name][run.success[name]], n_boot=args.n_boot,
+                                         seed=args.seed).to_dict(),
+                "all": roc_report(clean_scores, adv_scores[name], n_boot=args.n_boot, seed=args.seed).to_dict(),
+                "mean_score_adv": float(adv_scores[name].mean()),
+            }
+        per_attack["mean_score_clean"] = float(clean_scores.mean())
+        seconds = per_attack["seconds"] = time.perf_counter() - t
+        per_attack["cached"] = cached
+        # input_shape as a scoring run records it, also where every score came from the cache
+        per_attack["config"] = {**det.config(), "input_shape": list(run.x.shape[1:])}
+        if search is not None:
+            per_attack["calibration"] = search
+        run.results[row] = per_attack
+        summary = ", ".join(f"{a} {per_attack[a]['successful']['auc']:.3f}" for a in run.attack_names)
+        note = f"; scores of {', '.join(cached)} from the cache" if cached else ""
+        print(f"{row}: AUC {summary} ({seconds:.0f} s{note})", flush=True)
+        return seconds
 
-        timings["total"] = time.perf_counter() - t_start
 
-        paper = PAPER.get(tag, {})  # the paper has no numbers for another network
-        acc_paper = paper.get("accuracy", {})
-        rows = [["clean (all test images)", _pct(clean_accuracy), "", "", "", "",
-                 _pct(acc_paper["clean"]) if "clean" in acc_paper else "-"]]
-        for name in attack_names:
-            s = table2[name]
-            rows.append([name, _pct(1 - s["success_rate"]), _pct(s["success_rate"], 1), _num(s["l2"]),
-                         _num(s["linf"]), _pct(s["l0_frac"], 1), _pct(acc_paper[name]) if name in acc_paper else "-"])
-        _print_table(f"Table 2 ({tag}): accuracy on clean and adversarial images; attack success and "
-                     f"mean distortion of the successful ones ({x.shape[0]} attacked images)",
-                     ["images", "accuracy", "success", "L2", "Linf", "L0", "paper accuracy"], rows)
+def _scores(run: _Run, det: Detector, row: str, prefix: str, images: Tensor, label: str, cached: list) -> Tensor:
+    """The scores of `images` (named `label`) by det, from the cache (then label joins
+    `cached`) or computed over the processes; on rank 0, None on the others when cached."""
+    key = f"{prefix}-x{tensor_digest([('x', images)])[:12]}-chunk{CHUNK}"
+    with distributed.agree(f"reading the {row} scores of {label} from the cache"):
+        found = cache.load_cached(key) if run.lead else None
+    if distributed.broadcast(found is not None):
+        cached.append(label)
+        return found["s"] if run.lead else None
+    s = distributed.score_dataset(det, images, chunk_size=CHUNK)
+    with distributed.agree(f"writing the {row} scores of {label} to the cache"):
+        if run.lead:
+            cache.save_cached(key, {"s": s})
+    return s
 
-        auc_paper = paper.get("auc", {})
-        for which, title in (("successful", "successful attacks as positives (headline)"),
-                             ("all", "all attacked images as positives")):
-            rows = []
-            for det_name, per_attack in results.items():
-                row = [det_name]
-                for name in attack_names:
-                    rep = per_attack[name][which]
-                    ref = auc_paper.get(det_name, {}).get(name)
-                    row.append(_fmt_auc(rep["auc"], rep["ci"]) + (f" ({ref:.3f})" if ref is not None else ""))
-                rows.append(row)
-            _print_table(f"Table 3 ({tag}): ROC-AUC [bootstrap 95% CI] (paper), {title}, R = {R}",
-                         ["detector"] + list(attack_names), rows)
 
-        if adaptive_results is not None:
-            st = adaptive_results["settings"]
-            rows = []
-            for det_name, entry in adaptive_results["detectors"].items():
-                for which, label in (("bim-a", "BIM-A"), ("adaptive", "EOT-BIM (adaptive)")):
-                    rec = entry[which]
-                    rows.append([det_name, label, _pct(rec["misclassified"], 0), _pct(rec["flagged"], 0),
-                                 _pct(rec["success_at_fpr"], 0), _fmt_auc(rec["auc_successful"]["auc"],
-                                                                          rec["auc_successful"]["ci"]),
-                                 _fmt_auc(rec["auc_all"]["auc"], rec["auc_all"]["ci"])])
-            _print_table(f"Adaptive attack ({tag}): {st['n_images']} images, eps {st['eps']}, step "
-                         f"{st['eps_iter']}, {st['n_iter']} steps, K = {st['K']} EOT passes; R = {R}; threshold at "
-                         f"FPR {st['fpr']:.0%} on {st['n_clean']} clean images",
-                         ["detector", "attack", "misclassified", "flagged", "success at FPR",
-                          "AUC (successful)", "AUC (all)"], rows)
+def _adaptive(run: _Run, baseline: Tensor) -> dict:
+    """The adaptive attack (EOT-BIM) against the detectors, beside BIM-A's images `baseline`."""
+    t = time.perf_counter()
+    args = run.args
+    results = adaptive.evaluate_adaptive(
+        run.model, run.x, run.y, {"bim-a": baseline}, run.attack_settings["eps"], run.attack_settings["eps_iter"],
+        R=run.R, n_images=args.adaptive_images, n_iter=args.adaptive_steps, K=args.adaptive_eot,
+        max_batch=args.max_batch, seed=args.seed, n_boot=args.n_boot, progress=run.progress)
+    run.timings["adaptive"] = time.perf_counter() - t
+    return results
 
-        record = {
-            "version": __version__,
-            "args": vars(args),
-            "config": {"dataset": args.dataset, "model": model_name, "device": str(device), "n_test": n_test,
-                       "n_attacked": int(x.shape[0]),
-                       "R": R, "attacks": list(attack_names), "seed": args.seed, "epochs": epochs,
-                       "max_batch": args.max_batch, "n_boot": args.n_boot, "n_pixel": n_pixel, "full": args.full,
-                       "attack_settings": settings, "torch": torch.__version__,
-                       "threads": torch.get_num_threads(), "train_threads": models.TRAIN_THREADS,
-                       "kernel_pins": {k: os.environ.get(k) for k in _KERNEL_PINS}},
-            "table2": {"clean_accuracy": clean_accuracy, "n_test_total": int(dataset.x_test.shape[0]), **table2},
-            "table3": results,
-            "paper": paper,
-            "figures": [],
-            "seconds": timings,
-        }
-        if adaptive_results is not None:
-            record["adaptive"] = adaptive_results
-        # The tables are printed and the numbers written before the plots, so a plot that
-        # fails costs only itself; the record is rewritten with the plots that were written.
-        path = out / f"results_{tag}.json"
+
+def _record(run: _Run, adaptive_results: dict | None) -> dict:
+    """The results record: every number, the settings and the timings (run.timings itself,
+    so that what is timed later joins it)."""
+    args = run.args
+    record = {
+        "version": __version__,
+        "args": vars(args),
+        "config": {"dataset": args.dataset, "model": run.model_name, "device": str(run.device), "n_test": run.n_test,
+                   "n_attacked": int(run.x.shape[0]),
+                   "R": run.R, "attacks": list(run.attack_names), "seed": args.seed, "epochs": run.epochs,
+                   "max_batch": args.max_batch, "n_boot": args.n_boot, "n_pixel": run.n_pixel, "full": args.full,
+                   "attack_settings": run.attack_settings, "torch": torch.__version__,
+                   "threads": torch.get_num_threads(), "train_threads": models.TRAIN_THREADS,
+                   "kernel_pins": {k: os.environ.get(k) for k in _KERNEL_PINS}},
+        "table2": {"clean_accuracy": run.clean_accuracy, "n_test_total": int(run.dataset.x_test.shape[0]),
+                   **run.table2},
+        "table3": run.results,
+        "paper": PAPER.get(run.tag, {}),  # the paper has no numbers for another network
+        "figures": [],
+        "seconds": run.timings,
+    }
+    if adaptive_results is not None:
+        record["adaptive"] = adaptive_results
+    return record
+
+
+def _report(run: _Run, adaptive_results: dict | None) -> dict:
+    """Print the tables, write the JSON and the ROC plots (rank 0); returns the record."""
+    record = _record(run, adaptive_results)
+    tables.print_tables(record, run.tag)
+    # The tables are printed and the numbers written before the plots, so a plot that
+    # fails costs only itself; the record is rewritten with the plots that were written.
+    path = run.out / f"results_{run.tag}.json"
+    _write_json(path, record)
+    t = time.perf_counter()
+    figures = _plot_rocs(run.results, run.attack_names, run.tag, run.out)
+    timings = run.timings
+    timings["plots"] = time.perf_counter() - t
+    if figures:
+        record["figures"] = figures
         _write_json(path, record)
-        t = time.perf_counter()
-        figures = _plot_rocs(results, attack_names, tag, out)
-        timings["plots"] = time.perf_counter() - t
-        if figures:
-            record["figures"] = figures
-            _write_json(path, record)
-        print(f"\nwrote {path} and {len(figures)} ROC plot(s); wall time {timings['total']:.0f} s "
-              f"(model {timings['model']:.0f}, attacks {timings['attacks']:.0f}, detectors {timings['detectors']:.0f}"
-              + "".join(f", {k} {timings[k]:.0f}" for k in ("calibration", "adaptive") if k in timings) + ")")
-        return record
+    print(f"\nwrote {path} and {len(figures)} ROC plot(s); wall time {timings['total']:.0f} s "
+          f"(model {timings['model']:.0f}, attacks {timings['attacks']:.0f}, detectors {timings['detectors']:.0f}"
+          + "".join(f", {k} {timings[k]:.0f}" for k in ("calibration", "adaptive") if k in timings) + ")")
+    return record
 
 
 def _model_name(args: argparse.Namespace) -> str:
