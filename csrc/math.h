@@ -221,14 +221,14 @@ MVM_MATH_INLINE SupportSums kkt_step(int64_t i, double target, double yi, const 
 }
 
 // kkt_solve's warm start: at most this many float steps, ending once every
-// residual and log(sum p) is below kWarmTol (the step from there lands near
-// float's resolution).
+// residual and the step of log(lambda) are below kWarmTol (the step from
+// there lands near float's resolution).
 constexpr int kWarmIters = 12;
 constexpr double kWarmTol = 1e-4;
 // Iterations of kkt_solve's joint Newton search before the fallback.
 constexpr int kJointIters = 40;
-// Residuals (in log lambda) below which one more joint Newton step is the
-// last: its error is at most about 1.5 r^2 in y (H' >= 1 - 1/c, |H''| <= 3/8).
+// Residuals and steps (in log lambda) below which one more joint Newton step
+// is the last: its error is at most about 1.5 r^2 in y (H' >= 1 - 1/c, |H''| <= 3/8).
 constexpr double kJointTol = 1e-5;
 
 // kkt_solve's warm start: its joint Newton search in float, from H's
@@ -264,7 +264,7 @@ C10_HOST_DEVICE inline WarmStart kkt_warm_start(const double* log_alpha, double*
     const double log_sum = elem_log(t.a);
     ds = (t.a * log_sum - t.c) / t.b;
     if (!(ds > -INFINITY && ds < INFINITY)) return {NAN, NAN};
-    if (t.top <= kWarmTol && (log_sum < 0.0 ? -log_sum : log_sum) <= kWarmTol) break;
+    if (t.top <= kWarmTol && (ds < 0.0 ? -ds : ds) <= kWarmTol) break;
   }
   return {s, ds};
 }
@@ -332,7 +332,9 @@ C10_HOST_DEVICE inline void kkt_solve(const double* log_alpha, double* p, double
     ds = (t.a * log_sum - t.c) / t.b;
     if (!(ds > -INFINITY && ds < INFINITY)) break;  // also NaN: leave it to the fallback
     done = last;
-    last = t.top <= kJointTol && (log_sum < 0.0 ? -log_sum : log_sum) <= kJointTol;
+    // ds, not log(sum p): a row holding almost all the mass makes sum p
+    // insensitive to the others, whose p move with s as a whole.
+    last = t.top <= kJointTol && (ds < 0.0 ? -ds : ds) <= kJointTol;
   }
   if (!done) {
     // The fallback: rows restart from their last y (NaN ones from scratch).
