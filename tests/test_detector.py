@@ -10,7 +10,8 @@ from scipy.stats import mannwhitneyu
 from sklearn.metrics import roc_auc_score
 
 from mvm_cuda import reference
-from mvm_cuda.detector import Detector, _rank_auc, histogram_entropy, roc_report, threshold_for_fpr
+from mvm_cuda.detector import Detector, histogram_entropy, roc_report, threshold_for_fpr
+from mvm_cuda.roc import _rank_auc
 from mvm_cuda.eval import attacks, data, models
 from mvm_cuda.nn import MVMUnit
 
