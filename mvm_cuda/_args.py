@@ -27,7 +27,7 @@ def real(value, otherwise=None):
         try:
             return float(value)
         except OverflowError:
-            return math.copysign(math.inf, value)
+            return math.inf if value > 0 else -math.inf
     return otherwise
 
 
