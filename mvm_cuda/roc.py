@@ -46,12 +46,21 @@ def threshold_for_fpr(clean_scores, fpr: float) -> float:
 
 @dataclass
 class RocReport:
-    """ROC analysis of clean (negative) vs adversarial (positive) scores.
+    """ROC analysis of clean (negative) vs adversarial (positive) scores, as `roc_report` makes it.
 
-    auc: sklearn's roc_auc_score; ci: the (low, high) percentile bootstrap interval at
-    `level`, from n_boot resamples of the clean and the adversarial scores separately;
-    fpr, tpr, thresholds: sklearn's roc_curve, lists of floats. Everything is NaN or
-    empty when either side has no scores.
+    Everything is NaN or empty when either side has no scores.
+
+    Attributes:
+        auc: sklearn's roc_auc_score.
+        ci: the (low, high) percentile bootstrap interval at `level`, from n_boot
+            resamples of the clean and the adversarial scores separately.
+        n_clean: the number of clean scores.
+        n_adv: the number of adversarial scores.
+        level: the interval's confidence level.
+        n_boot: the bootstrap resamples.
+        fpr: sklearn's roc_curve false-positive rates, a list of floats.
+        tpr: its true-positive rates.
+        thresholds: its decreasing thresholds.
     """
 
     auc: float
@@ -65,7 +74,11 @@ class RocReport:
     thresholds: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict of every field (infinite thresholds become strings)."""
+        """The report as JSON can hold it.
+
+        Returns:
+            A dict of every field; ci a list, an infinite threshold a string ("inf").
+        """
         d = asdict(self)
         d["ci"] = list(self.ci)
         d["thresholds"] = [t if math.isfinite(t) else str(t) for t in self.thresholds]
