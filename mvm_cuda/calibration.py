@@ -131,8 +131,7 @@ class DetectorSearch:
                  per_unit: bool = False, attacks: Mapping[str, Callable] | None = None, fpr: float = 0.05,
                  agreement: float = 0.9, seed: int = 0, detector_seed: int | None = None,
                  progress: bool | None = None, **detector_kwargs):
-        if method not in DEFAULT_GRIDS:
-            raise ValueError(f"DetectorSearch: method must be one of {tuple(DEFAULT_GRIDS)}, got {method!r}")
+        method = check_argument("DetectorSearch", "method", method)
         grid = dict(DEFAULT_GRIDS[method] if grid is None else grid)
         if not grid or any(not isinstance(v, (list, tuple)) or not v for v in grid.values()):
             raise ValueError(f"DetectorSearch: grid must map Detector arguments to non-empty lists, got {short(grid)}")
