@@ -31,9 +31,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._args import short
 from ._progress import hide_bar
-from .detector import (Detector, _finite_setting, _seed_setting, _short, check_counts, fpr_setting, from_numpy,
-                       histogram_entropy, roc_report, threshold_for_fpr)
+from ._settings import SEED, SETTINGS, Number, check_argument, fpr_setting
+from .detector import Detector, from_numpy, histogram_entropy
+from .roc import roc_report, threshold_for_fpr
 
 __all__ = ["DEFAULT_GRIDS", "DetectorSearch"]
 
@@ -78,51 +80,72 @@ def _checked_attack(name: str, adv, x: Tensor) -> Tensor:
 class DetectorSearch:
     """Grid search for a detector's setting and threshold on validation images.
 
-    model: the trained CNN (as for `Detector`). method: "mvm", "sap" or "dropout". grid:
-    a dict of Detector arguments to lists of values, searched over their product
-    (default `DEFAULT_GRIDS[method]`: for MVM, c relative to each unit's own rows).
-    per_unit (MVM with c_rel only): after the grid, each unit's c_rel is searched in
-    turn over the grid's values with the others held, so every unit may end with its
-    own. attacks: None, or {name: attack(model, x, y) -> x_adv} (see the module
-    docstring for the criterion either way). fpr: the false-positive rate of the fitted
-    threshold. agreement: the criterion without attacks. seed: every candidate's
-    detector seed, an integer in [0, 2**64), so the search is deterministic.
-    detector_seed: the seed of best_detector_; the default None gives it fresh noise on
-    every call, as any Detector's default (a deployed defense must not let an attacker
-    replay its noise); pass an integer for reproducible scores (`mvm-cuda reproduce`
-    passes its --seed). Other keyword arguments (R, max_batch, solver, channels_last,
-    backend, ...) go to every Detector; R and max_batch are bounded as there. The grid
-    may not hold seed, generator or progress. progress: a bar over candidates (None:
-    where stderr is a terminal).
+    One `Detector` per candidate setting scores the validation images; the best by the
+    module docstring's criterion wins, and its threshold is fitted on the clean
+    validation images. For a grid of at least three ordered numbers, a best value at
+    either end of its grid warns (UserWarning), naming the setting and the way to
+    extend the grid: the best setting may lie beyond it.
 
-    For a grid of at least three ordered numbers, a best value at either end of its
-    grid warns (UserWarning), naming the setting and the way to extend the grid: the
-    best setting may lie beyond it.
+    Args:
+        model: the trained CNN (as for `Detector`).
+        method: "mvm", "sap" or "dropout".
+        grid: Detector arguments mapped to lists of values, searched over their product
+            (default `DEFAULT_GRIDS[method]`: for MVM, c relative to each unit's own
+            rows). It may not hold seed, generator or progress.
+        per_unit: MVM with c_rel in the grid only: after the grid, each unit's c_rel is
+            searched in turn over the grid's values with the others held, so every unit
+            may end with its own.
+        attacks: None, or {name: attack(model, x, y) -> x_adv}; the criterion is the
+            mean ROC-AUC over them, else the clean votes' agreement.
+        fpr: the false-positive rate of the fitted threshold, in (0, 1).
+        agreement: the criterion without attacks: the least mean agreement of a
+            setting's votes with the clean prediction, in (0, 1].
+        seed: every candidate's detector seed, an integer in [0, 2**64), so that the
+            search is deterministic.
+        detector_seed: the seed of best_detector_; None (the default) gives it fresh
+            noise on every call, as any Detector's default (a deployed defense must not
+            let an attacker replay its noise); pass an integer for reproducible scores
+            (`mvm-cuda reproduce` passes its --seed).
+        progress: a bar over candidates (None: where stderr is a terminal).
+        **detector_kwargs: other Detector settings (R, max_batch, solver,
+            channels_last, backend, ...), given to every candidate.
 
-    After `fit(x_val, y_val)`: best_params_ (dict), best_score_ (float), best_detector_
-    (a Detector with those settings and its threshold fitted on the clean validation
-    images), results_ (one dict per candidate tried: params, score, aucs, agreement,
-    seconds), criterion_ ("auc" or "agreement").
+    Attributes:
+        best_params_: the best setting (dict), after `fit`.
+        best_score_: its criterion (float).
+        best_detector_: a Detector with those settings and its threshold fitted on the
+            clean validation images.
+        results_: one dict per candidate tried: params, score, aucs, agreement, seconds.
+        criterion_: "auc" or "agreement".
+
+    Raises:
+        TypeError: for a grid key or keyword that is not a Detector setting.
+        ValueError: for a bad setting (naming it), before any scoring: an unknown
+            method, an empty grid or one over seed, generator or progress, per_unit
+            without MVM's c_rel, attacks that are not functions, fpr outside (0, 1) or
+            too small to resolve, seed None or outside [0, 2**64), or a value a Detector
+            would reject (R, max_batch, ... beyond their bounds).
     """
 
     def __init__(self, model: nn.Module, method: str = "mvm", grid: Mapping[str, list] | None = None, *,
                  per_unit: bool = False, attacks: Mapping[str, Callable] | None = None, fpr: float = 0.05,
                  agreement: float = 0.9, seed: int = 0, detector_seed: int | None = None,
                  progress: bool | None = None, **detector_kwargs):
-        if method not in DEFAULT_GRIDS:
-            raise ValueError(f"DetectorSearch: method must be one of {tuple(DEFAULT_GRIDS)}, got {method!r}")
+        method = check_argument("DetectorSearch", "method", method)
         grid = dict(DEFAULT_GRIDS[method] if grid is None else grid)
         if not grid or any(not isinstance(v, (list, tuple)) or not v for v in grid.values()):
-            raise ValueError(f"DetectorSearch: grid must map Detector arguments to non-empty lists, got {_short(grid)}")
+            raise ValueError(f"DetectorSearch: grid must map Detector arguments to non-empty lists, got {short(grid)}")
         fixed = sorted(set(grid) & {"seed", "generator", "progress"})
         if fixed:  # the search sets these itself: a grid over them would be reported but not run
             raise ValueError(f"DetectorSearch: the grid may not vary {', '.join(fixed)} (got {fixed[0]}="
-                             f"{_short(grid[fixed[0]])}); pass seed= (the search's noise) or detector_seed= "
+                             f"{short(grid[fixed[0]])}); pass seed= (the search's noise) or detector_seed= "
                              "(the winner's)")
-        for value in grid.get("R", [detector_kwargs.get("R", 100)]):
-            check_counts("DetectorSearch", value, 1)
-        for value in grid.get("max_batch", [detector_kwargs.get("max_batch", 1024)]):
-            check_counts("DetectorSearch", 1, value)
+        # Every Detector argument checked as Detector checks it, before any scoring.
+        for name, value in detector_kwargs.items():
+            check_argument("DetectorSearch", name, value)
+        for name, values in grid.items():
+            for value in values:
+                check_argument("DetectorSearch", name, value)
         if per_unit and (method != "mvm" or "c_rel" not in grid):
             raise ValueError("DetectorSearch: per_unit needs method='mvm' and c_rel in the grid")
         if attacks is not None and (not isinstance(attacks, Mapping) or not attacks
@@ -130,13 +153,13 @@ class DetectorSearch:
             raise ValueError("DetectorSearch: attacks must be None or a non-empty mapping of names to "
                              "functions attack(model, x, y) -> x_adv")
         fpr, self._need = fpr_setting("DetectorSearch", fpr)
-        agreement = _finite_setting("DetectorSearch", "agreement", agreement)
+        agreement = Number().check("DetectorSearch", "agreement", agreement)
         if not 0 < agreement <= 1:
             raise ValueError(f"DetectorSearch: agreement must be in (0, 1], got {agreement}")
         if seed is None:
             raise ValueError("DetectorSearch: seed must be an integer: a search compares settings on the same noise")
-        seed = _seed_setting("DetectorSearch", seed, optional=False)
-        self.detector_seed = _seed_setting("DetectorSearch", detector_seed)
+        seed = SEED.check("DetectorSearch", "seed", seed)
+        self.detector_seed = SETTINGS["seed"].check("DetectorSearch", detector_seed)
         self.model, self.method, self.grid, self.per_unit = model, method, grid, per_unit
         self.attacks, self.fpr, self.agreement, self.seed = attacks, fpr, agreement, seed
         self.progress, self.detector_kwargs = progress, detector_kwargs
@@ -168,11 +191,26 @@ class DetectorSearch:
         return max(results, key=lambda r: r["agreement"])
 
     def fit(self, x_val, y_val=None) -> "DetectorSearch":
-        """Search the grid on validation images x_val (N, C, H, W) in [0, 1] and, with
-        attacks, their labels y_val (N,) (tensors or numpy arrays); returns self. Raises
-        ValueError if N cannot resolve fpr (N < ceil(1/fpr)), if attacks are given
-        without y_val, or if the model classifies none of the images correctly or no
-        attack succeeds on any (nothing to calibrate against)."""
+        """Search the grid on validation images and fit the winner's threshold.
+
+        Args:
+            x_val: validation images (N, C, H, W) in [0, 1], a tensor or numpy array.
+            y_val: their labels (N,), needed with attacks.
+
+        Returns:
+            self, with the attributes of the class docstring set.
+
+        Raises:
+            TypeError: if x_val or y_val is not a tensor or numpy array, or an attack
+                does not return a tensor.
+            ValueError: if N cannot resolve fpr (N < ceil(1/fpr)), if attacks are given
+                without y_val, if an attack returns images of another shape or outside
+                [0, 1], or if the model classifies none of the images correctly or no
+                attack succeeds on any (nothing to calibrate against).
+
+        Warns:
+            UserWarning: where the best value is an end of its ordered grid.
+        """
         x = _as_tensor(x_val, "x_val", "f")
         need = self._need
         if x.dim() != 4 or x.shape[0] < need:
@@ -187,49 +225,21 @@ class DetectorSearch:
                               for s in range(0, images.shape[0], 256)])
 
         clean_pred = predict(x)
-        adversarial = {}
-        if self.attacks:
-            if y_val is None:
-                raise ValueError("DetectorSearch.fit: attacks need the labels y_val")
-            y = _as_tensor(y_val, "y_val", "i").to(torch.int64).cpu()
-            if y.shape != (x.shape[0],):
-                raise ValueError(f"DetectorSearch.fit: y_val must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-            right = clean_pred == y
-            if not bool(right.any()):
-                raise ValueError("DetectorSearch.fit: the model classifies none of x_val correctly; nothing to attack")
-            xr, yr = x[right.to(x.device)], y[right]
-            for name, attack in self.attacks.items():
-                adv = _checked_attack(name, attack(self.model, xr, yr), xr)
-                pred = predict(adv)
-                if bool((pred != yr).any()):
-                    adversarial[name] = adv[(pred != yr).to(adv.device)]
-            if not adversarial:
-                raise ValueError("DetectorSearch.fit: no attack succeeded on any validation image")
+        adversarial = self._adversarial(x, y_val, clean_pred, predict) if self.attacks else {}
         self.adversarial_counts_ = {name: int(a.shape[0]) for name, a in adversarial.items()}
-
         candidates = [dict(c) for c in self._candidates()]
         units = len(probe.units)
         extra = len(self.grid["c_rel"]) * units if self.per_unit else 0
-        results = []
         with tqdm(total=len(candidates) + extra, desc=f"calibrate {self.method}", unit="setting",
                   disable=hide_bar(self.progress)) as bar:
+            results = []
             for params in candidates:
                 results.append(self._evaluate(params, x, clean_pred, adversarial))
                 bar.update(1)
             best = self._best(results)
             if self.per_unit:  # one unit at a time, the others held at the best so far
                 for u in range(units):
-                    current = best["params"]["c_rel"]
-                    current = list(current) if isinstance(current, tuple) else [current] * units
-                    for value in self.grid["c_rel"]:
-                        bar.update(1)
-                        if value == current[u]:  # that setting was scored already
-                            continue
-                        trial = current.copy()
-                        trial[u] = value
-                        params = {**best["params"], "c_rel": tuple(trial)}
-                        results.append(self._evaluate(params, x, clean_pred, adversarial))
-                    best = self._best(results)
+                    best = self._best_for_unit(u, units, best, results, bar, (x, clean_pred, adversarial))
         self.best_params_ = best["params"]
         self.best_score_ = best["score"]
         self._warn_on_edge(best["params"])
@@ -240,6 +250,42 @@ class DetectorSearch:
         self.best_detector_ = det
         self.results_ = [{k: v for k, v in r.items() if k != "clean_scores"} for r in results]
         return self
+
+    def _adversarial(self, x: Tensor, y_val, clean_pred: Tensor, predict) -> dict:
+        """{attack name: its successful adversarial images}, crafted on the correctly
+        classified images of x."""
+        if y_val is None:
+            raise ValueError("DetectorSearch.fit: attacks need the labels y_val")
+        y = _as_tensor(y_val, "y_val", "i").to(torch.int64).cpu()
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"DetectorSearch.fit: y_val must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        right = clean_pred == y
+        if not bool(right.any()):
+            raise ValueError("DetectorSearch.fit: the model classifies none of x_val correctly; nothing to attack")
+        xr, yr = x[right.to(x.device)], y[right]
+        adversarial = {}
+        for name, attack in self.attacks.items():
+            adv = _checked_attack(name, attack(self.model, xr, yr), xr)
+            pred = predict(adv)
+            if bool((pred != yr).any()):
+                adversarial[name] = adv[(pred != yr).to(adv.device)]
+        if not adversarial:
+            raise ValueError("DetectorSearch.fit: no attack succeeded on any validation image")
+        return adversarial
+
+    def _best_for_unit(self, u: int, units: int, best: dict, results: list, bar, data: tuple) -> dict:
+        """The best result after trying every grid value of c_rel for unit u, the other
+        units held at best's; the new results are appended to results."""
+        current = best["params"]["c_rel"]
+        current = list(current) if isinstance(current, tuple) else [current] * units
+        for value in self.grid["c_rel"]:
+            bar.update(1)
+            if value == current[u]:  # that setting was scored already
+                continue
+            trial = current.copy()
+            trial[u] = value
+            results.append(self._evaluate({**best["params"], "c_rel": tuple(trial)}, *data))
+        return self._best(results)
 
     def _warn_on_edge(self, params: dict) -> None:
         """Warn for each ordered numeric grid (3 values or more) whose best value is an end."""

@@ -5,22 +5,21 @@ its conv part (MVM, SAP or test-time dropout, see `mvm_cuda.nn`) and scores imag
 (s1) one clean pass records alpha and solves p once per image and unit (MVM only);
 (s2) R stochastic passes, run as forwards over stacked copies of the batch; (s3) the
 entropy of the histogram of the R predicted classes; (s4) "adversarial" when the score
-exceeds a threshold fitted on clean images. `roc_report` computes the ROC-AUC with a
-bootstrap interval; it needs scikit-learn and scipy (the `eval` extra).
+exceeds a threshold fitted on clean images. Its settings are declared once, in
+`mvm_cuda._settings`; the ROC statistics (`roc_report`, `threshold_for_fpr`) live in
+`mvm_cuda.roc` and are importable from here too.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import math
-import numbers
 import os
 import re
 import secrets
 import threading
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from types import ModuleType
 
 import numpy as np
@@ -29,135 +28,35 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import ops
+from ._args import INT64_MAX, short
 from ._digest import tensor_digest
 from ._files import write_atomically
-from ._optional import require
+from ._keys import sample_keys
 from ._progress import hide_bar
+from ._settings import C_REFS, MAX_BATCH, MAX_R  # noqa: F401  (importable from here, as before)
+from ._settings import METHODS, SETTINGS, SOLVERS, arguments, fpr_setting
 from .nn import DropoutUnit, MVMUnit, SAPUnit, first_unit_dominates, insert_units, sampling_units, set_mode
+from .roc import RocReport, roc_report, threshold_for_fpr
 
 __all__ = ["METHODS", "SOLVERS", "Detector", "RocReport", "histogram_entropy", "threshold_for_fpr", "roc_report"]
 
-METHODS = ("mvm", "sap", "dropout")
-SOLVERS = ("kkt", "pgd")
-C_REFS = ("input", "unit")
 _FORMAT = "mvm_cuda-detector-v1"
 _KNOWN_BACKENDS = ("mvm_cuda.ops", "mvm_cuda.reference")
-_SAVED_KEYS = ("method", "c", "c_rel", "frac", "p_drop", "R", "max_batch", "seed", "solver", "channels_last",
-               "backend", "threshold", "fpr", "input_shape")
-_INT64_MAX = 2**63 - 1
-# Bounds on a detector's counts, so that one call's work and memory fit a machine: R
-# passes of max_batch samples each; the ops themselves keep their int64 range.
 _IMAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-MAX_R = 100_000
-MAX_BATCH = 2**24
-_SEED_END = 2**64  # torch.Generator.manual_seed and numpy take seeds in [0, 2**64)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic): a bijection that
-    spreads every input bit over the output."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def sample_keys(base: int, index, unit: int, passes: range) -> Tensor:
-    """The ops' per-sample keys of one forward: (len(passes) * P,) int64 on the CPU, pass-major
-    (sample k * P + j is image index[j] in pass passes[k]), each a hash of (base, the image's
-    index, the unit, the pass). index: (P,) integers. So an image's draws depend on its
-    index and never on its position in a batch or on the other images."""
-    with np.errstate(over="ignore"):
-        image = _mix64(_mix64(np.asarray([base], dtype=np.uint64) + _GOLDEN)
-                       + (np.asarray(index, dtype=np.uint64) + np.uint64(1)) * _GOLDEN)
-        unit_key = _mix64(image + np.uint64(unit + 1) * _GOLDEN)
-        r = np.arange(passes.start, passes.stop, dtype=np.uint64)[:, None]
-        keys = _mix64(unit_key[None, :] + (r + np.uint64(1)) * _GOLDEN)
-    return torch.from_numpy(keys.reshape(-1).view(np.int64))
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _real(value):
-    """value as a Python float if it is a real number (a 0-d tensor or numpy scalar
-    included; not a bool), else None."""
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex and value.dtype != torch.bool:
-        return float(value)
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    return None
-
-
-def _is_count(value, high: int = _INT64_MAX) -> bool:
-    """value is an integer (or an integral float) in [1, high]."""
-    f = _real(value)
-    return f is not None and math.isfinite(f) and f == int(f) and 1 <= int(f) <= high
-
-
-def check_counts(where: str, R, max_batch) -> tuple[int, int]:
-    """R and max_batch as ints, or ValueError naming `where`: 1 <= R <= MAX_R,
-    1 <= max_batch <= MAX_BATCH."""
-    if not _is_count(R, MAX_R):
-        raise ValueError(f"{where}: R must be an integer in [1, {MAX_R}], got {_short(R)}")
-    if not _is_count(max_batch, MAX_BATCH):
-        raise ValueError(f"{where}: max_batch must be an integer in [1, 2**24 = {MAX_BATCH}], got {_short(max_batch)}")
-    return int(_real(R)), int(_real(max_batch))
-
-
-def _short(value, limit: int = 80) -> str:
-    """repr(value), cut to about `limit` characters, so that a message stays short."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def fpr_setting(where: str, fpr) -> tuple[float, int]:
-    """fpr as a Python float in (0, 1) and the fewest clean scores that resolve it,
-    ceil(1/fpr); else ValueError naming `where`. A numpy or 0-d tensor fpr becomes a
-    float here, so that config() stays JSON."""
-    f = _real(fpr)
-    if f is None or not 0 < f < 1:
-        raise ValueError(f"{where}: fpr must be a number in (0, 1), got {_short(fpr)}")
-    inverse = 1 / f
-    if not inverse < 2**53:  # beyond that no data set resolves it (and 1/5e-324 is inf)
-        raise ValueError(f"{where}: fpr={f!r} is too small to resolve with any number of images "
-                         f"(it needs 1/fpr of them); use fpr >= 2**-53")
-    return f, math.ceil(inverse - 1e-9)
-
-
-def _int_setting(where: str, name: str, value, low: int, high: int = _INT64_MAX) -> int:
-    """value as an int if it is an integer (or an integral float) in [low, high], else ValueError."""
-    f = _real(value)
-    if (_is_int(value) or (f is not None and math.isfinite(f) and f == int(f))) and low <= int(value) <= high:
-        return int(value)
-    raise ValueError(f"{where}: {name} must be an integer in [{low}, {high}], got {value!r}")
-
-
-def _seed_setting(where: str, seed, optional: bool = True):
-    if seed is None and optional:
-        return None
-    if not _is_int(seed) or not 0 <= seed < _SEED_END:
-        none = "None or " if optional else ""
-        raise ValueError(f"{where}: seed must be {none}an integer in [0, 2**64), got {seed!r}")
-    return int(seed)
-
-
-def _finite_setting(where: str, name: str, value, optional: bool = False) -> float | None:
-    """value as a finite Python float (None passes if optional), else ValueError."""
-    if value is None and optional:
-        return None
-    f = _real(value)
-    if f is None or not math.isfinite(f):
-        none = "None or " if optional else ""
-        raise ValueError(f"{where}: {name} must be {none}a finite number, got {value!r}")
-    return f
+_SAVED = tuple(s for s in SETTINGS.values() if s.saved)
 
 
 def histogram_entropy(votes: Tensor) -> Tensor:
-    """Entropy (natural log) of the histogram of each row of votes, (N, R) int64 classes,
-    as (N,) float64 on votes' device: -sum_k (n_k/R) log(n_k/R). Zero exactly when all R
-    votes of a row agree."""
+    """Entropy (natural log) of the histogram of each row of votes: Alg. 3's score.
+
+    -sum_k (n_k/R) log(n_k/R), zero exactly when all R votes of a row agree.
+
+    Args:
+        votes: (N, R) int64 predicted classes.
+
+    Returns:
+        (N,) float64 on votes' device.
+    """
     n, r = votes.shape
     if n == 0 or r == 0:
         return torch.zeros(n, dtype=torch.float64, device=votes.device)
@@ -166,291 +65,164 @@ def histogram_entropy(votes: Tensor) -> Tensor:
     return torch.special.entr(counts / r).sum(1)
 
 
-def threshold_for_fpr(clean_scores, fpr: float) -> float:
-    """The smallest threshold tau with at most floor(fpr * n) of the n clean scores above
-    it (score > tau means "adversarial"). clean_scores: (n,) tensor or array. Scores tie
-    a lot (an entropy of R votes takes few values), so the false-positive rate achieved
-    on these scores may be well below fpr. Raises ValueError unless 0 < fpr < 1 and
-    n >= ceil(1/fpr) (fewer scores cannot resolve that rate)."""
-    fpr, need = fpr_setting("threshold_for_fpr", fpr)
-    s = np.sort(np.asarray(torch.as_tensor(clean_scores).double().cpu()).reshape(-1))
-    if s.size < need:
-        raise ValueError(
-            f"threshold_for_fpr: {s.size} clean images cannot resolve fpr={fpr}; need at least {need}"
-        )
-    allowed = math.floor(fpr * s.size + 1e-9)  # 1e-9: 0.29 * 100 is 28.999999999999996
-    return float(s[s.size - 1 - allowed])
-
-
-@dataclass
-class RocReport:
-    """ROC analysis of clean (negative) vs adversarial (positive) scores.
-
-    auc: sklearn's roc_auc_score; ci: the (low, high) percentile bootstrap interval at
-    `level`, from n_boot resamples of the clean and the adversarial scores separately;
-    fpr, tpr, thresholds: sklearn's roc_curve, lists of floats. Everything is NaN or
-    empty when either side has no scores.
-    """
-
-    auc: float
-    ci: tuple[float, float]
-    n_clean: int
-    n_adv: int
-    level: float = 0.95
-    n_boot: int = 1000
-    fpr: list[float] = field(default_factory=list)
-    tpr: list[float] = field(default_factory=list)
-    thresholds: list[float] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict of every field (infinite thresholds become strings)."""
-        d = asdict(self)
-        d["ci"] = list(self.ci)
-        d["thresholds"] = [t if math.isfinite(t) else str(t) for t in self.thresholds]
-        return d
-
-
-def _rank_auc(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """AUC of every row pair of neg (B, n0) and pos (B, n1), as (B,), by the rank-sum
-    (Mann-Whitney) form, which equals roc_auc_score with ties counted as one half;
-    vectorized over the rows, so a bootstrap needs no Python loop."""
-    rankdata = require("scipy.stats", "roc_report").rankdata
-    n0, n1 = neg.shape[1], pos.shape[1]
-    ranks = rankdata(np.concatenate([neg, pos], axis=1), axis=1)
-    return (ranks[:, n0:].sum(1) - n1 * (n1 + 1) / 2) / (n0 * n1)
-
-
-def _bootstrap_auc(neg: np.ndarray, pos: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """AUCs of n_boot resamples, each drawing the negatives and positives separately."""
-    rng = np.random.default_rng(seed)
-    return _rank_auc(rng.choice(neg, (n_boot, neg.size)), rng.choice(pos, (n_boot, pos.size)))
-
-
-def roc_report(clean_scores, adv_scores, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> RocReport:
-    """ROC-AUC of adversarial (positive) vs clean (negative) scores, with a bootstrap interval.
-
-    clean_scores: (n0,), adv_scores: (n1,), tensors or arrays. The interval is the
-    percentile interval of the AUCs of n_boot resamples drawn with a numpy generator
-    seeded with `seed` (so it is repeatable). Returns a RocReport. Raises ValueError
-    unless n_boot is an integer >= 1, seed an integer in [0, 2**64) and 0 < level < 1.
-    """
-    metrics = require("sklearn.metrics", "roc_report")
-    require("scipy.stats", "roc_report")  # before any work: the bootstrap needs it
-    n_boot = _int_setting("roc_report", "n_boot", n_boot, 1)
-    seed = _seed_setting("roc_report", seed, optional=False)
-    level = _finite_setting("roc_report", "level", level)
-    if not 0 < level < 1:
-        raise ValueError(f"roc_report: level must be in (0, 1), got {level}")
-    neg = np.asarray(torch.as_tensor(clean_scores).double().cpu()).reshape(-1)
-    pos = np.asarray(torch.as_tensor(adv_scores).double().cpu()).reshape(-1)
-    if neg.size == 0 or pos.size == 0:
-        return RocReport(math.nan, (math.nan, math.nan), int(neg.size), int(pos.size), level, n_boot)
-    y = np.concatenate([np.zeros(neg.size), np.ones(pos.size)])
-    s = np.concatenate([neg, pos])
-    fpr, tpr, thresholds = metrics.roc_curve(y, s)
-    boot = _bootstrap_auc(neg, pos, n_boot, seed)
-    tail = 100 * (1 - level) / 2
-    low, high = np.percentile(boot, [tail, 100 - tail])
-    return RocReport(float(metrics.roc_auc_score(y, s)), (float(low), float(high)), int(neg.size), int(pos.size),
-                     level, n_boot, fpr.tolist(), tpr.tolist(), thresholds.tolist())
-
-
 def _first_param(model: nn.Module) -> Tensor | None:
     return next(iter(model.parameters()), None)
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A SHA-256 (hex, 16 digits) of a model's state_dict: every entry's name, dtype,
-    shape and values (read on the CPU). A saved detector keeps it, so that `load` can
-    tell a different network (other weights, layers or dtype) from the one its threshold
-    was fitted on. Independent of the model's device."""
+    """A SHA-256 of a model's state_dict, which a saved detector keeps.
+
+    It covers every entry's name, dtype, shape and values (read on the CPU), so `load`
+    can tell a different network (other weights, layers or dtype) from the one a
+    threshold was fitted on; it does not depend on the model's device.
+
+    Args:
+        model: the network.
+
+    Returns:
+        The first 16 hex digits of the SHA-256.
+    """
     return tensor_digest(model.state_dict().items())[:16]
 
 
-def _check_saved(path, cfg: dict) -> None:
-    """Raise ValueError, naming the file and the key, for a saved setting of the wrong
-    type or value (JSON numbers only: a bool is not a number here)."""
-
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    def integer(v, low, high=_INT64_MAX):
-        return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
-
-    def shape(v):
-        return isinstance(v, list) and len(v) == 3 and all(integer(d, 1) for d in v)
-
-    valid = {
-        "method": (lambda v: v in METHODS, f"one of {METHODS}"),
-        "c": (lambda v: v is None or integer(v, 1) or isinstance(v, list) and v and all(integer(e, 1) for e in v),
-              "null, an integer >= 1 or a list of them"),
-        "c_rel": (lambda v: v is None or number(v) and v > 0
-                  or isinstance(v, list) and v and all(number(e) and e > 0 for e in v),
-                  "null, a finite number > 0 or a list of them"),
-        "c_ref": (lambda v: v in C_REFS, f"one of {C_REFS}"),
-        "frac": (lambda v: number(v) and v > 0, "a finite number > 0"),
-        "p_drop": (lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)"),
-        "R": (lambda v: integer(v, 1, MAX_R), f"an integer in [1, {MAX_R}]"),
-        "max_batch": (lambda v: integer(v, 1, MAX_BATCH), f"an integer in [1, 2**24 = {MAX_BATCH}]"),
-        "seed": (lambda v: v is None or integer(v, 0, _SEED_END - 1), "null or an integer in [0, 2**64)"),
-        "solver": (lambda v: v in SOLVERS, f"one of {SOLVERS}"),
-        "channels_last": (lambda v: isinstance(v, bool), "true or false"),
-        "backend": (lambda v: isinstance(v, str), "a module name"),
-        "threshold": (lambda v: v is None or number(v), "null or a finite number"),
-        "fpr": (lambda v: v is None or number(v) and 0 < v < 1, "null or a number in (0, 1)"),
-        "input_shape": (lambda v: v is None or shape(v), "null or a list of 3 integers >= 1 (C, H, W)"),
-    }
-    cfg.setdefault("c_ref", "input")  # files saved before c_ref existed
-    for key, (ok, what) in valid.items():
-        if not ok(cfg[key]):
-            raise ValueError(f"Detector.load: {path}: {key} must be {what}, got {_short(cfg[key])}")
-    if cfg["method"] == "mvm" and (cfg["c"] is None) == (cfg["c_rel"] is None):
-        raise ValueError(f"Detector.load: {path}: an mvm detector needs exactly one of c and c_rel, "
-                         f"got c={_short(cfg['c'])}, c_rel={_short(cfg['c_rel'])}")
-
-
 def from_numpy(x: np.ndarray) -> Tensor:
-    """x as a tensor, sharing its memory where torch can read it (native byte order,
-    non-negative strides, writable), else from a contiguous copy."""
+    """A numpy array as a tensor, sharing its memory where torch can read it.
+
+    Torch reads arrays of native byte order, non-negative strides and writable memory;
+    any other array is copied (contiguous, native byte order) first.
+
+    Args:
+        x: the array.
+
+    Returns:
+        A tensor of x's shape and dtype.
+    """
     if not x.dtype.isnative or any(st < 0 for st in x.strides) or not x.flags.writeable:
         # A copy, always: ascontiguousarray returns a one-image array with a negative stride as it is.
         x = np.array(x, dtype=x.dtype.newbyteorder("="), order="C", copy=True)
     return torch.from_numpy(x)
 
 
-def _draw_count(value) -> int | None:
-    f = _real(value)
-    if f is None or not math.isfinite(f) or f != int(f) or not 1 <= f <= _INT64_MAX:
-        return None
-    return int(value)
-
-
-def _positive(value) -> float | None:
-    f = _real(value)
-    return f if f is not None and math.isfinite(f) and f > 0 else None
-
-
-def _per_unit(name: str, value, convert):
-    """None, one setting, or a tuple of one per unit; each converted (None: invalid)."""
-    if value is None:
-        return None
-    many = isinstance(value, Sequence) and not isinstance(value, str) or \
-        isinstance(value, (np.ndarray, Tensor)) and np.ndim(value) == 1
-    items = [convert(v) for v in value] if many else [convert(value)]
-    what = "an integer in [1, 2**63)" if convert is _draw_count else "a finite number > 0"
-    if not items or any(v is None for v in items):
-        raise ValueError(f"Detector: {name} must be None, {what}, or a sequence of them (one per unit), "
-                         f"got {_short(value)}")
-    return tuple(items) if many else items[0]
-
-
 def _label(value) -> str:
     return f"{value:g}" if not isinstance(value, tuple) else "(" + ",".join(f"{v:g}" for v in value) + ")"
+
+
+def _read_saved(path) -> dict:
+    """The settings saved at path, each checked by its rule and made plain (lists of the
+    per-unit settings and of input_shape become tuples), and the model_fingerprint as
+    the file holds it. Raises ValueError naming the file and, for a bad setting, the key."""
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    # RecursionError: deeply nested arrays; ValueError: a number of over 4,300 digits.
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"Detector.load: {path} is not a saved mvm_cuda detector ({_FORMAT}): "
+                         f"{type(e).__name__}: {str(e)[:200]}") from e
+    if not isinstance(cfg, dict) or cfg.get("format") != _FORMAT:
+        raise ValueError(f"Detector.load: {path} is not a saved mvm_cuda detector ({_FORMAT})")
+    missing = [s.name for s in _SAVED if s.required and s.name not in cfg]
+    if missing:
+        raise ValueError(f"Detector.load: {path} lacks the settings {', '.join(missing)}")
+    values = {s.name: s.check_saved(f"Detector.load: {path}", cfg.get(s.name, s.default)) for s in _SAVED}
+    if values["method"] == "mvm" and (values["c"] is None) == (values["c_rel"] is None):
+        raise ValueError(f"Detector.load: {path}: an mvm detector needs exactly one of c and c_rel, "
+                         f"got c={short(cfg['c'])}, c_rel={short(cfg['c_rel'])}")
+    return {**values, "model_fingerprint": cfg.get("model_fingerprint")}
+
+
+def _saved_backend(path, name: str) -> ModuleType:
+    if name not in _KNOWN_BACKENDS:
+        raise ValueError(f"Detector.load: {path}: unknown backend {short(name)}; pass backend=")
+    return importlib.import_module(name)
+
+
+def _check_fingerprint(path, saved, model: nn.Module, strict: bool) -> None:
+    """ValueError (strict) or UserWarning where the saved fingerprint is missing or not
+    model's; ValueError for one that is not 16 hex digits."""
+    if saved is not None and not (isinstance(saved, str) and re.fullmatch(r"[0-9a-f]{16}", saved)):
+        raise ValueError(f"Detector.load: {path}: model_fingerprint must be 16 hex digits, got {short(saved)}")
+    now = model_fingerprint(model)
+    if saved is None:
+        message = (f"Detector.load: {path} holds no model_fingerprint, so the model cannot be checked "
+                   "against the one its threshold was fitted on")
+    elif saved != now:
+        message = (f"Detector.load: the model differs from the one {path} was saved with "
+                   f"(fingerprint {now}, saved {saved}); its threshold does not apply to this model")
+    else:
+        return
+    if strict:
+        raise ValueError(message + "; pass that model, or strict=False and refit the threshold")
+    warnings.warn(message, stacklevel=3)
 
 
 class Detector:
     """Adversarial-image detector of the paper's Alg. 3, with MVM, SAP or dropout units.
 
-    model: a trained CNN mapping float images (N, C, H, W) with values in [0, 1] to
-    logits (N, K); it is copied (see `insert_units`), never modified, and the copy runs
-    in eval mode on the model's device and dtype, so only the inserted units are random.
-    method "mvm": c draws per unit, absolute, or c = c_rel * a reference count of rows:
-    with c_ref="input" (the paper's rule, c = c_rel N_pixel) the input's H*W, the same c
-    for every unit; with c_ref="unit" each unit's own H*W, so a small late map gets a
-    small c. c and c_rel may also be sequences, one value per unit in execution order
-    (as `DetectorSearch` picks them). Default c_rel = 1, c_ref = "input". Probabilities
-    by `solver`. "sap": a fraction `frac` of each activation's entries drawn; "dropout":
-    drop probability p_drop. R: stochastic passes per image, at most MAX_R = 100,000.
-    max_batch: the most images (copies included) in one forward, which bounds memory, at
-    most MAX_BATCH = 2**24; P = max(1, max_batch // R) images are scored per forward.
-    (The bounds keep one call's work and memory within a machine's; `load` applies them
-    to a saved file too.)
+    The model is copied (see `insert_units`), never modified: the copy runs in eval mode
+    on the model's device and dtype, so only the inserted units are random. Every
+    setting below is also an attribute of the same name (`det.R`, `det.threshold`, ...);
+    `fit_threshold` sets `threshold` and `fpr`, and the first call `input_shape`.
 
     Randomness is per image: the draws for image x[n] come from keys hashed from
     (base, index[n], unit, pass), where index defaults to n (pass `index=` to `scores`
-    where images are not numbered from 0). With `seed`, base = seed, so an image's
-    score is a function of (seed, settings, its index) alone: the same in any batch,
-    for any max_batch, in split calls or spread over processes. With `generator`, every
-    call draws its base from it. With neither (seed=None, the default), every call draws
-    a fresh base from the operating system, so that an attacker cannot replay the noise
-    of a deployed detector; evaluations pass a seed. backend: the op module
-    (`mvm_cuda.ops` or `mvm_cuda.reference`). channels_last runs the copy in that memory
-    format: the units' NHWC rows are then dense and convs are faster on CPU and GPU.
-    threshold: as fitted by `fit_threshold` (or given). progress: True shows progress
-    bars, False hides them, None (default) shows them where stderr is a terminal.
+    where images are not numbered from 0). With `seed`, base = seed, so an image's score
+    is a function of (seed, settings, its index) alone: the same in any batch, for any
+    max_batch, in split calls or spread over processes. With `generator`, every call
+    draws its base from it. With neither (the default), every call draws a fresh base
+    from the operating system, so that an attacker cannot replay the noise of a
+    deployed detector; evaluations pass a seed.
+
+    Args:
+        model: a trained CNN mapping float images (N, C, H, W) with values in [0, 1] to
+            logits (N, K).
+        method: the units: "mvm", "sap" or "dropout".
+        c: MVM: draws per unit, an integer >= 1, or a sequence of them, one per unit in
+            execution order (as `DetectorSearch` picks them). Give c or c_rel.
+        c_rel: MVM: c = c_rel times a reference count of rows, a number > 0 or a
+            sequence of them, one per unit. Default 1 when c is not given either.
+        c_ref: the reference count of c_rel: "input" (the paper's c = c_rel N_pixel,
+            the input's H*W, the same c for every unit) or "unit" (each unit's own H*W,
+            so a small late map gets a small c).
+        frac: SAP: the fraction of each activation's entries drawn, > 0.
+        p_drop: dropout: the drop probability, in [0, 1).
+        R: stochastic passes per image, in [1, MAX_R = 100,000].
+        max_batch: the most images (copies included) in one forward, which bounds
+            memory, in [1, MAX_BATCH = 2**24]; P = max(1, max_batch // R) images are
+            scored per forward. The bounds keep one call's work and memory within a
+            machine's; `load` applies them to a saved file too.
+        seed: None or an integer in [0, 2**64), the key base of every call.
+        generator: None or a torch.Generator on the model's device, which draws each
+            call's key base.
+        solver: MVM: how p is solved, "kkt" or "pgd".
+        channels_last: run the copy in that memory format: the units' NHWC rows are
+            then dense and convs are faster on CPU and GPU.
+        backend: the op module, `mvm_cuda.ops` (None, the default) or
+            `mvm_cuda.reference`.
+        threshold: the score above which an image is declared adversarial, as
+            `fit_threshold` sets it; None until then.
+        progress: True shows progress bars, False hides them, None shows them where
+            stderr is a terminal.
+
+    Raises:
+        TypeError: for a keyword that is not a setting.
+        ValueError: for a setting of the wrong type or value (naming it), a per-unit c
+            or c_rel of another length than the model's units, or a generator on
+            another device than the model. The units and `insert_units` raise their own
+            ValueError for a value only they check (e.g. `SAPUnit: frac must be > 0`)
+            or a model they cannot take.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        method: str = "mvm",
-        *,
-        c: int | Sequence[int] | None = None,
-        c_rel: float | Sequence[float] | None = None,
-        c_ref: str = "input",
-        frac: float = 0.5,
-        p_drop: float = 0.5,
-        R: int = 100,
-        max_batch: int = 1024,
-        seed: int | None = None,
-        generator: torch.Generator | None = None,
-        backend: ModuleType | None = None,
-        solver: str = "kkt",
-        channels_last: bool = True,
-        threshold: float | None = None,
-        progress: bool | None = None,
-    ):
-        if method not in METHODS:
-            raise ValueError(f"Detector: method must be one of {METHODS}, got {method!r}")
-        R, max_batch = check_counts("Detector", R, max_batch)
-        if method == "mvm" and solver not in SOLVERS:
-            raise ValueError(f"Detector: solver must be one of {SOLVERS}, got {solver!r}")
-        if c_ref not in C_REFS:
-            raise ValueError(f"Detector: c_ref must be one of {C_REFS}, got {c_ref!r}")
-        if method == "mvm" and c is None and c_rel is None:
-            c_rel = 1.0
-        # Plain Python values (a numpy int, a 0-d tensor threshold become int, float),
-        # checked here so that config() is valid JSON and every call can run.
-        c = _per_unit("c", c, _draw_count)
-        c_rel = _per_unit("c_rel", c_rel, _positive)
-        frac = _finite_setting("Detector", "frac", frac)
-        p_drop = _finite_setting("Detector", "p_drop", p_drop)
-        seed = _seed_setting("Detector", seed)
-        threshold = _finite_setting("Detector", "threshold", threshold, optional=True)
-        if channels_last not in (True, False) or isinstance(channels_last, float):
-            raise ValueError(f"Detector: channels_last must be a bool, got {channels_last!r}")
-        if progress not in (True, False, None) or isinstance(progress, float):
-            raise ValueError(f"Detector: progress must be True, False or None, got {progress!r}")
-        channels_last = bool(channels_last)
-        backend = ops if backend is None else backend
-        self.method, self.c, self.c_rel, self.c_ref = method, c, c_rel, c_ref
-        self.frac, self.p_drop = frac, p_drop
-        self.R, self.max_batch, self.seed, self.generator = R, max_batch, seed, generator
-        self.backend, self.solver, self.channels_last = backend, solver, channels_last
-        self.threshold, self.fpr, self.progress = threshold, None, progress
-        self.input_shape: tuple[int, ...] | None = None
+    def __init__(self, model: nn.Module, method: str = SETTINGS["method"].default, **settings):
+        values = arguments("Detector", {"method": method, **settings})
+        if values["method"] == "mvm" and values["c"] is None and values["c_rel"] is None:
+            values["c_rel"] = 1.0
+        vars(self).update({s.name: s.default for s in SETTINGS.values() if not s.argument}, **values)
+        if self.backend is None:
+            self.backend = ops
         # The units' mode, keys and recorded p live on the shared network, so one call
         # at a time: a lock, not per-thread state, keeps the units simple.
         self.lock = threading.RLock()
-        made = []
-
-        def make_unit():
-            k = len(made)
-            made.append(k)
-            if method == "mvm":
-                pick = lambda v: v[min(k, len(v) - 1)] if isinstance(v, tuple) else v  # noqa: E731
-                return MVMUnit(pick(c), c_rel=pick(c_rel), solver=solver, backend=backend)
-            if method == "sap":
-                return SAPUnit(frac, backend=backend)
-            return DropoutUnit(p_drop, backend=backend)
-
-        self.net = insert_units(model, make_unit).eval()
-        for name, value in (("c", c), ("c_rel", c_rel)):
-            if method == "mvm" and isinstance(value, tuple) and len(value) != len(made):
-                raise ValueError(f"Detector: {name} gives {len(value)} values, but the model has {len(made)} "
-                                 f"units (one after each ReLU of its conv part)")
-        if channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+        self.net = self._sampling_net(model)
         self.units = sampling_units(self.net)
         # Where the first unit sees the input alone, the layers before it run once per
         # image and the unit stacks the R copies itself.
@@ -458,11 +230,32 @@ class Detector:
         param = _first_param(self.net)
         self.device = param.device if param is not None else torch.device("cpu")
         self.dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-        if generator is not None and torch.device(generator.device).type != self.device.type:
+        if self.generator is not None and torch.device(self.generator.device).type != self.device.type:
             raise ValueError(
-                f"Detector: the generator is on {generator.device} but the model is on {self.device}; "
+                f"Detector: the generator is on {self.generator.device} but the model is on {self.device}; "
                 "pass a torch.Generator on the model's device"
             )
+
+    def _sampling_net(self, model: nn.Module) -> nn.Module:
+        """A copy of model in eval mode with this detector's unit after each ReLU of its conv part."""
+        made = []
+
+        def make_unit():
+            k = len(made)
+            made.append(k)
+            if self.method == "mvm":
+                pick = lambda v: v[min(k, len(v) - 1)] if isinstance(v, tuple) else v  # noqa: E731
+                return MVMUnit(pick(self.c), c_rel=pick(self.c_rel), solver=self.solver, backend=self.backend)
+            if self.method == "sap":
+                return SAPUnit(self.frac, backend=self.backend)
+            return DropoutUnit(self.p_drop, backend=self.backend)
+
+        net = insert_units(model, make_unit).eval()
+        for name, value in (("c", self.c), ("c_rel", self.c_rel)):
+            if self.method == "mvm" and isinstance(value, tuple) and len(value) != len(made):
+                raise ValueError(f"Detector: {name} gives {len(value)} values, but the model has {len(made)} "
+                                 f"units (one after each ReLU of its conv part)")
+        return net.to(memory_format=torch.channels_last) if self.channels_last else net
 
     @property
     def name(self) -> str:
@@ -534,7 +327,7 @@ class Detector:
         if values.shape != (n,) or (values.size and values.dtype.kind not in "iu"):
             raise ValueError(f"Detector.{fn}: index must hold one integer per image, shape ({n},), "
                              f"got shape {values.shape} of dtype {values.dtype}")
-        if values.size and (values.min() < 0 or values.max() > _INT64_MAX):
+        if values.size and (values.min() < 0 or values.max() > INT64_MAX):
             raise ValueError(f"Detector.{fn}: index must lie in [0, 2**63), got values in "
                              f"[{values.min()}, {values.max()}]")
         return values.astype(np.uint64)
@@ -550,8 +343,12 @@ class Detector:
         return secrets.randbits(64)
 
     def set_ref_pixels(self, pixels: int) -> None:
-        """Give the MVM units the reference count of c_ref="input" (the input's H*W);
-        with c_ref="unit" each unit keeps its own rows."""
+        """Give the MVM units the reference count of c_ref="input"; with c_ref="unit"
+        each unit keeps its own rows. The scoring methods call it with their images' H*W.
+
+        Args:
+            pixels: the input's H*W.
+        """
         for unit in self.units:
             if isinstance(unit, MVMUnit):
                 unit.ref_pixels = pixels if self.c_ref == "input" else None
@@ -610,34 +407,69 @@ class Detector:
             return torch.cat(out)
 
     def votes(self, x, index=None) -> Tensor:
-        """The predicted classes of the R stochastic passes over images x (N, C, H, W) in
-        [0, 1] (a tensor or a numpy array), as (N, R) int64 on the CPU. index: (N,)
-        integers, the images' numbers in the user's data (default 0..N-1), which key their
-        randomness (see the class docstring). Runs in batches of P = max(1, max_batch // R)
-        images (a tqdm bar over images), under torch.inference_mode. x is moved to the
-        model's device and cast to its dtype. Raises TypeError if x is not an array,
-        ValueError for images that are not (N, C, H, W) floats in [0, 1] (NaN included)
-        or do not fit the model, and for an index of another length or with negative
-        values. Thread-safe: calls from several threads run one at a time (`lock`)."""
+        """The predicted classes of the R stochastic passes over images x.
+
+        Runs in batches of P = max(1, max_batch // R) images (a tqdm bar over images),
+        under torch.inference_mode; x is moved to the model's device and cast to its
+        dtype. Thread-safe: calls from several threads run one at a time (`lock`).
+
+        Args:
+            x: images (N, C, H, W) in [0, 1], a tensor or a numpy array.
+            index: (N,) integers, the images' numbers in the user's data (default
+                0..N-1), which key their randomness (see the class docstring).
+
+        Returns:
+            (N, R) int64 on the CPU.
+
+        Raises:
+            TypeError: if x is not a tensor or numpy array.
+            ValueError: for images that are not (N, C, H, W) floats in [0, 1] (NaN
+                included) or do not fit the model, and for an index of another length
+                or with negative values.
+        """
         return self._votes(x, index, "votes")
 
     def scores(self, x, index=None) -> Tensor:
-        """Alg. 3's score of every image x (N, C, H, W) in [0, 1]: the entropy (natural log)
-        of the histogram of its R predicted classes, as (N,) float64 on the CPU; 0 when
-        all R passes agree, at most log(min(R, K)). See `votes` for index, batching and
-        errors."""
+        """Alg. 3's score of every image: the entropy of the histogram of its R votes.
+
+        Args:
+            x: images (N, C, H, W) in [0, 1], a tensor or a numpy array.
+            index: as for `votes`.
+
+        Returns:
+            (N,) float64 on the CPU, natural log: 0 when all R passes agree, at most
+            log(min(R, K)).
+
+        Raises:
+            TypeError: as `votes`.
+            ValueError: as `votes`.
+        """
         return self._score(x, index, "scores")
 
     def fit_threshold(self, clean_x, fpr: float = 0.05, index=None) -> "Detector":
-        """Set `threshold` so that at most a fraction fpr of the clean images clean_x
-        (N, C, H, W) score above it (see `threshold_for_fpr`); returns self.
+        """Set `threshold` so that at most a fraction fpr of clean images score above it.
 
-        Raises ValueError if fpr is not in (0, 1) or N < ceil(1/fpr) (then not even one
-        clean image may lie above the threshold, so the rate cannot be resolved). Warns
-        (UserWarning) if N < ceil(10/fpr), e.g. 200 images at fpr = 0.05: with k =
-        floor(fpr N) clean images above the threshold, the false-positive rate it gives
-        on new clean images varies by about 1/sqrt(k+1) of fpr (more than 30% below
-        k = 10)."""
+        The threshold is `threshold_for_fpr` of the clean images' scores; `fpr` is kept.
+        With k = floor(fpr N) clean images above the threshold, the false-positive rate
+        it gives on new clean images varies by about 1/sqrt(k+1) of fpr (more than 30%
+        below k = 10), hence the warning below.
+
+        Args:
+            clean_x: clean images (N, C, H, W) in [0, 1], a tensor or a numpy array.
+            fpr: the false-positive rate, in (0, 1).
+            index: as for `votes`.
+
+        Returns:
+            self.
+
+        Raises:
+            ValueError: if fpr is not in (0, 1) or N < ceil(1/fpr) (then not even one
+                clean image may lie above the threshold), and as `votes`.
+            TypeError: as `votes`.
+
+        Warns:
+            UserWarning: if N < ceil(10/fpr), e.g. 199 images at fpr = 0.05.
+        """
         fpr, need = fpr_setting("Detector.fit_threshold", fpr)
         advised = math.ceil(10 / fpr - 1e-9)
         if isinstance(clean_x, (Tensor, np.ndarray)) and clean_x.ndim >= 1:
@@ -661,52 +493,78 @@ class Detector:
         return histogram_entropy(self._votes(x, index, fn))
 
     def predict(self, x, index=None) -> Tensor:
-        """(N,) bool on the CPU: True where an image of x (N, C, H, W) scores above the
-        fitted threshold, i.e. is declared adversarial. Raises RuntimeError before
-        `fit_threshold` (or a threshold given at construction)."""
+        """Which images score above the fitted threshold, i.e. are declared adversarial.
+
+        Args:
+            x: images (N, C, H, W) in [0, 1], a tensor or a numpy array.
+            index: as for `votes`.
+
+        Returns:
+            (N,) bool on the CPU.
+
+        Raises:
+            RuntimeError: before `fit_threshold` (or a threshold given at construction).
+            TypeError: as `votes`.
+            ValueError: as `votes`.
+        """
         if self.threshold is None:
             raise RuntimeError("Detector.predict: no threshold; call fit_threshold(clean_images) first")
         return self._score(x, index, "predict") > self.threshold
 
     def evaluate(self, clean, adversarial, n_boot: int = 1000, seed: int = 0) -> RocReport:
-        """ROC analysis of clean images (negatives, (N0, C, H, W)) against adversarial
-        ones (positives, (N1, C, H, W)): the ROC-AUC, its bootstrap 95% interval from
-        n_boot resamples with `seed`, and the ROC curve, as a RocReport. Both sets are
-        numbered from 0, so an adversarial image made from clean[n] (at position n) gets
-        clean[n]'s random keys."""
+        """ROC analysis of clean images (negatives) against adversarial ones (positives).
+
+        Both sets are numbered from 0, so an adversarial image made from clean[n] (at
+        position n) gets clean[n]'s random keys.
+
+        Args:
+            clean: clean images (N0, C, H, W) in [0, 1].
+            adversarial: adversarial images (N1, C, H, W) in [0, 1].
+            n_boot: bootstrap resamples of the 95% interval.
+            seed: the bootstrap's seed.
+
+        Returns:
+            A RocReport: the ROC-AUC, its bootstrap interval and the ROC curve.
+
+        Raises:
+            ImportError: if scikit-learn or scipy is not installed.
+            TypeError: as `votes`.
+            ValueError: as `votes` and `roc_report`.
+        """
         return roc_report(self._score(clean, None, "evaluate"), self._score(adversarial, None, "evaluate"),
                           n_boot=n_boot, seed=seed)
 
     def config(self) -> dict:
-        """The settings that define this detector and its fitted threshold, JSON-ready."""
-        return {
-            "format": _FORMAT,
-            "method": self.method,
-            "c": list(self.c) if isinstance(self.c, tuple) else self.c,
-            "c_rel": list(self.c_rel) if isinstance(self.c_rel, tuple) else self.c_rel,
-            "c_ref": self.c_ref,
-            "frac": self.frac,
-            "p_drop": self.p_drop,
-            "R": self.R,
-            "max_batch": self.max_batch,
-            "seed": self.seed if self.generator is None else None,
-            "solver": self.solver,
-            "channels_last": self.channels_last,
-            "backend": self.backend.__name__,
-            "threshold": self.threshold,
-            "fpr": self.fpr,
-            "input_shape": list(self.input_shape) if self.input_shape is not None else None,
-            # Of the net with units: units have no state, so it is the model's state_dict.
-            "model_fingerprint": model_fingerprint(self.net),
-        }
+        """The settings that define this detector and its fitted state, JSON-ready.
+
+        Returns:
+            A dict: "format", every saved setting in declaration order (a module by its
+            name, tuples as lists; seed None where a generator draws the keys), and
+            "model_fingerprint" of the network.
+        """
+        cfg = {"format": _FORMAT, **{s.name: s.rule.to_saved(getattr(self, s.name)) for s in _SAVED}}
+        if self.generator is not None:  # a user's generator is not saved: its copy draws fresh noise
+            cfg["seed"] = None
+        # Of the net with units: units have no state, so it is the model's state_dict.
+        cfg["model_fingerprint"] = model_fingerprint(self.net)
+        return cfg
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the settings and threshold (`config()`) to a JSON file. The model's weights
-        are not saved: they stay the user's, and `load` takes the model again. A user's
-        generator is not saved either: such a detector saves seed None, and its loaded
-        copy draws from the default generator unless `load` is given one. The file is
-        written to a temporary file beside it and renamed, so an existing file is replaced
-        only by a complete new one."""
+        """Write `config()` to a JSON file, atomically.
+
+        The model's weights are not saved: they stay the user's, and `load` takes the
+        model again. A user's generator is not saved either: such a detector saves seed
+        None, and its loaded copy draws from the default generator unless `load` is
+        given one. The file is written to a temporary file beside it and renamed, so an
+        existing file is replaced only by a complete new one.
+
+        Args:
+            path: the file to write.
+
+        Raises:
+            TypeError: for a setting JSON cannot hold (put in after construction).
+            OSError: if the file cannot be written.
+        """
         # Serialised first, then written whole: a failure leaves the previous file as it was.
         text = json.dumps(self.config(), indent=2, allow_nan=False).encode()
         write_atomically(path, lambda f: f.write(text))
@@ -716,53 +574,49 @@ class Detector:
              generator: torch.Generator | None = None, progress: bool | None = None,
              strict: bool = True) -> "Detector":
         """The detector saved at `path`, rebuilt around `model` (the same trained network).
-        backend: the op module (default: the saved one, if it is mvm_cuda.ops or
-        mvm_cuda.reference). Raises ValueError, naming the file, for a file that is not a
-        saved detector (not JSON, another format, missing settings, a setting of the wrong
-        type or value: the message names the key), and for a model whose
-        `model_fingerprint` (weights, layers, dtype) differs from the saved one, or a file
-        without one: a threshold fitted on one network means nothing on another.
-        strict=False turns those two into a UserWarning (e.g. after a deliberate dtype
-        change; refit the threshold)."""
-        try:
-            with open(path) as f:
-                cfg = json.load(f)
-        # RecursionError: deeply nested arrays; ValueError: a number of over 4,300 digits.
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise ValueError(f"Detector.load: {path} is not a saved mvm_cuda detector ({_FORMAT}): "
-                             f"{type(e).__name__}: {str(e)[:200]}") from e
-        if not isinstance(cfg, dict) or cfg.get("format") != _FORMAT:
-            raise ValueError(f"Detector.load: {path} is not a saved mvm_cuda detector ({_FORMAT})")
-        missing = [k for k in _SAVED_KEYS if k not in cfg]
-        if missing:
-            raise ValueError(f"Detector.load: {path} lacks the settings {', '.join(missing)}")
-        _check_saved(path, cfg)
+
+        Args:
+            path: a file written by `save`.
+            model: the network the detector was saved with.
+            backend: the op module (default: the saved one, if it is mvm_cuda.ops or
+                mvm_cuda.reference).
+            generator: as for `Detector` (a saved detector holds none).
+            progress: as for `Detector`.
+            strict: False turns a missing or different `model_fingerprint` into a
+                UserWarning (e.g. after a deliberate dtype change; refit the threshold).
+
+        Returns:
+            The Detector, with the saved threshold, fpr and input shape.
+
+        Raises:
+            ValueError: naming the file, for a file that is not a saved detector (not
+                JSON, another format, missing settings, a setting of the wrong type or
+                value: the message names the key), for a model whose `model_fingerprint`
+                differs from the saved one, or a file without one (a threshold fitted on
+                one network means nothing on another).
+            OSError: if the file cannot be read.
+        """
+        cfg = _read_saved(path)
         if backend is None:
-            if cfg["backend"] not in _KNOWN_BACKENDS:
-                raise ValueError(f"Detector.load: {path}: unknown backend {_short(cfg['backend'])}; pass backend=")
-            backend = importlib.import_module(cfg["backend"])
-        saved, now = cfg.get("model_fingerprint"), model_fingerprint(model)
-        if saved is not None and not (isinstance(saved, str) and re.fullmatch(r"[0-9a-f]{16}", saved)):
-            raise ValueError(f"Detector.load: {path}: model_fingerprint must be 16 hex digits, got {_short(saved)}")
-        message = None
-        if saved is None:
-            message = (f"Detector.load: {path} holds no model_fingerprint, so the model cannot be checked "
-                       "against the one its threshold was fitted on")
-        elif saved != now:
-            message = (f"Detector.load: the model differs from the one {path} was saved with "
-                       f"(fingerprint {now}, saved {saved}); its threshold does not apply to this model")
-        if message is not None:
-            if strict:
-                raise ValueError(message + "; pass that model, or strict=False and refit the threshold")
-            warnings.warn(message, stacklevel=2)
-        det = cls(model, cfg["method"], c=cfg["c"], c_rel=cfg["c_rel"], c_ref=cfg["c_ref"], frac=cfg["frac"],
-                  p_drop=cfg["p_drop"],
-                  R=cfg["R"], max_batch=cfg["max_batch"], seed=cfg["seed"], generator=generator,
-                  backend=backend, solver=cfg["solver"], channels_last=cfg["channels_last"],
-                  threshold=cfg["threshold"], progress=progress)
-        det.fpr = cfg["fpr"]
-        det.input_shape = tuple(cfg["input_shape"]) if cfg["input_shape"] is not None else None
+            backend = _saved_backend(path, cfg["backend"])
+        _check_fingerprint(path, cfg["model_fingerprint"], model, strict)
+        saved = {s.name: cfg[s.name] for s in _SAVED if s.argument}
+        det = cls(model, **{**saved, "generator": generator, "backend": backend, "progress": progress})
+        vars(det).update({s.name: cfg[s.name] for s in _SAVED if not s.argument})
         return det
 
     def __repr__(self) -> str:
         return f"Detector({self.name}, R={self.R}, threshold={self.threshold}, device={self.device})"
+
+
+def _signature() -> inspect.Signature:
+    """Detector's constructor as help() and API references show it: each setting a keyword."""
+    Parameter = inspect.Parameter
+    head = [Parameter("self", Parameter.POSITIONAL_OR_KEYWORD),
+            Parameter("model", Parameter.POSITIONAL_OR_KEYWORD, annotation="nn.Module"),
+            Parameter("method", Parameter.POSITIONAL_OR_KEYWORD, default=SETTINGS["method"].default, annotation="str")]
+    return inspect.Signature(head + [Parameter(s.name, Parameter.KEYWORD_ONLY, default=s.default)
+                                     for s in SETTINGS.values() if s.argument and s.name != "method"])
+
+
+Detector.__init__.__signature__ = _signature()

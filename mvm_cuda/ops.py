@@ -12,6 +12,8 @@ import numbers
 
 import torch
 
+from ._args import real
+
 _lib = torch.ops.mvm
 
 
@@ -44,23 +46,12 @@ def _int_arg(op: str, name: str, value):
     return value
 
 
-def _float_arg(value):
-    """A real number argument (a numpy scalar or 0-d tensor included) as a Python float;
-    other values go to the op, which names them."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() \
-            and value.dtype != torch.bool:
-        return float(value)
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
 def project_simplex(v: torch.Tensor, z: float = 1.0) -> torch.Tensor:
     """Euclidean projection of every vector along the last dim of v (..., n)
     onto {p >= 0, sum p = z}; returns a contiguous tensor of v's shape and dtype
     (float32/float64), computed in float64. z must be a normal number of v's
     dtype (between finfo.tiny and finfo.max), else ValueError."""
-    z = _float_arg(z)
+    z = real(z, z)
     if isinstance(z, float) and isinstance(v, torch.Tensor) and v.dtype in (torch.float32, torch.float64) \
             and math.isfinite(z) and z > 0:
         # The op checks finite and > 0; outside the dtype's normal range the result
@@ -82,7 +73,7 @@ def mvm_step(p: torch.Tensor, alpha: torch.Tensor, c: int, lr: float) -> torch.T
     r = p + lr * alpha * c (1-p)^(c-1) / pi(p)^2, then the simplex projection.
     Rows with alpha = 0 contribute nothing; where p = 0 and alpha > 0 (an
     infinite gradient) the gradient is taken at p = 1e-12."""
-    return _lib.mvm_step(p, alpha, _int_arg("mvm_step", "c", c), _float_arg(lr))
+    return _lib.mvm_step(p, alpha, _int_arg("mvm_step", "c", c), real(lr, lr))
 
 
 def _same_device(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
@@ -107,7 +98,7 @@ def solve_mvm(alpha: torch.Tensor, c: int, method: str = "kkt", max_iter: int = 
     backtracking step, stopped at ||dp|| / ||p|| <= tol or max_iter steps.
     Rows with alpha = 0 get p = 0; an all-zero row gets uniform p."""
     return _lib.solve_mvm(alpha, _int_arg("solve_mvm", "c", c), method,
-                          _int_arg("solve_mvm", "max_iter", max_iter), _float_arg(tol))
+                          _int_arg("solve_mvm", "max_iter", max_iter), real(tol, tol))
 
 
 @torch.library.register_fake("mvm::solve_mvm")
@@ -216,7 +207,7 @@ def sap_draws(h: torch.Tensor, frac: float) -> int:
 
 
 def _sap(h, frac, generator, keys, scale_only, relu=False, copies=1):
-    frac = _float_arg(frac)
+    frac = real(frac, frac)
     copies = _int_arg("sap_sample", "copies", copies)
     if scale_only and h.dtype in (torch.float16, torch.bfloat16):
         # The same p and draws (the kernels read |h| in float32 or wider), a float32 scale.
@@ -273,7 +264,7 @@ def keyed_dropout(x: torch.Tensor, keys: torch.Tensor, p_drop: float, *, relu: b
     keep = keyed_uniform(keys[n:n+1], K, dtype) >= p_drop over x's K entries in their
     logical (C-contiguous) order, dtype float64 for a float64 x and float32 otherwise:
     the mask is a function of keys[n] alone. The output has x's layout."""
-    return _lib.keyed_dropout(x, keys, _float_arg(p_drop), relu=relu,
+    return _lib.keyed_dropout(x, keys, real(p_drop, p_drop), relu=relu,
                               copies=_int_arg("keyed_dropout", "copies", copies))
 
 

@@ -1439,6 +1439,11 @@ CASES = [
          Gives(lambda r, c: torch.equal(*r)),
          input="`distributed.score_dataset`: a numpy array with negative strides (`x[::-1]`), as a whole or as items",
          you_get="scored from a copy, as the same images would be"),
+    # The settings declared once (issue 27): a keyword that is none of them.
+    Case("detector-unknown-setting", lambda c: c.detector(Rs=4), Raises(TypeError,
+         r"Detector: 'Rs' is not a Detector setting; the settings are method, c, c_rel, .*, progress$"),
+         input="`Detector` / `DetectorSearch`: a keyword that is not a setting (a misspelt `Rs=4`)",
+         you_get="TypeError `Detector: 'Rs' is not a Detector setting; the settings are method, c, c_rel, ...`"),
 ]
 
 _IDS = [case.id for case in CASES]

@@ -130,6 +130,18 @@ def test_bad_settings(split, kwargs, fit, match):
         s.fit(xv[:n], yv[:n] if fit.get("y", True) else None)
 
 
+def test_every_detector_argument_is_checked_as_detector_checks_it(split):
+    """Every grid value and keyword is checked by its setting's rule when the search is
+    made, not when fit reaches that candidate."""
+    model = split[0]
+    with pytest.raises(ValueError, match=r"^DetectorSearch: frac must be a finite number, got nan$"):
+        DetectorSearch(model, "sap", {"frac": [0.5, float("nan")]})
+    with pytest.raises(ValueError, match=r"^DetectorSearch: solver must be one of \('kkt', 'pgd'\), got 'newton'$"):
+        DetectorSearch(model, "mvm", solver="newton")
+    with pytest.raises(TypeError, match=r"^DetectorSearch: 'Rs' is not a Detector setting"):
+        DetectorSearch(model, "sap", {"frac": [0.5]}, Rs=4)
+
+
 def test_the_search_uses_the_same_noise_for_every_candidate(split):
     """Candidates differ only by their setting: their detectors share the search's seed."""
     model, (xv, yv), _ = split

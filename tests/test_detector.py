@@ -1,6 +1,8 @@
 """The detector (Alg. 3) on a small CNN trained on scikit-learn's 8x8 digits."""
 import copy
+import inspect
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,9 @@ from scipy.stats import mannwhitneyu
 from sklearn.metrics import roc_auc_score
 
 from mvm_cuda import reference
-from mvm_cuda.detector import Detector, _rank_auc, histogram_entropy, roc_report, threshold_for_fpr
+from mvm_cuda._settings import SETTINGS
+from mvm_cuda.detector import Detector, histogram_entropy, roc_report, threshold_for_fpr
+from mvm_cuda.roc import _rank_auc
 from mvm_cuda.eval import attacks, data, models
 from mvm_cuda.nn import MVMUnit
 
@@ -370,3 +374,39 @@ def test_a_detector_saved_by_an_earlier_version_loads():
     assert det.config() == saved
     scores = det.scores(torch.linspace(0, 1, 3 * 64).reshape(3, 1, 8, 8))
     assert scores.shape == (3,) and bool(torch.isfinite(scores).all())
+
+
+def test_the_settings_are_declared_once():
+    """config(), the constructor's signature and its docs follow from the one table."""
+    det = Detector(_kept_model(), "sap", R=3, seed=1, progress=False)
+    saved = [s.name for s in SETTINGS.values() if s.saved]
+    assert list(det.config()) == ["format", *saved, "model_fingerprint"]
+    arguments = {s.name: s.default for s in SETTINGS.values() if s.argument}
+    signature = inspect.signature(Detector).parameters
+    assert {n: p.default for n, p in signature.items() if n != "model"} == arguments
+    undocumented = [n for n in arguments if not re.search(rf"^ {{8}}{n}: ", Detector.__doc__, re.M)]
+    assert not undocumented, f"settings missing from Detector's Args: {undocumented}"
+    with pytest.raises(TypeError, match=r"Detector: 'Rs' is not a Detector setting; the settings are method, c, "):
+        Detector(_kept_model(), Rs=3)
+
+
+@pytest.mark.parametrize("name", [s.name for s in SETTINGS.values() if s.saved])
+def test_load_names_the_key_of_any_bad_saved_setting(name, tmp_path):
+    cfg = Detector(_kept_model(), "sap", R=3, progress=False).config()
+    cfg[name] = [[]]  # no setting's rule takes it
+    (tmp_path / "det.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"^Detector.load: .*det.json: {name} must be .*, got \[\[\]\]$"):
+        Detector.load(tmp_path / "det.json", _kept_model())
+
+
+def test_a_file_without_an_optional_setting_loads_its_default(tmp_path):
+    """c_ref came after the first saved files: without it a file loads with c_ref "input"."""
+    det = Detector(_kept_model(), "mvm", c_rel=0.5, c_ref="unit", R=3, seed=1, progress=False)
+    cfg = det.config()
+    del cfg["c_ref"]
+    (tmp_path / "det.json").write_text(json.dumps(cfg))
+    assert Detector.load(tmp_path / "det.json", _kept_model()).c_ref == "input"
+    del cfg["R"]
+    (tmp_path / "det.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"det.json lacks the settings R$"):
+        Detector.load(tmp_path / "det.json", _kept_model())
