@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.* csrc/*/*.* mvm_cuda/*.py mvm_cuda/*/*.py)
 
-.PHONY: run test bench install clean
+.PHONY: run test bench docs install clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/pytest benchmarks -q $(BENCH_ARGS) --benchmark-json=out/bench.json
 	$(PY) benchmarks/ratios.py out/bench.json | tee out/bench.md
 	$(PY) benchmarks/draws.py --out out/draws.md
+
+# The API reference (pdoc, from the docstrings): out/api/index.html.
+docs: $(VENV)/.installed
+	VENV=$(VENV) bash .ci/api_docs.sh out/api
 
 clean:
 	rm -rf $(VENV) build *.egg-info

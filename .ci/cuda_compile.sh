@@ -143,10 +143,12 @@ step "built $(ls "$BUILD"/src/mvm_cuda/_C*.so)"
 import sys
 import torch
 torch.ops.load_library(sys.argv[1])
-ops = ("sample_rows", "project_simplex", "mvm_step", "solve_mvm", "sap_sample", "keyed_uniform")
-missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key("mvm::" + op, "CUDA")]
-if missing:
-    raise SystemExit("no CUDA kernel registered for: " + ", ".join(missing))
+# Every op with a CPU kernel (internal _ops aside), read from the library: a list here would go stale.
+ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("mvm::") and not n.startswith("mvm::_")
+             and torch._C._dispatch_has_kernel_for_dispatch_key(n, "CPU"))
+missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")]
+if not ops or missing:
+    raise SystemExit(f"no CUDA kernel registered for: {', '.join(missing) or 'any op'}")
 print("cuda_compile: CUDA kernels registered for", ", ".join(ops))
 EOF
 ) || fail "the built library does not load or lacks CUDA kernels"

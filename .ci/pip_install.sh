@@ -48,7 +48,7 @@ step "pip install . ok"
   || { tail -20 "$work/sdist.log"; fail "the sdist did not build"; }
 sdist=$(ls "$work"/dist/*.tar.gz)
 tar -tzf "$sdist" > "$work/sdist.txt"  # a file, not a pipe: grep -q would end tar early (pipefail)
-for member in backend/torch_aware_backend.py csrc/checks.h csrc/cuda/common.cuh MANIFEST.in pyproject.toml; do
+for member in backend/torch_aware_backend.py csrc/checks.h csrc/cuda/draws.cuh MANIFEST.in pyproject.toml; do
   grep -q "/$member\$" "$work/sdist.txt" || fail "the sdist lacks $member"
 done
 "$work/venv/bin/pip" uninstall -q -y mvm_cuda

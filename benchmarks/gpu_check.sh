@@ -157,9 +157,12 @@ build() {
   [ "$src" = "$REPO" ] || cp "$src"/mvm_cuda/_C*.so "$REPO/mvm_cuda/"
   $PY -P - <<'EOF'
 import torch, mvm_cuda
-for op in ("sample_rows", "project_simplex", "mvm_step", "solve_mvm", "sap_sample", "keyed_uniform"):
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("mvm::" + op, "CUDA"), op + ": no CUDA kernel"
-print("mvm_cuda from", mvm_cuda.__file__, "with CUDA kernels for every op")
+# Every op with a CPU kernel (internal _ops aside), read from the library: a list here would go stale.
+ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("mvm::") and not n.startswith("mvm::_")
+             and torch._C._dispatch_has_kernel_for_dispatch_key(n, "CPU"))
+missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")]
+assert ops and not missing, f"no CUDA kernel for {missing}"
+print("mvm_cuda from", mvm_cuda.__file__, "with CUDA kernels for every op:", ", ".join(ops))
 EOF
 }
 if [ "${MVM_SKIP_BUILD:-0}" != 1 ]; then

@@ -6,7 +6,8 @@
 // read the data, which on a GPU means a device-to-host sync. The CPU kernels
 // always run them; the CUDA kernels run them only when value checks are
 // switched on (torch.ops.mvm.set_value_checks(True), or MVM_CHECK_VALUES=1 in
-// the environment at import), so that the default CUDA path never syncs.
+// the environment when the library loads: ops.cpp), so that the default CUDA
+// path never syncs.
 #pragma once
 
 #include <ATen/ATen.h>

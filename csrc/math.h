@@ -1,7 +1,7 @@
 // Per-row arithmetic shared by the CPU and CUDA kernels. Everything here is a
 // C10_HOST_DEVICE inline function on plain scalars, so the CPU tests exercise
 // exactly the arithmetic the GPU runs; only the parallel structure differs.
-// (How the samplers draw differs by device: csrc/cpu/draws.h, csrc/cuda/common.cuh.)
+// (How the samplers draw differs by device: csrc/cpu/draws.h, csrc/cuda/draws.cuh.)
 #pragma once
 
 #include <c10/macros/Macros.h>

@@ -2,31 +2,58 @@
 // implement (TORCH_LIBRARY_IMPL); Python carries the fake kernels.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cstdlib>
-#include <cstring>
+#include <string>
 
 #include "checks.h"
-
-#ifndef MVM_NO_PYTHON
-#include <Python.h>
-// An empty module: importing mvm_cuda._C loads this library, whose static
-// initialisers register the ops with the dispatcher. (The CMake build for
-// libtorch users defines MVM_NO_PYTHON and links no Python.)
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
-}
-#endif
 
 namespace mvm {
 
 namespace {
-bool checks_from_env() {
-  const char* v = std::getenv("MVM_CHECK_VALUES");
-  return v != nullptr && std::strcmp(v, "") != 0 && std::strcmp(v, "0") != 0;
+
+// MVM_CHECK_VALUES, read once when the library loads: the one rule for C++
+// and Python users alike (Python does not parse it). 1, true, yes, on switch the
+// value checks on; 0, false, no, off or an empty value switch them off; any
+// case, surrounding blanks ignored. Any other value switches them on (a typo
+// must not silently drop checks) and gives `warning`.
+struct EnvValueChecks {
+  bool enabled = false;
+  std::string warning;
+};
+
+EnvValueChecks value_checks_from_env() {
+  const char* raw = std::getenv("MVM_CHECK_VALUES");
+  if (raw == nullptr) return {};
+  std::string word(raw);
+  const auto blank = [](unsigned char ch) { return std::isspace(ch) != 0; };
+  word.erase(word.begin(), std::find_if_not(word.begin(), word.end(), blank));
+  word.erase(std::find_if_not(word.rbegin(), word.rend(), blank).base(), word.end());
+  std::transform(word.begin(), word.end(), word.begin(), [](unsigned char ch) { return std::tolower(ch); });
+  for (const char* on : {"1", "true", "yes", "on"}) {
+    if (word == on) return {true, ""};
+  }
+  for (const char* off : {"", "0", "false", "no", "off"}) {
+    if (word == off) return {false, ""};
+  }
+  return {true, "mvm_cuda: MVM_CHECK_VALUES='" + std::string(raw) +
+                    "' is not one of 1, true, yes, on, 0, false, no, off; the value checks are on"};
 }
-std::atomic<bool> g_value_checks{checks_from_env()};
+
+const EnvValueChecks g_env_value_checks = value_checks_from_env();
+std::atomic<bool> g_value_checks{g_env_value_checks.enabled};
+
+#ifdef MVM_NO_PYTHON
+// Without Python (libtorch users) the warning goes to c10's log when the
+// library loads; with Python the package raises it (PyInit__C below).
+const bool g_env_warned = [] {
+  if (!g_env_value_checks.warning.empty()) TORCH_WARN(g_env_value_checks.warning);
+  return true;
+}();
+#endif
+
 }  // namespace
 
 bool value_checks_enabled() { return g_value_checks.load(std::memory_order_relaxed); }
@@ -62,3 +89,22 @@ TORCH_LIBRARY(mvm, m) {
 }
 
 }  // namespace mvm
+
+#ifndef MVM_NO_PYTHON
+#include <Python.h>
+// A module whose import loads this library, whose static initialisers
+// register the ops with the dispatcher. (The CMake build for libtorch users
+// defines MVM_NO_PYTHON and links no Python.) Its one attribute,
+// value_checks_warning, is the MVM_CHECK_VALUES warning ("" for none), which
+// the package raises as a UserWarning at the user's import.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr &&
+      PyModule_AddStringConstant(m, "value_checks_warning", mvm::g_env_value_checks.warning.c_str()) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}
+#endif

@@ -41,29 +41,14 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-
-def _value_checks_from_env() -> None:
-    """Apply MVM_CHECK_VALUES: 1, true, yes, on switch the value checks on; 0, false, no,
-    off or empty switch them off (any case). The compiled ops only tell empty and "0"
-    from the rest, so the setting is made here; another value warns and turns them on."""
-    import os
+# MVM_CHECK_VALUES is read by the compiled library when it loads, by one rule
+# for C++ and Python (csrc/ops.cpp); a value outside that rule warns here, at
+# the user's import.
+if _C.value_checks_warning:
     import warnings
 
-    text = os.environ.get("MVM_CHECK_VALUES")
-    if text is None:
-        return
-    word = text.strip().lower()
-    if word in ("1", "true", "yes", "on"):
-        set_value_checks(True)
-    elif word in ("", "0", "false", "no", "off"):
-        set_value_checks(False)
-    else:
-        warnings.warn(f"mvm_cuda: MVM_CHECK_VALUES={text!r} is not one of 1, true, yes, on, 0, false, no, off; "
-                      "the value checks are on", stacklevel=2)
-        set_value_checks(True)
+    warnings.warn(_C.value_checks_warning, UserWarning, stacklevel=2)
 
-
-_value_checks_from_env()
 
 # The layer a user puts into their own model: sampling units and the detector (Alg. 3).
 from .nn import (DropoutUnit, MVMUnit, SAPUnit, SamplingUnit, insert_units, sampling_units,  # noqa: E402

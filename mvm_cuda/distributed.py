@@ -42,8 +42,14 @@ def _dist():
 
 
 def rank_and_size(group=None) -> tuple[int, int]:
-    """(rank, world size) of this process in `group` (default: the whole world); (0, 1)
-    without an initialised process group."""
+    """This process's rank and the group's size.
+
+    Args:
+        group: A torch.distributed process group (None: the whole world).
+
+    Returns:
+        (rank, world size); (0, 1) without an initialised process group.
+    """
     dist = _dist()
     if dist is None:
         return 0, 1
@@ -56,9 +62,20 @@ def chunk_ranges(n: int, chunk_size: int, rank: int | None = None, world_size: i
 
     Chunk k is [k*chunk_size, min((k+1)*chunk_size, n)); it belongs to the rank r whose
     share [r*n/K, (r+1)*n/K) holds its middle, so every rank gets a contiguous run of whole
-    chunks, n/K indices give or take half a chunk at each end, and rank order is index order. rank and world_size
-    default to this process's in `group`. Raises ValueError unless n >= 0, chunk_size >= 1
-    and 0 <= rank < world_size.
+    chunks, n/K indices give or take half a chunk at each end, and rank order is index order.
+
+    Args:
+        n: The number of indices, >= 0.
+        chunk_size: Indices per chunk, >= 1.
+        rank: The rank whose chunks are wanted (None: this process's in `group`).
+        world_size: The number of ranks K (None: the size of `group`).
+        group: A torch.distributed process group (None: the whole world).
+
+    Returns:
+        The (lo, hi) pairs of that rank's chunks.
+
+    Raises:
+        ValueError: n < 0, chunk_size < 1, or rank outside [0, world_size).
     """
     if rank is None or world_size is None:
         here, size = rank_and_size(group)
@@ -84,6 +101,16 @@ def agree(step: str, group=None) -> Iterator[None]:
     their errors. So one rank's error ends the run everywhere with that message, never
     a hang. A single process (no group) runs the block as it is. The exchange is a
     collective: every rank must enter the same steps in the same order.
+
+    Args:
+        step: A name for the block, used in RankFailed's message.
+        group: A torch.distributed process group (None: the whole world).
+
+    Yields:
+        Nothing: the with-block runs once.
+
+    Raises:
+        RankFailed: another rank's block raised, or the exchange with the other ranks failed.
     """
     dist = _dist()
     if dist is None or dist.get_world_size(group) == 1:
@@ -109,8 +136,16 @@ def agree(step: str, group=None) -> Iterator[None]:
 
 
 def broadcast(value: Any, src: int = 0, group=None) -> Any:
-    """`value` of group rank `src` (any picklable object), returned on every rank; the value
-    itself for a single process."""
+    """Rank src's value, on every rank.
+
+    Args:
+        value: Any picklable object (read on rank src only).
+        src: The group rank whose value is sent.
+        group: A torch.distributed process group (None: the whole world).
+
+    Returns:
+        src's value; the value itself for a single process.
+    """
     dist = _dist()
     if dist is None or dist.get_world_size(group) == 1:
         return value
@@ -121,9 +156,19 @@ def broadcast(value: Any, src: int = 0, group=None) -> Any:
 
 
 def all_gather_chunks(parts: Sequence[Tensor], group=None) -> Tensor:
-    """Every rank's tensors `parts` (its chunks' results, in index order, each (n_i, ...)),
-    concatenated in rank order along dim 0, on the CPU, on every rank. Ranks with no
-    chunks pass []; the result is then empty only if every rank's parts are."""
+    """Every rank's chunk results, concatenated in rank order along dim 0, on every rank.
+
+    Args:
+        parts: This rank's results, in index order, each (n_i, ...); [] for a rank
+            without chunks.
+        group: A torch.distributed process group (None: the whole world).
+
+    Returns:
+        The concatenation, on the CPU.
+
+    Raises:
+        ValueError: no rank has any part.
+    """
     local = [p.detach().cpu() for p in parts]
     local = torch.cat(local) if local else None
     dist = _dist()
@@ -201,18 +246,47 @@ def score_dataset(detector, dataset, *, chunk_size: int = 64, group=None) -> Ten
     pixel values in [0, 1]; every rank must see the same N items. Each rank reads and
     scores only its chunks of chunk_size images (`chunk_ranges`) with
     detector.scores(images, index=their global indices), on the detector's device.
-    Returns the (N,) float64 scores, on the CPU, on every rank. A rank that raises
-    (a bad item, a bad image) makes every rank raise (see `agree`). Without a process
-    group it scores the whole set in the same chunks. Scores do not depend on the number
-    of ranks; with a seeded detector they are bit for bit the same for every K.
+    Without a process group it scores the whole set in the same chunks. Scores do not
+    depend on the number of ranks; with a seeded detector they are bit for bit the same
+    for every K.
+
+    Args:
+        detector: A `mvm_cuda.detector.Detector`.
+        dataset: The images, as above.
+        chunk_size: Images per chunk, an integer >= 1.
+        group: A torch.distributed process group (None: the whole world).
+
+    Returns:
+        The (N,) float64 scores, on the CPU, on every rank.
+
+    Raises:
+        ValueError: a bad chunk_size, a bad item or image shape, or a data set whose
+            length differs between ranks.
+        TypeError: an item is neither a tensor nor a numpy array.
+        RankFailed: another rank raised (see `agree`); a rank that raised itself
+            re-raises its own error.
     """
     return _over_ranks("score_dataset", detector, dataset, chunk_size, group,
                        lambda x, index: detector.scores(x, index=index), torch.zeros(0, dtype=torch.float64))
 
 
 def vote_dataset(detector, dataset, *, chunk_size: int = 64, group=None) -> Tensor:
-    """The R predicted classes of every image of `dataset`, (N, R) int64 on the CPU, on every
-    rank, computed over the ranks of `group` as in `score_dataset`."""
+    """The R predicted classes of every image of a data set, computed over the ranks as in `score_dataset`.
+
+    Args:
+        detector: A `mvm_cuda.detector.Detector`.
+        dataset: The images, as in `score_dataset`.
+        chunk_size: Images per chunk, an integer >= 1.
+        group: A torch.distributed process group (None: the whole world).
+
+    Returns:
+        (N, R) int64 classes, on the CPU, on every rank.
+
+    Raises:
+        ValueError: as in `score_dataset`.
+        TypeError: as in `score_dataset`.
+        RankFailed: as in `score_dataset`.
+    """
     return _over_ranks("vote_dataset", detector, dataset, chunk_size, group,
                        lambda x, index: detector.votes(x, index=index),
                        torch.zeros(0, detector.R, dtype=torch.int64))

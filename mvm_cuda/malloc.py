@@ -13,8 +13,11 @@ def keep_freed_memory() -> bool:
     page fault per 4 KiB on every iteration (docs/performance.md gives the cost). The
     price is that the process keeps its peak heap. Process-wide, so the library never
     calls it itself: a program that scores many batches on the CPU (a script around a
-    Detector, the `mvm-cuda` command, the benchmarks) calls it once at its start. Returns
-    whether it applied (False where libc is not glibc)."""
+    Detector, the `mvm-cuda` command, the benchmarks) calls it once at its start.
+
+    Returns:
+        Whether it applied (False where libc is not glibc).
+    """
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:

@@ -59,19 +59,24 @@ __all__ = [
 ]
 
 MODES = ("off", "record", "sample")
+"""The modes of a unit, see the module docstring."""
 
 
 class SamplingUnit(nn.Module):
     """Base class of the units: holds `mode`, `generator`, `keys` and `backend`.
 
-    mode is one of MODES ("off" at construction). generator: an optional torch.Generator
-    on the activations' device, the source of every random draw (None: the default
-    generator of that device, seeded by torch.manual_seed). keys: None, or an (N,) int64
-    tensor on the activations' device, one key per sample of the next batch: sample n's
-    draws are then a function of keys[n] alone, whatever the batch holds besides, and the
-    generator is not used (the detector sets them, see `Detector`). backend: a module with the op
-    functions (`mvm_cuda.ops`, the default, or `mvm_cuda.reference`). Subclasses implement
-    `sample(h)`; `forward(h)` maps an NCHW activation (N, C, H, W) to one of the same shape.
+    mode is one of `MODES` ("off" at construction). keys: None, or an (N,) int64 tensor
+    on the activations' device, one key per sample of the next batch: sample n's draws
+    are then a function of keys[n] alone, whatever the batch holds besides, and the
+    generator is not used (the detector sets them, see `mvm_cuda.detector.Detector`).
+    Subclasses implement `sample` and `sample_scale`; `forward` maps an NCHW activation
+    (N, C, H, W) to one of the same shape.
+
+    Args:
+        generator: The source of every random draw, on the activations' device (None:
+            the default generator of that device, seeded by torch.manual_seed).
+        backend: A module with the op functions: `mvm_cuda.ops` (None, the default) or
+            `mvm_cuda.reference`.
     """
 
     def __init__(self, generator: torch.Generator | None = None, backend: ModuleType | None = None):
@@ -105,20 +110,34 @@ class SamplingUnit(nn.Module):
         super().__setstate__(state)
 
     def set_mode(self, mode: str) -> None:
-        """Switch to "off", "record" or "sample" (see the module docstring)."""
+        """Switch the unit to a mode (see the module docstring).
+
+        Args:
+            mode: "off", "record" or "sample".
+
+        Raises:
+            ValueError: mode is not one of `MODES`.
+        """
         if mode not in MODES:
             raise ValueError(f"{type(self).__name__}: mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
 
     @property
     def fused(self) -> dict:
-        """The ops' relu and copies arguments (see the module docstring)."""
+        """The ops' relu and copies arguments, a dict (see the module docstring)."""
         # getattr: a unit pickled before these existed has neither.
         return {"relu": getattr(self, "relu", False), "copies": getattr(self, "copies", 1)}
 
     def activation(self, h: Tensor) -> Tensor:
-        """What the unit samples, in torch ops (autograd flows): relu(h) for a unit in
-        place of a ReLU, h otherwise; stacked `copies` times in "sample" mode."""
+        """What the unit samples, in torch ops (autograd flows).
+
+        Args:
+            h: (N, C, H, W) activation (the ReLU's input for a unit in a ReLU's place).
+
+        Returns:
+            relu(h) for a unit in place of a ReLU, h otherwise; stacked `copies` times in
+            "sample" mode.
+        """
         fused = self.fused
         h = h.relu() if fused["relu"] else h
         if self.mode == "sample" and fused["copies"] != 1:
@@ -126,6 +145,14 @@ class SamplingUnit(nn.Module):
         return h
 
     def forward(self, h: Tensor) -> Tensor:
+        """Apply the unit in its mode: `activation` ("off"), `record` ("record") or `sample`.
+
+        Args:
+            h: (N, C, H, W) activation.
+
+        Returns:
+            (N, C, H, W), or (copies * N, C, H, W) in "sample" mode.
+        """
         if self.mode == "sample":
             # getattr: a unit pickled before the flag existed has no such attribute.
             return self.sample_differentiable(h) if getattr(self, "differentiable", False) else self.sample(h)
@@ -135,16 +162,35 @@ class SamplingUnit(nn.Module):
         return h
 
     def record(self, h: Tensor) -> None:
-        """The clean pass: remember what `sample` needs (nothing, by default)."""
+        """The clean pass: remember what `sample` needs (nothing, by default).
+
+        Args:
+            h: (P, C, H, W) activation of the clean batch (after `activation`).
+        """
 
     def sample(self, h: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """One stochastic pass: the unit's random draws applied to `activation(h)`, no gradient.
+
+        Args:
+            h: (N, C, H, W) activation.
+
+        Returns:
+            (copies * N, C, H, W), h's dtype.
+        """
         raise NotImplementedError
 
     def sample_differentiable(self, h: Tensor) -> Tensor:
-        """`sample(h)` with a gradient: a = `activation(h)` (N, C, H, W) times
-        `sample_scale(a)`, the random scale drawn exactly as `sample` draws it (same
-        generator use, same values), held fixed. Returns (N, C, H, W); the gradient
-        w.r.t. a is that scale, so exactly zero on the entries that were not drawn."""
+        """`sample` with a gradient: a = `activation` of h times `sample_scale` of a, the scale held fixed.
+
+        The scale is drawn exactly as `sample` draws it (same generator use, same values),
+        so the gradient w.r.t. a is that scale: exactly zero on the entries not drawn.
+
+        Args:
+            h: (N, C, H, W) activation.
+
+        Returns:
+            (copies * N, C, H, W), h's dtype.
+        """
         h = self.activation(h)
         scale = self.sample_scale(h)
         # A select, like the op: an undrawn entry is 0 even where h is inf or NaN. The
@@ -152,7 +198,14 @@ class SamplingUnit(nn.Module):
         return torch.where(scale != 0, h * scale, torch.zeros((), dtype=scale.dtype, device=h.device)).to(h.dtype)
 
     def sample_scale(self, h: Tensor) -> Tensor:  # pragma: no cover - abstract
-        """The detached random scale of one stochastic pass, broadcastable to h."""
+        """The detached random scale of one stochastic pass.
+
+        Args:
+            h: (N, C, H, W) activation, after `activation`.
+
+        Returns:
+            A tensor broadcastable to h.
+        """
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -179,14 +232,25 @@ class MVMUnit(SamplingUnit):
     """MVM row sampling (the paper's Alg. 1 with Alg. 2's probabilities) of the pixels.
 
     The activation h (N, C, H, W) is matricized as its NHWC view `h.permute(0, 2, 3, 1)`,
-    M = H*W rows of C channels, read in place (no copy). The number of draws is `c`, or
-    round(c_rel * ref_pixels) with at least 1 (the paper's c = c_rel * N_pixel; the
-    detector sets ref_pixels to the input's H*W; if ref_pixels stays None the unit's own
-    M is used). In "record" mode the unit stores alpha = ||row||^2 and p = solve_mvm(alpha,
-    c, solver), both (P, M) float64 for a batch of P images, one batched call. In "sample" mode
-    the batch must hold a whole number of copies of those P images (N % P == 0), and
-    each sample draws c rows from p[n % P]: kept rows are scaled by 1/pi, the others are
-    zero. The output has h's shape and memory format.
+    M = H*W rows of C channels, read in place (no copy). In "record" mode the unit stores
+    alpha = ||row||^2 and p = solve_mvm(alpha, c, solver), both (P, M) float64 for a batch
+    of P images, one batched call. In "sample" mode the batch must hold a whole number of
+    copies of those P images (N % P == 0), and each sample draws c rows from p[n % P]:
+    kept rows are scaled by 1/pi, the others are zero. The output has h's shape and
+    memory format.
+
+    Args:
+        c: The number of draws, an integer in [1, 2**63); give c or c_rel.
+        c_rel: Draws per reference pixel, finite and > 0: c = max(1, round(c_rel *
+            ref_pixels)) (the paper's c = c_rel * N_pixel).
+        ref_pixels: The pixels c_rel counts (the detector sets the input's H*W); None:
+            the unit's own M.
+        solver: `solve_mvm`'s method, "kkt" or "pgd".
+        generator: As in `SamplingUnit`.
+        backend: As in `SamplingUnit`.
+
+    Raises:
+        ValueError: both or neither of c and c_rel, or either out of its range.
     """
 
     def __init__(
@@ -218,13 +282,29 @@ class MVMUnit(SamplingUnit):
         self.p: Tensor | None = None
 
     def draws(self, rows: int) -> int:
-        """The number of draws c for an activation of `rows` = H*W pixels."""
+        """The number of draws c for an activation of H*W pixels.
+
+        Args:
+            rows: H*W, the activation's pixels (used when c_rel is set and ref_pixels is None).
+
+        Returns:
+            c, an int >= 1.
+        """
         if self.c is not None:
             return self.c
         ref = self.ref_pixels if self.ref_pixels is not None else rows
         return max(1, round(self.c_rel * ref))
 
     def record(self, h: Tensor) -> None:
+        """Record alpha and solve p for the clean batch.
+
+        Args:
+            h: (P, C, H, W) activation of the clean batch.
+
+        Raises:
+            ValueError: h is not 4-d.
+            RuntimeError: from `solve_mvm` (e.g. a NaN in h on the CPU).
+        """
         _check_nchw("MVMUnit", h)
         rows = h.shape[2] * h.shape[3]
         # float64 from alpha to the sampler: p is (P, M), small, and the sampler then
@@ -245,6 +325,18 @@ class MVMUnit(SamplingUnit):
             )
 
     def sample(self, h: Tensor) -> Tensor:
+        """Draw c pixels per sample from the recorded p and scale them by 1/pi.
+
+        Args:
+            h: (N, C, H, W) activation, a stack of copies of the recorded images.
+
+        Returns:
+            (copies * N, C, H, W), h's dtype and memory format.
+
+        Raises:
+            RuntimeError: no p was recorded.
+            ValueError: h is not 4-d, or not a stack of copies of the recorded images.
+        """
         self._check_recorded(h)
         # sample_rows writes its output with the strides of its input, so permuting the
         # result back gives h's own layout, again without a copy.
@@ -253,14 +345,25 @@ class MVMUnit(SamplingUnit):
         return out.permute(0, 3, 1, 2)
 
     def sample_scale(self, h: Tensor) -> Tensor:
-        """(N, 1, H, W): 1/pi_i on the pixels drawn from the recorded p, 0 elsewhere, in
-        float32 or h's dtype if wider (1/pi overflows float16 where h/pi does not).
+        """1/pi_i on the pixels drawn from the recorded p, 0 elsewhere.
 
         The op samples a (N, M, 1) tensor of ones, whose draws are those it makes for
         h itself (they depend on p, c and N only). p stays the recorded one: the
         gradient treats it as a constant, although it is a function of the clean
         pass's activation (the usual choice of an expectation-over-transformation
-        attack)."""
+        attack).
+
+        Args:
+            h: (N, C, H, W) activation, a stack of copies of the recorded images.
+
+        Returns:
+            (N, 1, H, W), float32 or h's dtype if wider (1/pi overflows float16 where
+            h/pi does not).
+
+        Raises:
+            RuntimeError: no p was recorded.
+            ValueError: h is not a stack of copies of the recorded images.
+        """
         self._check_recorded(h)
         n, _, rows_h, rows_w = h.shape
         ones = torch.ones(n, self.p.shape[1], 1, dtype=_scale_dtype(h), device=h.device)
@@ -291,6 +394,14 @@ class SAPUnit(SamplingUnit):
     every entry is its own row, their order does not matter: the op gets h in whichever
     of NCHW or NHWC order it is dense, so the flat view is free. h: (N, C, H, W) ->
     (N, C, H, W), the identity unless mode == "sample".
+
+    Args:
+        frac: Draws per entry, > 0.
+        generator: As in `SamplingUnit`.
+        backend: As in `SamplingUnit`.
+
+    Raises:
+        ValueError: frac is not > 0.
     """
 
     def __init__(self, frac: float, *, generator: torch.Generator | None = None,
@@ -301,16 +412,38 @@ class SAPUnit(SamplingUnit):
         self.frac = float(frac)
 
     def sample(self, h: Tensor) -> Tensor:
+        """Prune h with `mvm_cuda.ops.sap_sample`.
+
+        Args:
+            h: (N, C, H, W) activation.
+
+        Returns:
+            (copies * N, C, H, W), h's dtype and memory format.
+
+        Raises:
+            ValueError: h is not 4-d.
+            RuntimeError: from the op (e.g. a NaN in h on the CPU).
+        """
         _check_nchw("SAPUnit", h)
         order = _dense_order(h) or (0, 1, 2, 3)  # a strided h is copied by the reshape
         out = self.backend.sap_sample(h.permute(order), self.frac, **self.fused, **self._random())
         return out.permute(tuple(order.index(d) for d in range(4)))
 
     def sample_scale(self, h: Tensor) -> Tensor:
-        """(N, C, H, W): 1/pi_j on the entries drawn with p = |h|/sum|h| (h detached), 0
-        elsewhere, in float32 or h's dtype if wider (see `ops.sap_scale`). The entries
-        are flattened in the same order as in `sample`, so the draws land on the same
-        entries."""
+        """1/pi_j on the entries drawn with p = |h|/sum|h| (h detached), 0 elsewhere.
+
+        The entries are flattened in the same order as in `sample`, so the draws land on
+        the same entries.
+
+        Args:
+            h: (N, C, H, W) activation.
+
+        Returns:
+            (N, C, H, W), float32 or h's dtype if wider (see `mvm_cuda.ops.sap_scale`).
+
+        Raises:
+            ValueError: h is not 4-d.
+        """
         _check_nchw("SAPUnit", h)
         order = _dense_order(h) or (0, 1, 2, 3)
         with torch.no_grad():
@@ -322,11 +455,19 @@ class SAPUnit(SamplingUnit):
 
 
 class DropoutUnit(SamplingUnit):
-    """Test-time inverted dropout: in "sample" mode every entry of h (N, C, H, W) is zeroed
-    with probability p_drop and the rest are scaled by 1/(1 - p_drop), whatever the
-    module's training flag; otherwise the identity. p_drop = 0 is the identity always.
-    The uniforms come from torch.rand, or from the backend's `keyed_uniform` when `keys`
-    are set.
+    """Test-time inverted dropout: in "sample" mode each entry is zeroed with probability p_drop.
+
+    The rest are scaled by 1/(1 - p_drop), whatever the module's training flag;
+    otherwise the identity. p_drop = 0 is the identity always. The uniforms come from
+    torch.rand, or from the backend's `keyed_uniform` when `keys` are set.
+
+    Args:
+        p_drop: Drop probability in [0, 1).
+        generator: As in `SamplingUnit`.
+        backend: As in `SamplingUnit`.
+
+    Raises:
+        ValueError: p_drop is outside [0, 1).
     """
 
     def __init__(self, p_drop: float = 0.5, *, generator: torch.Generator | None = None,
@@ -365,8 +506,15 @@ class DropoutUnit(SamplingUnit):
         return (keep * h) / (1.0 - self.p_drop)
 
     def sample_scale(self, h: Tensor) -> Tensor:
-        """(N, C, H, W): 1/(1 - p_drop) on the kept entries, 0 on the dropped ones, in
-        float32 or h's dtype if wider (1/(1 - p_drop) overflows float16 near p_drop = 1)."""
+        """1/(1 - p_drop) on the kept entries, 0 on the dropped ones.
+
+        Args:
+            h: (N, C, H, W) activation.
+
+        Returns:
+            (N, C, H, W), float32 or h's dtype if wider (1/(1 - p_drop) overflows float16
+            near p_drop = 1).
+        """
         return self._keep(h).to(_scale_dtype(h)).div_(1.0 - self.p_drop)
 
     def extra_repr(self) -> str:
@@ -374,19 +522,43 @@ class DropoutUnit(SamplingUnit):
 
 
 def sampling_units(model: nn.Module) -> list[SamplingUnit]:
-    """The sampling units of a model, in registration (= insertion) order."""
+    """The sampling units of a model.
+
+    Args:
+        model: Any module, typically the result of `insert_units`.
+
+    Returns:
+        Its `SamplingUnit` submodules, in registration (= insertion) order.
+    """
     return [m for m in model.modules() if isinstance(m, SamplingUnit)]
 
 
 def set_mode(model: nn.Module, mode: str) -> None:
-    """Put every sampling unit of `model` into `mode` ("off", "record" or "sample")."""
+    """Put every sampling unit of a model into one mode.
+
+    Args:
+        model: Any module.
+        mode: "off", "record" or "sample".
+
+    Raises:
+        ValueError: mode is not one of `MODES`.
+    """
     for unit in sampling_units(model):
         unit.set_mode(mode)
 
 
 def set_differentiable(model: nn.Module, differentiable: bool = True) -> None:
-    """Switch the differentiable mode of every sampling unit of `model` on or off (see
-    the module docstring); it matters only in "sample" mode."""
+    """Switch the differentiable mode of every sampling unit of a model (see the module docstring).
+
+    It matters only in "sample" mode.
+
+    Args:
+        model: Any module.
+        differentiable: On or off.
+
+    Raises:
+        TypeError: differentiable is not a bool.
+    """
     if not isinstance(differentiable, bool):
         raise TypeError(f"set_differentiable: differentiable must be a bool, got {differentiable!r}")
     for unit in sampling_units(model):
@@ -426,10 +598,20 @@ def insert_units(model: nn.Module, make_unit: Callable[[], nn.Module]) -> torch.
     call. A `SamplingUnit` takes the ReLU's place and applies the ReLU itself, fused with
     its sampling (`unit.relu = True`), where nothing else reads the ReLU's input; any
     other module from make_unit (and a unit where something else does) goes right after
-    the ReLU. Returns a torch.fx.GraphModule whose state_dict equals the model's (units have
-    no state); its units are `sampling_units(result)`, in execution order. Raises
-    TypeError if the model cannot be traced symbolically (e.g. control flow that depends
-    on tensor values), and ValueError if it has no flatten or no ReLU before it.
+    the ReLU.
+
+    Args:
+        model: The trained network (not modified).
+        make_unit: Called once per ReLU; returns the module to insert (a new one each call).
+
+    Returns:
+        A torch.fx.GraphModule whose state_dict equals the model's (units have no state);
+        its units are `sampling_units(result)`, in execution order.
+
+    Raises:
+        TypeError: torch.fx cannot trace the model (e.g. control flow that depends on
+            tensor values).
+        ValueError: the model has no flatten, or no ReLU before it.
     """
     try:
         graph_module = torch.fx.symbolic_trace(copy.deepcopy(model))
@@ -481,10 +663,18 @@ def insert_units(model: nn.Module, make_unit: Callable[[], nn.Module]) -> torch.
 
 
 def first_unit_dominates(model: torch.fx.GraphModule) -> bool:
-    """Whether every path from the model's inputs to its output passes through its first
-    sampling unit (in graph order), so that the layers before it see only the input and
-    the unit may stack the batch's copies itself (`copies`): False for a model whose
-    later layers also read the input, or anything computed from it, around that unit."""
+    """Whether every path from the model's inputs to its output passes through its first sampling unit.
+
+    Then the layers before that unit (in graph order) see only the input, and the unit
+    may stack the batch's copies itself (`copies`).
+
+    Args:
+        model: A result of `insert_units`.
+
+    Returns:
+        False for a model without units, or whose later layers also read the input, or
+        anything computed from it, around that unit.
+    """
     units = [n for n in model.graph.nodes
              if n.op == "call_module" and isinstance(model.get_submodule(n.target), SamplingUnit)]
     if not units:

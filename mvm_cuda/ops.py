@@ -47,10 +47,23 @@ def _int_arg(op: str, name: str, value):
 
 
 def project_simplex(v: torch.Tensor, z: float = 1.0) -> torch.Tensor:
-    """Euclidean projection of every vector along the last dim of v (..., n)
-    onto {p >= 0, sum p = z}; returns a contiguous tensor of v's shape and dtype
-    (float32/float64), computed in float64. z must be a normal number of v's
-    dtype (between finfo.tiny and finfo.max), else ValueError."""
+    """Euclidean projection of every vector along v's last dimension onto {p >= 0, sum p = z}.
+
+    Computed in float64, exact to rounding.
+
+    Args:
+        v: (..., n) float32 or float64 tensor.
+        z: The sum of every projected vector: a normal number of v's dtype (between
+            finfo.tiny and finfo.max).
+
+    Returns:
+        A new contiguous tensor of v's shape and dtype.
+
+    Raises:
+        ValueError: z is finite and > 0 but outside v's dtype's normal range.
+        RuntimeError: v is not float32/float64 or has an empty last dimension, z is not
+            finite and > 0, or (where value checks run) v holds a NaN or inf.
+    """
     z = real(z, z)
     if isinstance(z, float) and isinstance(v, torch.Tensor) and v.dtype in (torch.float32, torch.float64) \
             and math.isfinite(z) and z > 0:
@@ -69,10 +82,25 @@ def _(v, z=1.0):
 
 
 def mvm_step(p: torch.Tensor, alpha: torch.Tensor, c: int, lr: float) -> torch.Tensor:
-    """One raw step of the paper's Alg. 2 for every row of p, alpha (..., M):
-    r = p + lr * alpha * c (1-p)^(c-1) / pi(p)^2, then the simplex projection.
-    Rows with alpha = 0 contribute nothing; where p = 0 and alpha > 0 (an
-    infinite gradient) the gradient is taken at p = 1e-12."""
+    """One raw step of the paper's Alg. 2 for every row: p + lr alpha c (1-p)^(c-1) / pi(p)^2, projected.
+
+    pi(p) = 1 - (1-p)^c. Rows with alpha = 0 contribute nothing; where p = 0 and
+    alpha > 0 (an infinite gradient) the gradient is taken at p = 1e-12.
+
+    Args:
+        p: (..., M) float32 or float64 probabilities, each row on the simplex.
+        alpha: (..., M) weights >= 0, p's shape, dtype and device.
+        c: Number of draws, >= 1.
+        lr: Step size, finite and >= 0.
+
+    Returns:
+        The projected step, a new contiguous tensor of p's shape and dtype.
+
+    Raises:
+        ValueError: c does not fit in int64.
+        RuntimeError: a dtype, shape or device mismatch, c < 1, lr < 0 or not finite, or
+            (where value checks run) a NaN, inf or negative entry in p or alpha.
+    """
     return _lib.mvm_step(p, alpha, _int_arg("mvm_step", "c", c), real(lr, lr))
 
 
@@ -91,12 +119,28 @@ def _(p, alpha, c, lr):
 
 def solve_mvm(alpha: torch.Tensor, c: int, method: str = "kkt", max_iter: int = 1000,
               tol: float = 1e-6) -> torch.Tensor:
-    """MVM sampling probabilities for every row of alpha (B, M) (any leading
-    shape): the p on the simplex minimising sum_i alpha_i / (1 - (1-p_i)^c).
-    method="kkt" solves the KKT conditions exactly (max_iter bounds its outer
-    search; tol is not used); method="pgd" is the paper's Alg. 2 with a
-    backtracking step, stopped at ||dp|| / ||p|| <= tol or max_iter steps.
-    Rows with alpha = 0 get p = 0; an all-zero row gets uniform p."""
+    """MVM sampling probabilities: for every row, the p on the simplex minimising sum_i alpha_i / pi_i.
+
+    pi_i = 1 - (1-p_i)^c. Rows with alpha = 0 get p = 0; an all-zero row gets uniform p.
+
+    Args:
+        alpha: (..., M) float32 or float64 weights >= 0 (the squared row norms).
+        c: Number of draws, >= 1.
+        method: "kkt" solves the KKT conditions exactly; "pgd" is the paper's Alg. 2
+            with a backtracking step.
+        max_iter: >= 1. For "pgd", the most steps; for "kkt", a bound on its search for
+            the multiplier lambda.
+        tol: For "pgd": stop once no row moves by more than tol of its own p
+            (max_i |dp_i| / p_i <= tol); not used by "kkt". Finite and >= 0.
+
+    Returns:
+        p, a new contiguous tensor of alpha's shape and dtype.
+
+    Raises:
+        ValueError: c or max_iter does not fit in int64.
+        RuntimeError: a bad dtype or shape, c < 1, an unknown method, max_iter < 1, a
+            bad tol, or (where value checks run) a NaN, inf or negative alpha.
+    """
     return _lib.solve_mvm(alpha, _int_arg("solve_mvm", "c", c), method,
                           _int_arg("solve_mvm", "max_iter", max_iter), real(tol, tol))
 
@@ -109,19 +153,35 @@ def _(alpha, c, method="kkt", max_iter=1000, tol=1e-6):
 def sample_rows(x: torch.Tensor, p: torch.Tensor, c: int, *,
                 generator: torch.Generator | None = None, keys: torch.Tensor | None = None,
                 relu: bool = False, copies: int = 1) -> torch.Tensor:
-    """The paper's Alg. 1, fused. x is (N, H, W, C) or (N, M, C) in any float
-    dtype, with any strides (the NHWC view of an NCHW tensor is read in place);
-    p is (P, M), float32/float64, with N % P == 0. Sample n draws c rows with
-    replacement from p[n % P]; drawn rows become x_i / pi_i, the others 0.
-    The output has x's strides (for a dense x). Under torch.compile, pass no
-    generator (the default one, seeded by torch.manual_seed, is used).
-    keys, an (N,) int64 tensor on x's device (any strides), keys each sample's
-    draws: sample n's rows are then a function of (keys[n], p[n % P], c, M)
-    alone, whatever the batch, and the generator is neither read nor advanced
-    (passing both is an error). relu=True samples max(x, 0) (x is a
-    pre-activation: one pass for the ReLU and the sampling). copies >= 1: the
-    output holds copies * N samples, sample n drawn from x[n % N] and p[n % P]
-    (keys then has copies * N entries): R passes over one read of a batch."""
+    """The paper's Alg. 1, fused: each sample keeps the rows that c draws from p hit, scaled by 1/pi.
+
+    Sample n draws c rows with replacement from p[n % P]; a drawn row i becomes
+    x_i / pi_i with pi_i = 1 - (1 - p_i)^c, the others 0.
+
+    Args:
+        x: (N, H, W, C) or (N, M, C), float32/64/16 or bfloat16, any strides (the NHWC
+            view of an NCHW tensor is read in place); rows are the M = H*W pixels.
+        p: (P, M) float32 or float64 probabilities on x's device, N % P == 0, each row
+            summing to 1.
+        c: Number of draws per sample, >= 1.
+        generator: The source of the draws (None: the default generator of x's device,
+            seeded by torch.manual_seed; pass None under torch.compile).
+        keys: Optional (copies * N,) int64 tensor on x's device, any strides: sample n's
+            draws are then a function of (keys[n], p[n % P], c, M) alone, whatever the
+            batch, and no generator is read or advanced.
+        relu: Sample max(x, 0) instead of x (x is a pre-activation: one pass for both).
+        copies: >= 1; the output holds copies * N samples, sample n drawn from x[n % N]
+            and p[n % P] (R passes over one read of a batch).
+
+    Returns:
+        (copies * N, ...) tensor of x's dtype, with x's strides for a dense x.
+
+    Raises:
+        ValueError: c or copies does not fit in int64.
+        RuntimeError: a bad shape, dtype or device, N % P != 0, c < 1, copies < 1, both
+            keys and generator, keys of the wrong shape or dtype, or (where value checks
+            run) a row of p with a NaN, inf, negative entry or a sum off 1.
+    """
     return _lib.sample_rows(x, p, _int_arg("sample_rows", "c", c), generator=generator, keys=keys,
                             relu=relu, copies=_int_arg("sample_rows", "copies", copies))
 
@@ -177,30 +237,71 @@ def _(x, p, c, keys=None, *, relu=False, copies=1, generator=None):
 
 def sap_sample(h: torch.Tensor, frac: float, generator: torch.Generator | None = None, *,
                keys: torch.Tensor | None = None, relu: bool = False, copies: int = 1) -> torch.Tensor:
-    """Stochastic activation pruning on h (N, ...): each sample's K entries are
-    rows of width 1 with p = |h| / sum |h| (recomputed from h), drawn
-    r = max(1, round(frac * K)) times; kept entries are scaled by 1/pi, the
-    others (zeros included) are 0. On the CPU and CUDA one fused op, which
-    reads a contiguous or channels_last h in place (entries in memory order)
-    and copies other layouts; on other devices sample_rows on (N, K, 1).
-    keys (N,) int64 on h's device: sample n's draws from keys[n] alone, the
-    generator untouched (as in sample_rows). relu and copies as in sample_rows:
-    max(h, 0) is pruned, and the output holds copies * N samples."""
+    """Stochastic activation pruning: each sample keeps the entries that r draws from |h| / sum |h| hit.
+
+    Each sample's K entries are rows of width 1 with p = |h| / sum |h| (recomputed
+    from h), drawn r = max(1, round(frac * K)) times (`sap_draws`); kept entries are
+    scaled by 1/pi, the others (zeros included) are 0. On the CPU and CUDA one fused
+    op, which reads a contiguous or channels_last h in place and copies other layouts;
+    on other devices `sample_rows` on (N, K, 1).
+
+    Args:
+        h: (N, ...) float32/64/16 or bfloat16 activations.
+        frac: Draws per entry, finite and > 0.
+        generator: The source of the draws, as in `sample_rows`.
+        keys: Optional (copies * N,) int64 tensor on h's device: sample n's draws from
+            keys[n] alone, no generator used (as in `sample_rows`).
+        relu: Prune max(h, 0) instead of h.
+        copies: >= 1; the output holds copies * N samples, sample n from h[n % N].
+
+    Returns:
+        (copies * N, ...) tensor of h's dtype.
+
+    Raises:
+        ValueError: frac is not finite and > 0, or copies does not fit in int64.
+        RuntimeError: a bad dtype, copies < 1, both keys and generator, bad keys, or (on
+            the CPU, or on CUDA where value checks run) a sample with a NaN or inf, or
+            whose sum |h| overflows float64.
+    """
     return _sap(h, frac, generator, keys, scale_only=False, relu=relu, copies=copies)
 
 
 def sap_scale(h: torch.Tensor, frac: float, generator: torch.Generator | None = None, *,
               keys: torch.Tensor | None = None) -> torch.Tensor:
-    """The random scale of sap_sample(h, frac) with the same generator state
-    (or the same keys): 1/pi_j on the drawn entries, 0 elsewhere, shaped like
-    h, in float32 or h's dtype if wider (1/pi overflows float16 where h/pi
-    does not); sap_sample(h) == h * sap_scale(h) for float32 and float64."""
+    """The random scale of `sap_sample` with the same generator state or keys: 1/pi_j where drawn, else 0.
+
+    sap_sample(h) == h * sap_scale(h) for float32 and float64 h.
+
+    Args:
+        h: (N, ...) float activations.
+        frac: Draws per entry, finite and > 0.
+        generator: The source of the draws, as in `sample_rows`.
+        keys: Optional (N,) int64 per-sample keys, as in `sap_sample`.
+
+    Returns:
+        A tensor shaped like h, in float32 or h's dtype if wider (1/pi overflows float16
+        where h/pi does not).
+
+    Raises:
+        ValueError: frac is not finite and > 0.
+        RuntimeError: as `sap_sample`.
+    """
     return _sap(h, frac, generator, keys, scale_only=True)
 
 
 def sap_draws(h: torch.Tensor, frac: float) -> int:
-    """SAP's number of draws for activation h (N, ...) of K entries a sample:
-    r = max(1, round(frac * K))."""
+    """SAP's number of draws for an activation of K entries a sample: r = max(1, round(frac * K)).
+
+    Args:
+        h: (N, ...) activation; only its shape is read.
+        frac: Draws per entry, finite and > 0.
+
+    Returns:
+        r, an int >= 1.
+
+    Raises:
+        ValueError: frac is not finite and > 0.
+    """
     if not (frac > 0 and math.isfinite(frac)):
         raise ValueError(f"sap_sample: frac must be finite and > 0, got {frac}")
     return max(1, round(frac * math.prod(h.shape[1:])))
@@ -258,12 +359,28 @@ def _(h, r, keys=None, *, scale_only=False, relu=False, copies=1, generator=None
 
 def keyed_dropout(x: torch.Tensor, keys: torch.Tensor, p_drop: float, *, relu: bool = False,
                   copies: int = 1) -> torch.Tensor:
-    """Test-time inverted dropout, fused: x (N, ...) float (contiguous or channels_last
-    read in place, other layouts copied), keys (copies * N,) int64 on x's device.
-    Output sample n is (keep * x[n % N]) / (1 - p_drop), with max(x, 0) for x when relu,
-    keep = keyed_uniform(keys[n:n+1], K, dtype) >= p_drop over x's K entries in their
-    logical (C-contiguous) order, dtype float64 for a float64 x and float32 otherwise:
-    the mask is a function of keys[n] alone. The output has x's layout."""
+    """Test-time inverted dropout, fused, with a mask that is a function of each sample's key alone.
+
+    Output sample n is (keep * x[n % N]) / (1 - p_drop), with keep =
+    keyed_uniform(keys[n:n+1], K, dtype) >= p_drop over x's K entries in their logical
+    (C-contiguous) order, dtype float64 for a float64 x and float32 otherwise.
+
+    Args:
+        x: (N, ...) float32/64/16 or bfloat16; contiguous or channels_last is read in
+            place, other layouts are copied.
+        keys: (copies * N,) int64 tensor on x's device, one key per output sample.
+        p_drop: Drop probability in [0, 1).
+        relu: Drop from max(x, 0) instead of x.
+        copies: >= 1; the output holds copies * N samples.
+
+    Returns:
+        (copies * N, ...) tensor of x's dtype and layout.
+
+    Raises:
+        ValueError: copies does not fit in int64.
+        RuntimeError: a bad dtype, p_drop outside [0, 1), copies < 1, or keys of the
+            wrong shape, dtype or device.
+    """
     return _lib.keyed_dropout(x, keys, real(p_drop, p_drop), relu=relu,
                               copies=_int_arg("keyed_dropout", "copies", copies))
 
@@ -277,11 +394,24 @@ def _(x, keys, p_drop, *, relu=False, copies=1):
 
 
 def keyed_uniform(keys: torch.Tensor, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(N, K) uniforms in [0, 1) for keys (N,) int64, on keys' device, float32
-    (24 random bits each) or float64 (53 bits): row n is a function of keys[n]
-    alone (Philox4x32-10 seeded by the key), the same on the CPU and CUDA, and
-    its first j entries do not depend on K. For masks that must not depend on
-    the batch a sample is in (the dropout baseline's)."""
+    """Uniforms in [0, 1), row n a function of keys[n] alone: the same on the CPU and CUDA, prefix-stable in K.
+
+    Philox4x32-10 seeded by the key; the first j entries of a row do not depend on K.
+    For masks that must not depend on the batch a sample is in (the dropout unit's).
+
+    Args:
+        keys: (N,) int64 tensor.
+        K: Uniforms per key, >= 0.
+        dtype: torch.float32 (24 random bits each) or torch.float64 (53 bits).
+
+    Returns:
+        (N, K) tensor of `dtype` on keys' device.
+
+    Raises:
+        ValueError: K does not fit in int64.
+        RuntimeError: keys is not a 1-d int64 tensor, K < 0, or dtype is not float32 or
+            float64.
+    """
     return _lib.keyed_uniform(keys, _int_arg("keyed_uniform", "K", K), dtype=dtype)
 
 
@@ -299,15 +429,33 @@ def _(keys, K, *, dtype=None):
 
 
 def row_alpha(x: torch.Tensor) -> torch.Tensor:
-    """alpha for MVM: the squared norm of every row (pixel) of x (N, H, W, C)
-    or (N, M, C), as (N, M) float64, squared and summed in float64 (a float32
-    square overflows for finite entries above about 1.8e19)."""
+    """alpha for MVM: the squared norm of every row (pixel), squared and summed in float64.
+
+    float64 because a float32 square overflows for finite entries above about 1.8e19.
+
+    Args:
+        x: (N, H, W, C) or (N, M, C) tensor.
+
+    Returns:
+        (N, M) float64 tensor, M = H*W.
+    """
     return x.to(torch.float64).square().sum(-1).reshape(x.shape[0], -1)  # to() may return x itself: no square_
 
 
 def set_value_checks(enabled: bool) -> bool:
-    """Switch the value checks of non-CPU kernels on or off (they cost a
-    device-to-host sync per call); returns the previous setting."""
+    """Switch the value checks of non-CPU kernels on or off, for the whole process.
+
+    They cost a device-to-host sync per call; the CPU kernels always check. The
+    setting starts from MVM_CHECK_VALUES, read when the library loads
+    (docs/reliability.md).
+
+    Args:
+        enabled: Whether the CUDA kernels check values (NaN/inf, negative entries, rows
+            of p that do not sum to 1).
+
+    Returns:
+        The previous setting, so that a caller can restore it.
+    """
     return _lib.set_value_checks(enabled)
 
 

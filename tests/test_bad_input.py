@@ -25,10 +25,13 @@ you_get) or, for the corruptions, from CORRUPTIONS.
 """
 from __future__ import annotations
 
+import builtins
 import difflib
 import json
 import os
 import pickle
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +44,7 @@ import torch
 from torch import nn
 
 import mvm_cuda
+from conftest import installed_package_env
 from mvm_cuda.detector import Detector
 from mvm_cuda import distributed
 from mvm_cuda.eval import attacks, cache as tensor_cache, data, models
@@ -358,17 +362,29 @@ def _uninitialised(shape):
     return Uninitialised()
 
 
-def _check_values_env(value):
-    """The value checks' setting after MVM_CHECK_VALUES=value is applied (restored after)."""
-    from unittest import mock
-
-    previous = mvm_cuda.set_value_checks(True)
-    try:
-        with mock.patch.dict(os.environ, {"MVM_CHECK_VALUES": value}):
-            mvm_cuda._value_checks_from_env()
-        return mvm_cuda.set_value_checks(previous)
-    finally:
-        mvm_cuda.set_value_checks(previous)
+def _check_values_env(tmp, *values):
+    """The value checks' setting in a fresh process that imports mvm_cuda with
+    MVM_CHECK_VALUES=value, one process per value (the library reads it once,
+    when it loads); the import's warnings about the variable are warned again here."""
+    code = ("import json, warnings\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import mvm_cuda\n"
+            "print(json.dumps([mvm_cuda.set_value_checks(False), [[w.category.__name__, str(w.message)] "
+            "for w in caught if 'MVM_CHECK_VALUES' in str(w.message)]]))")
+    runs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=tmp, env={**installed_package_env(), "MVM_CHECK_VALUES": value})
+            for value in values]
+    states = []
+    for value, run in zip(values, runs):
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, f"MVM_CHECK_VALUES={value!r}: the import failed\n{err}"
+        state, caught = json.loads(out.splitlines()[-1])
+        assert len(caught) <= 1, f"MVM_CHECK_VALUES={value!r} warned more than once: {caught}"
+        for category, message in caught:
+            warnings.warn(message, getattr(builtins, category))
+        states.append(state)
+    return states
 
 
 def _cache_dir_env(value):
@@ -1117,19 +1133,19 @@ CASES = [
          input="`DropoutUnit.sample_scale`: float16 activations, p_drop near 1",
          you_get="a finite float32 scale"),
     # smaller ones
-    Case("check-values-env-false", lambda c: [_check_values_env(v) for v in ("false", "off", "No", "0", "")],
+    Case("check-values-env-false", lambda c: _check_values_env(c.tmp, "0", "FALSE", "no", " Off ", ""),
          Gives(lambda r, c: r == [False] * 5),
-         input="`MVM_CHECK_VALUES` = 0, false, no, off or empty (any case)",
-         you_get="the value checks are off"),
-    Case("check-values-env-true", lambda c: [_check_values_env(v) for v in ("1", "true", "ON", "yes")],
+         input="`MVM_CHECK_VALUES` = 0, false, no, off or empty (any case, blanks around ignored)",
+         you_get="the value checks are off, in Python and C++ alike"),
+    Case("check-values-env-true", lambda c: _check_values_env(c.tmp, "1", "true", "Yes", " ON "),
          Gives(lambda r, c: r == [True] * 4),
-         input="`MVM_CHECK_VALUES` = 1, true, yes or on (any case)",
+         input="`MVM_CHECK_VALUES` = 1, true, yes or on (any case, blanks around ignored)",
          you_get="the value checks are on"),
-    Case("check-values-env-unknown", lambda c: _check_values_env("maybe"), Warns(UserWarning,
-         r"MVM_CHECK_VALUES='maybe' is not one of .*; the value checks are on", lambda r, c: r is True),
+    Case("check-values-env-unknown", lambda c: _check_values_env(c.tmp, "maybe"), Warns(UserWarning,
+         r"MVM_CHECK_VALUES='maybe' is not one of .*; the value checks are on", lambda r, c: r == [True]),
          input="`MVM_CHECK_VALUES` = any other value (here maybe)",
          you_get=("UserWarning `mvm_cuda: MVM_CHECK_VALUES='maybe' is not one of 1, true, yes, on, 0, false, no, "
-                  "off; the value checks are on`; they are on")),
+                  "off; the value checks are on` at import (in C++: c10's warning when the library loads); they are on")),
     Case("detector-c_rel-per-unit-count", lambda c: c.detector("mvm", c_rel=[0.5, 0.5, 0.5]), Raises(ValueError,
          r"Detector: c_rel gives 3 values, but the model has 2 units"),
          input="`Detector`: a per-unit c or c_rel list of another length than the model's units",

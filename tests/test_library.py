@@ -199,6 +199,42 @@ def test_readme_stays_a_short_users_document():
     assert size <= 16000, f"README.md is {size} bytes, over 16,000: move reference material to docs/"
 
 
+def _registered_ops() -> set[str]:
+    """The mvm library's ops that take a tensor, internal test ops (_name) aside."""
+    names = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("mvm::")}
+    return {n for n in names if not n.startswith("_")
+            and any(str(a.type).startswith("Tensor") for a in getattr(torch.ops.mvm, n).default._schema.arguments)}
+
+
+def test_readme_op_table_lists_the_registered_ops():
+    section = README.read_text().split("## The ops", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `(?:mvm_cuda\.)?(\w+)\(", section, flags=re.M))
+    ops = _registered_ops()
+    assert {"sample_rows", "keyed_dropout"} <= ops
+    assert ops <= listed, f"ops missing from the README's table: {sorted(ops - listed)}"
+    assert listed <= ops | set(mvm_cuda.__all__), f"not ops of the library: {sorted(listed - ops - set(mvm_cuda.__all__))}"
+
+
+NUMBER_WORDS = {w: n for n, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())}
+# "all five ops", "the 6 CUDA kernels", "seven operators": a count of the ops, which goes stale.
+OP_COUNT = re.compile(rf"(?<![\w-])({'|'.join(NUMBER_WORDS)}|\d+) (?:CUDA |compiled |custom )?(?:ops|operators|kernels)\b", re.I)
+
+
+def test_docs_count_and_cover_the_registered_ops():
+    """Every registered op has its CUDA kernel (docs/performance.md: "the CUDA kernels (every
+    op)"), and no user document states a number of ops other than the registered one."""
+    ops = _registered_ops()
+    cuda = set(re.findall(r'TORCH_LIBRARY_IMPL\(mvm, CUDA, m\) \{ m\.impl\("(\w+)"',
+                          "".join(p.read_text() for p in sorted((ROOT / "csrc" / "cuda").glob("*.cu")))))
+    assert cuda == ops, f"ops without a CUDA kernel: {sorted(ops - cuda)}; kernels of no op: {sorted(cuda - ops)}"
+    assert "the CUDA kernels (every op)" in (ROOT / "docs" / "performance.md").read_text()
+    files = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    counts = [(f"{path.name}:{n}", m.group(0)) for path in files
+              for n, line in enumerate(path.read_text().splitlines(), 1) for m in OP_COUNT.finditer(line)
+              if NUMBER_WORDS.get(m.group(1).lower(), m.group(1)) not in (len(ops), str(len(ops)))]
+    assert not counts, f"the library registers {len(ops)} ops: {counts}"
+
+
 @pytest.mark.parametrize("module", ["sklearn", "scipy"])
 def test_a_missing_optional_dependency_names_the_extra(module, monkeypatch):
     for name in list(sys.modules):

@@ -11,7 +11,7 @@
 #include <cstdint>
 
 #include "../multinomial.h"
-#include "common.cuh"
+#include "draws.cuh"
 #include "exact_draws.cuh"
 
 namespace mvm::gpu {

@@ -6,7 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/PhiloxUtils.cuh>
 
-#include "common.cuh"
+#include "draws.cuh"
 
 #include <cstdint>
 
@@ -21,7 +21,7 @@ inline uint64_t exact_draws_outputs(int64_t M) { return 8 * static_cast<uint64_t
 // in proportion to weights[n]. Returns (N, M) uint8, 1 for the rows that c
 // draws hit. Sample n reads Philox subsequence n of `rng` (which must cover
 // exact_draws_outputs(M) outputs), or with keys the stream of keys[n]
-// (common.cuh's sample_stream), so its draws do not depend on the other
+// (draws.cuh's sample_stream), so its draws do not depend on the other
 // samples. No host sync.
 at::Tensor exact_drawn(const at::Tensor& weights, int64_t c, const at::PhiloxCudaState& rng, const SampleKeys& keys);
 

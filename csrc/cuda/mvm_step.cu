@@ -8,7 +8,9 @@
 
 #include "../checks.h"
 #include "../math.h"
-#include "common.cuh"
+#include "block.cuh"
+#include "project.cuh"
+#include "rows.cuh"
 
 namespace mvm::gpu {
 namespace {

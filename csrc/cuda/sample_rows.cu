@@ -21,6 +21,9 @@
 // CPU's (another generator), not their law.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cub/block/block_scan.cuh>
@@ -34,8 +37,10 @@
 #include "../checks.h"
 #include "../math.h"
 #include "../multinomial.h"
-#include "common.cuh"
+#include "block.cuh"
+#include "draws.cuh"
 #include "exact_draws.cuh"
+#include "shared_memory.cuh"
 
 namespace mvm::gpu {
 namespace {
@@ -88,7 +93,7 @@ __device__ int64_t scan_row(const ProbRows& prob, int64_t r, int64_t M, double* 
 }
 
 // The row drawn by t in [0, total): the first i with cdf[i] > t, or `last`
-// past the end (math.h's search_cdf), also `last` for a row with p = 0 that
+// past the end (draws.cuh's search_cdf), also `last` for a row with p = 0 that
 // only scan rounding made drawable (an event of probability ~1e-16 that
 // would otherwise scale a row by 1/pi = inf).
 __device__ __forceinline__ int64_t draw_row(const double* cdf, int64_t M, const uint32_t* pos,

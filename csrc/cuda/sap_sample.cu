@@ -23,6 +23,9 @@
 // sum |h| overflows float64, comes out all NaN instead of raising.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cub/block/block_scan.cuh>
@@ -34,8 +37,10 @@
 #include "../checks.h"
 #include "../math.h"
 #include "../multinomial.h"
-#include "common.cuh"
+#include "block.cuh"
+#include "draws.cuh"
 #include "exact_draws.cuh"
+#include "shared_memory.cuh"
 
 namespace mvm::gpu {
 namespace {

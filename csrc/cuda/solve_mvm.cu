@@ -10,7 +10,8 @@
 
 #include "../checks.h"
 #include "../math.h"
-#include "common.cuh"
+#include "block.cuh"
+#include "rows.cuh"
 
 namespace mvm::gpu {
 namespace {
