@@ -7,6 +7,7 @@
 #include <c10/macros/Macros.h>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "elementary.h"
 
@@ -231,9 +232,20 @@ constexpr int kJointIters = 40;
 // is the last: its error is at most about 1.5 r^2 in y (H' >= 1 - 1/c, |H''| <= 3/8).
 constexpr double kJointTol = 1e-5;
 
+// Float i of a double array's storage, through memcpy: may alias the
+// doubles (a cast pointer may not), and compiles to a plain load or store.
+MVM_MATH_INLINE float load_float(const double* base, int64_t i) {
+  float v;
+  memcpy(&v, reinterpret_cast<const char*>(base) + i * sizeof(float), sizeof v);
+  return v;
+}
+MVM_MATH_INLINE void store_float(double* base, int64_t i, float v) {
+  memcpy(reinterpret_cast<char*>(base) + i * sizeof(float), &v, sizeof v);
+}
+
 // kkt_solve's warm start: its joint Newton search in float, from H's
 // asymptotes, with y and 1 / H' in float in p's storage (2n floats fit in n
-// doubles). Returns s = log(lambda) at the last float step and that step's
+// doubles: y_i is float i, 1 / H'_i float n + i). Returns s = log(lambda) at the last float step and that step's
 // ds (NaN if it failed): a row's float64 search starts at y_i - ds z_i.
 struct WarmStart {
   double s, ds;
@@ -241,13 +253,11 @@ struct WarmStart {
 template <typename Over>
 C10_HOST_DEVICE inline WarmStart kkt_warm_start(const double* log_alpha, double* p, int64_t n, double log_c,
                                                 double s, const KktConst& k, Over over) {
-  float* y = reinterpret_cast<float*>(p);
-  float* z = y + n;
   const KktConstF kf(k);
   const auto step = [=](int64_t i, float target, float yi) {
     const KktPointF pt = kkt_point_f(yi, target, kf);
-    y[i] = yi - pt.r * pt.inv_h;
-    z[i] = pt.inv_h;
+    store_float(p, i, yi - pt.r * pt.inv_h);
+    store_float(p, n + i, pt.inv_h);
     return SupportSums{pt.p, pt.w, pt.w * pt.r, pt.r < 0.0f ? -pt.r : pt.r};
   };
   double ds = 0.0;
@@ -259,7 +269,8 @@ C10_HOST_DEVICE inline WarmStart kkt_warm_start(const double* log_alpha, double*
       const float target = static_cast<float>(log_alpha[i] + log_c - s_now);
       return step(i, target, target < 0.0f ? 0.5f * target : target * kf.inv_lo);
     }) : over([=](int64_t i) {
-      return step(i, static_cast<float>(log_alpha[i] + log_c - s_now), y[i] - ds_now * z[i]);
+      return step(i, static_cast<float>(log_alpha[i] + log_c - s_now),
+                  load_float(p, i) - ds_now * load_float(p, n + i));
     });
     const double log_sum = elem_log(t.a);
     ds = (t.a * log_sum - t.c) / t.b;
@@ -300,10 +311,9 @@ C10_HOST_DEVICE inline void kkt_solve(const double* log_alpha, double* p, double
   const WarmStart warm = kkt_warm_start(log_alpha, p, n, log_c, s_asymptote, k, over);
   double s = warm.s + warm.ds;
   if (s > -INFINITY && s < INFINITY) {
-    const float* y32 = reinterpret_cast<const float*>(p);
     const double ds = warm.ds;
     over([=](int64_t i) {
-      y[i] = static_cast<double>(y32[i]) - ds * static_cast<double>(y32[n + i]);
+      y[i] = static_cast<double>(load_float(p, i)) - ds * static_cast<double>(load_float(p, n + i));
       return SupportSums{};
     });
   } else {  // rows start at H's asymptotes
