@@ -245,8 +245,9 @@ MVM_MATH_INLINE void store_float(double* base, int64_t i, float v) {
 
 // kkt_solve's warm start: its joint Newton search in float, from H's
 // asymptotes, with y and 1 / H' in float in p's storage (2n floats fit in n
-// doubles: y_i is float i, 1 / H'_i float n + i). Returns s = log(lambda) at the last float step and that step's
-// ds (NaN if it failed): a row's float64 search starts at y_i - ds z_i.
+// doubles: y_i is float i, 1 / H'_i float n + i). Returns s = log(lambda) at
+// the last float step and that step's ds (NaN if it failed): a row's float64
+// search starts at y_i - ds / H'_i.
 struct WarmStart {
   double s, ds;
 };
@@ -290,7 +291,8 @@ C10_HOST_DEVICE inline WarmStart kkt_warm_start(const double* log_alpha, double*
 // ds = (S log S - sum w_i r_i) / sum w_i (S = sum p, w_i = p_i' / H'_i); a row
 // keeps y_i - r_i / H'_i and 1 / H'_i, and the next pass moves it by ds. It
 // starts from kkt_warm_start's float solution (from H's asymptotes if that
-// failed); once every residual is below kJointTol, one more step ends it.
+// failed); once every residual and ds are below kJointTol, one more step
+// ends it.
 // Should that not happen within kJointIters, the nested search takes over:
 // Newton on s in a bracket, each row solved exactly at each s.
 template <typename Over>
