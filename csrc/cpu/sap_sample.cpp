@@ -75,6 +75,8 @@ at::Tensor sap_sample(const at::Tensor& h_in, int64_t r, const std::optional<at:
       work.scale.resize(K);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / runs, first = task % runs * per_run, last = std::min(copies, first + per_run);
+        // Rounding per_run up can leave an image's last runs empty; its first run checks it.
+        if (first >= last) continue;
         if (relu) {
           sap_image<true>(hd + n * K, od, n, N, K, first, last, r, scale_only, streams, work);
         } else {
